@@ -1,0 +1,59 @@
+#!/usr/bin/env python3
+"""The two set-up commands of bondtape.
+
+    python3 dev.py demo   # builds .venv, installs bondtape, runs the demo on SQLite
+    python3 dev.py test   # builds .venv, installs bondtape with its test tools, runs the tests
+
+Anything after the command goes to it: ``python3 dev.py test -k journal``.
+Only the standard library is used here, so this runs on a bare Python 3.11+.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+STAMP = VENV / ".bondtape-installed"
+
+
+def _python() -> str:
+    return str(BIN / "python")
+
+
+def ensure_environment() -> None:
+    """Create the virtual environment and install the project when pyproject.toml changed."""
+    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    if STAMP.exists() and STAMP.read_text() == wanted:
+        return
+    if not (BIN / "python").exists():
+        print("dev.py: creating .venv", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    print("dev.py: installing bondtape and its dependencies into .venv", flush=True)
+    subprocess.run([_python(), "-m", "pip", "install", "--quiet", "--upgrade", "pip"], check=True)
+    subprocess.run(
+        [_python(), "-m", "pip", "install", "--quiet", "-e", f"{ROOT}[dev]"], check=True
+    )
+    STAMP.write_text(wanted)
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in {"demo", "test", "install"}:
+        print(__doc__)
+        return 2
+    command, rest = argv[0], argv[1:]
+    ensure_environment()
+    if command == "install":
+        return 0
+    if command == "demo":
+        return subprocess.call([str(BIN / "bondtape"), "demo", *rest])
+    return subprocess.call([_python(), "-m", "pytest", *rest], cwd=ROOT)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

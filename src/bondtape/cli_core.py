@@ -1,0 +1,246 @@
+"""Core commands: reference data, bulk reporting, the journal, simulation, the demo."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+
+import click
+import sqlalchemy as sa
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from bondtape.cli import db_option, open_db
+
+console = Console(stderr=True)
+
+
+def progress_bar(transient: bool = False) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=console, transient=transient,
+    )
+
+
+# --- reference data ---------------------------------------------------------------------
+
+
+def _report_import(result, what: str) -> None:
+    for line, reason in result.errors:
+        click.echo(f"line {line}: {reason}", err=True)
+    click.echo(f"{result.loaded} {what} loaded, {len(result.errors)} rows rejected")
+    if result.errors and not result.loaded:
+        sys.exit(1)
+
+
+@click.group()
+def securities() -> None:
+    """Securities reference data (CUSIP, symbol, grade, 144A, data set)."""
+
+
+@securities.command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@db_option
+def securities_import(file: Path, db_url: str | None) -> None:
+    """Load securities from FILE.csv.
+
+    Columns: cusip,symbol,issuer,coupon,maturity,data_set,grade,rule_144a and optionally
+    eligible_from,eligible_to. data_set CORP or AGCY; grade IG or HY; rule_144a Y or N.
+    Bad rows are reported with their line number; good rows load.
+    """
+    from bondtape.reference.store import import_securities
+
+    _report_import(import_securities(open_db(db_url), file), "securities")
+
+
+@securities.command("list")
+@click.option("--data-set", type=click.Choice(["CORP", "AGCY"], case_sensitive=False))
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@db_option
+def securities_list(data_set: str | None, fmt: str, db_url: str | None) -> None:
+    """List securities."""
+    from bondtape.reference.store import load_securities
+
+    with open_db(db_url).connect() as conn:
+        items = [s for s in load_securities(conn).values() if not data_set or s.data_set == data_set.upper()]
+    cols = ["cusip", "symbol", "issuer", "coupon", "maturity", "data_set", "grade", "rule_144a", "eligible_from", "eligible_to"]
+    rows = [[s.cusip, s.symbol, s.issuer, s.coupon if s.coupon is not None else "", s.maturity or "", s.data_set,
+             s.grade, "Y" if s.rule_144a else "N", s.eligible_from, s.eligible_to or ""] for s in items]
+    _print_rows(cols, rows, fmt, "securities")
+
+
+@click.group()
+def firms() -> None:
+    """Firms reference data (MPID, name, FINRA membership)."""
+
+
+@firms.command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@db_option
+def firms_import(file: Path, db_url: str | None) -> None:
+    """Load firms from FILE.csv: columns mpid,name and optionally finra_member,test_only (Y/N)."""
+    from bondtape.reference.store import import_firms
+
+    _report_import(import_firms(open_db(db_url), file), "firms")
+
+
+@firms.command("list")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@db_option
+def firms_list(fmt: str, db_url: str | None) -> None:
+    """List firms."""
+    from bondtape.reference.store import load_firms
+
+    with open_db(db_url).connect() as conn:
+        items = list(load_firms(conn).values())
+    rows = [[f.mpid, f.name, "Y" if f.finra_member else "N", "Y" if f.test_only else "N"] for f in items]
+    _print_rows(["mpid", "name", "finra_member", "test_only"], rows, fmt, "firms")
+
+
+def _print_rows(cols: list[str], rows: list[list], fmt: str, title: str) -> None:
+    if fmt == "json":
+        click.echo(json.dumps([dict(zip(cols, map(str, r))) for r in rows], indent=1))
+    elif fmt == "csv":
+        import csv
+
+        w = csv.writer(sys.stdout, lineterminator="\n")
+        w.writerow(cols)
+        w.writerows(rows)
+    else:
+        table = Table(title=f"{len(rows)} {title}")
+        for c in cols:
+            table.add_column(c)
+        for r in rows:
+            table.add_row(*map(str, r))
+        Console().print(table)
+
+
+# --- reporting --------------------------------------------------------------------------
+
+
+@click.command("report")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--results", "results_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the results file here (default: FILE.results.csv).")
+@click.option("--use-report-time", is_flag=True,
+              help="Take each row's time of receipt from its report_time column (back-filling and "
+                   "simulation only; production uses the real clock).")
+@click.option("--batch-size", default=5000, show_default=True, help="Rows per group commit.")
+@db_option
+def report(file: Path, results_path: Path | None, use_report_time: bool, batch_size: int, db_url: str | None) -> None:
+    """Submit a bulk FILE.csv of NEW, CANCEL, CORRECT and REVERSE actions.
+
+    Writes one result row per input line: line,client_ref,status,control_number,
+    reject_code,field,message. Columns of the input: docs/reporting.md.
+    """
+    from bondtape.engine import Engine, EngineUnavailable
+    from bondtape.intake.bulk import count_lines, run_bulk
+
+    engine = Engine(open_db(db_url))
+    results_path = results_path or file.with_suffix(".results.csv")
+    total = count_lines(file)
+    try:
+        with open(file, newline="", encoding="utf-8-sig") as src, open(results_path, "w", newline="") as out, progress_bar() as bar:
+            task = bar.add_task("reporting", total=total, rate="")
+            summary = run_bulk(engine, src, out, use_report_time=use_report_time, batch_size=batch_size,
+                               progress=lambda n: bar.update(task, advance=n))
+    except EngineUnavailable as exc:
+        raise click.ClickException(f"database unavailable, nothing more was journaled; retry: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise click.ClickException(f"{file} is not UTF-8 text: {exc}") from exc
+    click.echo(f"{summary.lines} lines: {summary.accepted} accepted, {summary.rejected} rejected; results in {results_path}")
+
+
+# --- journal ----------------------------------------------------------------------------
+
+
+@click.group()
+def journal() -> None:
+    """The append-only journal and the state derived from it."""
+
+
+@journal.command("verify")
+@db_option
+def journal_verify(db_url: str | None) -> None:
+    """Check the journal (gapless sequence) and that replay equals the stored state."""
+    from bondtape.journal.verify import verify
+
+    report_ = verify(open_db(db_url))
+    for line in report_.lines():
+        click.echo(line)
+    if not report_.ok:
+        sys.exit(1)
+
+
+@journal.command("replay")
+@db_option
+def journal_replay(db_url: str | None) -> None:
+    """Rebuild the trade state from the journal (from empty)."""
+    from bondtape.journal.projection import replay
+    from bondtape.journal.schema import journal as jt
+
+    db = open_db(db_url)
+    with db.connect() as conn:
+        total = conn.execute(sa.select(sa.func.count()).select_from(jt)).scalar_one()
+    with db.begin() as conn, progress_bar() as bar:
+        task = bar.add_task("replaying", total=total, rate="")
+        n = replay(conn, progress=lambda k: bar.update(task, advance=k))
+    click.echo(f"replayed {n} events")
+
+
+@journal.command("show")
+@click.option("--from-seq", default=1, show_default=True)
+@click.option("--limit", default=20, show_default=True)
+@db_option
+def journal_show(from_seq: int, limit: int, db_url: str | None) -> None:
+    """Print journal events as JSON lines."""
+    from bondtape.journal.schema import journal as jt
+
+    with open_db(db_url).connect() as conn:
+        for r in conn.execute(sa.select(jt).where(jt.c.seq >= from_seq).order_by(jt.c.seq).limit(limit)):
+            row = dict(r._mapping)
+            row["payload"] = json.loads(row["payload"])
+            click.echo(json.dumps(row, default=str))
+
+
+# --- simulation and demo ----------------------------------------------------------------
+
+
+@click.command("simulate")
+@click.option("--start", "start", type=click.DateTime(["%Y-%m-%d"]), required=True, help="First trading day.")
+@click.option("--days", type=click.IntRange(1, 3650), default=5, show_default=True)
+@click.option("--trades-per-day", type=click.IntRange(1, 2_000_000), default=1000, show_default=True)
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--securities", "n_securities", type=click.IntRange(4, 100_000), default=200, show_default=True)
+@db_option
+def simulate(start: dt.datetime, days: int, trades_per_day: int, seed: int, n_securities: int, db_url: str | None) -> None:
+    """Create a synthetic market and trade it through the intake path.
+
+    The same seed gives the same market. Reports carry realistic shares of late and
+    as-of reports, cancels, corrections and reversals.
+    """
+    from bondtape.simulate.market import simulate_market
+
+    db = open_db(db_url)
+    with progress_bar() as bar:
+        task = bar.add_task("simulating", total=days, rate="")
+        summary = simulate_market(db, start.date(), days, trades_per_day, seed, n_securities=n_securities,
+                                  progress=lambda day, n: bar.update(task, advance=1, rate=f"{day} {n} reports"))
+    click.echo(summary.text())
+
+
+@click.command("demo")
+@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=Path("demo"),
+              show_default=True, help="Folder for the demo database and files.")
+@click.option("--days", default=10, show_default=True)
+@click.option("--trades-per-day", default=2000, show_default=True)
+def demo(directory: Path, days: int, trades_per_day: int) -> None:
+    """Build a demo market on SQLite and show around it."""
+    from bondtape.demo import run_demo
+
+    run_demo(directory, days=days, trades_per_day=trades_per_day, console=console)
+
+
+COMMANDS = [securities, firms, report, journal, simulate, demo]

@@ -1,0 +1,132 @@
+"""Database connection, the shared table metadata and schema migrations.
+
+SQLite (WAL) is the embedded default; PostgreSQL is selected by URL. Every command takes
+``--db URL`` or ``BONDTAPE_DATABASE_URL``; without either, ``bondtape.db`` in the current
+directory is used.
+
+Migrations are ordered, named steps recorded in ``schema_migrations``. Each capability
+registers its own steps with :func:`migration`; :func:`migrate` applies the ones a
+database has not seen, each in its own transaction.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+ENV_VAR = "BONDTAPE_DATABASE_URL"
+DEFAULT_URL = "sqlite:///bondtape.db"
+
+metadata = sa.MetaData()
+
+schema_migrations = sa.Table(
+    "schema_migrations",
+    metadata,
+    sa.Column("id", sa.String(100), primary_key=True),
+    sa.Column("applied_us", sa.BigInteger, nullable=False),
+)
+
+
+def resolve_url(url: str | None = None) -> str:
+    """The database URL: the argument, else ``BONDTAPE_DATABASE_URL``, else ./bondtape.db."""
+    url = url or os.environ.get(ENV_VAR) or DEFAULT_URL
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url[len("postgresql://") :]
+    elif url.startswith("postgres://"):
+        url = "postgresql+psycopg://" + url[len("postgres://") :]
+    return url
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:  # pragma: no cover - trivial
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    # FULL: a committed transaction survives a power loss, not only a process crash.
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def connect(url: str | None = None, *, migrate_schema: bool = True) -> Engine:
+    """Open the database (creating a SQLite file if needed) and bring its schema up to date."""
+    url = resolve_url(url)
+    kwargs: dict = {"future": True}
+    if url.startswith("sqlite"):
+        # The engine's sequencer is the only writer; one connection per thread is enough.
+        kwargs["connect_args"] = {"check_same_thread": False, "isolation_level": None}
+    else:
+        kwargs["pool_pre_ping"] = True
+    engine = sa.create_engine(url, **kwargs)
+    if url.startswith("sqlite"):
+        sa.event.listen(engine, "connect", _sqlite_pragmas)
+        # pysqlite's own transaction handling is off (isolation_level=None); emit BEGIN
+        # ourselves so that SQLAlchemy's transactions are real SQLite transactions.
+        sa.event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+    if migrate_schema:
+        migrate(engine)
+    return engine
+
+
+def is_sqlite(engine: Engine | Connection) -> bool:
+    return engine.dialect.name == "sqlite"
+
+
+@dataclass(frozen=True)
+class Migration:
+    id: str
+    upgrade: Callable[[Connection], None]
+
+
+_MIGRATIONS: dict[str, Migration] = {}
+
+
+def migration(id: str) -> Callable[[Callable[[Connection], None]], Callable[[Connection], None]]:
+    """Register a schema step. Ids sort in the order they must run (``0001_core``...)."""
+
+    def register(fn: Callable[[Connection], None]) -> Callable[[Connection], None]:
+        if id in _MIGRATIONS and _MIGRATIONS[id].upgrade is not fn:
+            raise ValueError(f"migration {id} registered twice")
+        _MIGRATIONS[id] = Migration(id, fn)
+        return fn
+
+    return register
+
+
+def create_tables(conn: Connection, *tables: sa.Table) -> None:
+    """A migration step's usual body: create these tables and their indexes."""
+    for table in tables:
+        table.create(conn, checkfirst=True)
+
+
+def _load_migrations() -> None:
+    # Importing a capability's schema module registers its migrations.
+    from bondtape import schema  # noqa: F401
+
+
+def pending_migrations(engine: Engine) -> list[str]:
+    _load_migrations()
+    with engine.connect() as conn:
+        schema_migrations.create(conn, checkfirst=True)
+        conn.commit()
+        done = {row[0] for row in conn.execute(sa.select(schema_migrations.c.id))}
+    return [m for m in sorted(_MIGRATIONS) if m not in done]
+
+
+def migrate(engine: Engine) -> list[str]:
+    """Apply pending migrations; return their ids."""
+    from bondtape.clock import now_us
+
+    applied = []
+    for mid in pending_migrations(engine):
+        with engine.begin() as conn:
+            if conn.execute(
+                sa.select(schema_migrations.c.id).where(schema_migrations.c.id == mid)
+            ).first():
+                continue  # another process applied it meanwhile
+            _MIGRATIONS[mid].upgrade(conn)
+            conn.execute(schema_migrations.insert().values(id=mid, applied_us=now_us()))
+        applied.append(mid)
+    return applied

@@ -1,0 +1,1 @@
+"""What the public sees: pure dissemination rules and the feed."""

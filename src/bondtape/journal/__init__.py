@@ -1,0 +1,1 @@
+"""The append-only journal: every accepted input, with a gapless sequence number."""

@@ -1,0 +1,97 @@
+"""Tables of the journal and of the trade-state projection.
+
+Amounts are scaled integers (exact on every database): quantity in cents of par
+(``quantity_c``), price and yield in millionths (``price_u``, ``yield_u``), commission
+in cents. Times are UTC microseconds since the epoch (``*_us``); dates are YYYY-MM-DD text.
+"""
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from bondtape.db import create_tables, metadata, migration
+
+CONTROL_BASE = 1_000_000_000  # control number = CONTROL_BASE + journal seq of the event
+
+journal = sa.Table(
+    "journal",
+    metadata,
+    sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("recorded_us", sa.BigInteger, nullable=False),  # time of receipt
+    sa.Column("event_type", sa.String(16), nullable=False),
+    sa.Column("channel", sa.String(16), nullable=False),
+    sa.Column("mpid", sa.String(4)),
+    sa.Column("client_ref", sa.String(64)),
+    sa.Column("control_number", sa.BigInteger),  # the report created or acted on
+    sa.Column("ref_control_number", sa.BigInteger),  # the report acted on (cancel, correct, reverse)
+    sa.Column("payload", sa.Text, nullable=False),  # JSON: everything replay needs
+    sa.UniqueConstraint("mpid", "client_ref", name="uq_journal_client_ref"),
+)
+
+journal_head = sa.Table(
+    "journal_head",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("last_seq", sa.BigInteger, nullable=False),
+)
+
+trade_reports = sa.Table(
+    "trade_reports",
+    metadata,
+    sa.Column("control_number", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("seq", sa.BigInteger, nullable=False),  # journal event that created it
+    sa.Column("report_us", sa.BigInteger, nullable=False),
+    sa.Column("report_date", sa.String(10), nullable=False),  # market date of receipt
+    sa.Column("first_control_number", sa.BigInteger, nullable=False),
+    sa.Column("first_report_date", sa.String(10), nullable=False),
+    sa.Column("prior_control_number", sa.BigInteger),  # a correction's predecessor
+    sa.Column("reporting_mpid", sa.String(4), nullable=False),
+    sa.Column("client_ref", sa.String(64)),
+    sa.Column("channel", sa.String(16), nullable=False),
+    sa.Column("cusip", sa.String(9), nullable=False),
+    sa.Column("symbol", sa.String(14), nullable=False),
+    sa.Column("data_set", sa.String(4), nullable=False),
+    sa.Column("grade", sa.String(2), nullable=False),
+    sa.Column("rule_144a", sa.Boolean, nullable=False),
+    sa.Column("side", sa.String(1), nullable=False),
+    sa.Column("capacity", sa.String(1), nullable=False),
+    sa.Column("contra", sa.String(4), nullable=False),
+    sa.Column("contra_type", sa.String(1), nullable=False),
+    sa.Column("quantity_c", sa.BigInteger, nullable=False),
+    sa.Column("price_u", sa.BigInteger, nullable=False),
+    sa.Column("yield_u", sa.BigInteger),
+    sa.Column("execution_us", sa.BigInteger, nullable=False),
+    sa.Column("execution_date", sa.String(10), nullable=False),
+    sa.Column("settlement_date", sa.String(10), nullable=False),
+    sa.Column("commission_c", sa.BigInteger),
+    sa.Column("when_issued", sa.Boolean, nullable=False),
+    sa.Column("special_price", sa.Boolean, nullable=False),
+    sa.Column("weighted_average", sa.Boolean, nullable=False),
+    sa.Column("trading_market", sa.String(2), nullable=False),
+    sa.Column("merger_transfer", sa.Boolean, nullable=False),
+    sa.Column("remuneration", sa.String(1)),
+    sa.Column("locked_in", sa.Boolean, nullable=False),
+    sa.Column("agu", sa.Boolean, nullable=False),
+    sa.Column("is_test", sa.Boolean, nullable=False),
+    sa.Column("as_of", sa.Boolean, nullable=False),
+    sa.Column("late", sa.Boolean, nullable=False),
+    sa.Column("modifier3", sa.String(1)),
+    sa.Column("disseminated", sa.Boolean, nullable=False),  # the decision at the time
+    sa.Column("duplicate_of", sa.BigInteger),  # flagged possible duplicate (policy "flag")
+    sa.Column("terms_key", sa.String(32), nullable=False),
+    sa.Column("status", sa.String(10), nullable=False),  # ACTIVE CANCELLED CORRECTED REVERSED
+    sa.Column("closed_seq", sa.BigInteger),
+    sa.Column("closed_us", sa.BigInteger),
+    sa.Column("successor_control_number", sa.BigInteger),  # correction's new report or reversal
+    sa.Index("ix_trade_reports_firm_date", "reporting_mpid", "report_date"),
+    sa.Index("ix_trade_reports_cusip_exec", "cusip", "execution_us"),
+    sa.Index("ix_trade_reports_terms", "terms_key"),
+    sa.Index("ix_trade_reports_report_date", "report_date"),
+)
+
+
+@migration("0002_journal")
+def _create(conn: sa.Connection) -> None:
+    create_tables(conn, journal, journal_head, trade_reports)
+    sa.Index("ix_journal_control", journal.c.control_number).create(conn, checkfirst=True)
+    if conn.execute(sa.select(journal_head.c.id)).first() is None:
+        conn.execute(journal_head.insert().values(id=1, last_seq=0))

@@ -1,0 +1,198 @@
+"""Commands every channel builds, and parsing them from text fields.
+
+The website, REST API, FIX gateway and bulk files all turn their input into a mapping of
+the field names below and call :func:`parse_command`; from there one path validates and
+journals them. Field names (also the bulk-file columns) are documented in docs/reporting.md.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Mapping
+
+from bondtape.clock import parse_timestamp, to_us
+from bondtape.reporting.codes import Rejected
+
+ACTIONS = ("NEW", "CANCEL", "CORRECT", "REVERSE")
+SIDES = ("B", "S")
+CAPACITIES = ("P", "A")
+TRADING_MARKETS = ("S1", "P1")
+REMUNERATION = ("C", "M", "N")
+INDICATORS = (
+    "when_issued", "special_price", "weighted_average", "merger_transfer", "locked_in", "agu",
+)
+FIELDS = (
+    "action", "client_ref", "reporting_mpid", "cusip", "side", "capacity", "contra",
+    "quantity", "price", "yield", "execution_time", "settlement_date", "commission",
+    *INDICATORS, "trading_market", "remuneration", "test", "allow_duplicate",
+    "original_control_number", "report_time",
+)
+_TRUE = {"Y", "YES", "TRUE", "1"}
+_FALSE = {"N", "NO", "FALSE", "0", ""}
+
+
+@dataclass(frozen=True, slots=True)
+class Terms:
+    """The terms of a trade as reported (a new report or a correction's new terms)."""
+
+    cusip: str
+    side: str
+    capacity: str
+    contra: str  # an MPID, C (customer) or A (non-member affiliate)
+    quantity: Decimal  # par value, dollars
+    price: Decimal  # percent of par
+    yield_: Decimal | None
+    execution_us: int
+    settlement_date: dt.date | None
+    commission: Decimal | None
+    when_issued: bool = False
+    special_price: bool = False
+    weighted_average: bool = False
+    trading_market: str = "S1"
+    merger_transfer: bool = False  # Rule 6750(b)(2) position transfer
+    remuneration: str | None = None
+    locked_in: bool = False
+    agu: bool = False
+
+    @property
+    def contra_type(self) -> str:
+        return self.contra if self.contra in ("C", "A") else "D"
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    action: str
+    reporting_mpid: str
+    client_ref: str | None = None
+    terms: Terms | None = None
+    original_control_number: int | None = None
+    test: bool = False
+    allow_duplicate: bool = False
+    channel: str = "api"
+    report_us: int | None = None  # receipt time, only when an operator back-fills on a clock
+
+
+def _text(fields: Mapping[str, object], name: str) -> str:
+    value = fields.get(name)
+    return "" if value is None else str(value).strip()
+
+
+def _required(fields: Mapping[str, object], name: str, accepted: str) -> str:
+    value = _text(fields, name)
+    if not value:
+        raise Rejected("FIELD_REQUIRED", name, f"{name} is required: {accepted}")
+    return value
+
+
+def _choice(fields: Mapping[str, object], name: str, choices: tuple[str, ...], default: str | None = None) -> str:
+    value = _text(fields, name).upper()
+    if not value:
+        if default is not None:
+            return default
+        raise Rejected("FIELD_REQUIRED", name, f"{name} is required: one of {', '.join(choices)}")
+    if value not in choices:
+        raise Rejected("FIELD_INVALID", name, f"{name} {value!r} is not accepted: one of {', '.join(choices)}")
+    return value
+
+
+def _flag(fields: Mapping[str, object], name: str) -> bool:
+    value = _text(fields, name).upper()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise Rejected("FIELD_INVALID", name, f"{name} {value!r} is not accepted: Y or N")
+
+
+def _decimal(fields: Mapping[str, object], name: str, code: str, required: bool) -> Decimal | None:
+    text = _text(fields, name).replace(",", "")
+    if not text:
+        if required:
+            raise Rejected("FIELD_REQUIRED", name, f"{name} is required: {'a positive number' if required else ''}")
+        return None
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        raise Rejected(code, name, f"{name} {text!r} is not a number") from None
+    if not value.is_finite():
+        raise Rejected(code, name, f"{name} {text!r} is not a finite number")
+    return value
+
+
+def _time(fields: Mapping[str, object], name: str, required: bool = True) -> int | None:
+    value = fields.get(name)
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None:
+            raise Rejected("TIME_INVALID", name, f"{name} needs a time zone")
+        return to_us(value)
+    text = _text(fields, name)
+    if not text:
+        if required:
+            raise Rejected("FIELD_REQUIRED", name, f"{name} is required: ISO 8601, e.g. 2024-03-01T10:15:00-05:00")
+        return None
+    try:
+        return to_us(parse_timestamp(text))
+    except (ValueError, OverflowError):
+        raise Rejected("TIME_INVALID", name, f"{name} {text!r} is not ISO 8601 (e.g. 2024-03-01T10:15:00-05:00)") from None
+
+
+def _date(fields: Mapping[str, object], name: str) -> dt.date | None:
+    value = fields.get(name)
+    if isinstance(value, dt.date) and not isinstance(value, dt.datetime):
+        return value
+    text = _text(fields, name)
+    if not text:
+        return None
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise Rejected("DATE_INVALID", name, f"{name} {text!r} is not a date (YYYY-MM-DD)") from None
+
+
+def parse_terms(fields: Mapping[str, object]) -> Terms:
+    cusip = _required(fields, "cusip", "9-character CUSIP").upper()
+    side = _choice(fields, "side", SIDES)
+    capacity = _choice(fields, "capacity", CAPACITIES)
+    contra = _required(fields, "contra", "an MPID, C (customer) or A (non-member affiliate)").upper()
+    quantity = _decimal(fields, "quantity", "QUANTITY_INVALID", True)
+    price = _decimal(fields, "price", "PRICE_INVALID", True)
+    yield_ = _decimal(fields, "yield", "YIELD_INVALID", False)
+    execution_us = _time(fields, "execution_time")
+    settlement_date = _date(fields, "settlement_date")
+    commission = _decimal(fields, "commission", "COMMISSION_INVALID", False)
+    flags = {name: _flag(fields, name) for name in INDICATORS}
+    trading_market = _choice(fields, "trading_market", TRADING_MARKETS, default="S1")
+    remuneration = _text(fields, "remuneration").upper() or None
+    if remuneration is not None and remuneration not in REMUNERATION:
+        raise Rejected("FIELD_INVALID", "remuneration", f"remuneration {remuneration!r} is not accepted: C, M, N or blank")
+    assert quantity is not None and price is not None and execution_us is not None
+    return Terms(
+        cusip=cusip, side=side, capacity=capacity, contra=contra, quantity=quantity,
+        price=price, yield_=yield_, execution_us=execution_us, settlement_date=settlement_date,
+        commission=commission, trading_market=trading_market, remuneration=remuneration, **flags,
+    )
+
+
+def parse_command(fields: Mapping[str, object], *, channel: str, use_report_time: bool = False) -> Command:
+    """Build a command from text fields; raises :class:`Rejected` for malformed input."""
+    action = _text(fields, "action").upper() or "NEW"
+    if action not in ACTIONS:
+        raise Rejected("ACTION_INVALID", "action", f"action {action!r} is not accepted: one of {', '.join(ACTIONS)}")
+    mpid = _required(fields, "reporting_mpid", "the reporting firm's MPID").upper()
+    client_ref = _text(fields, "client_ref") or None
+    if client_ref is not None and len(client_ref) > 64:
+        raise Rejected("FIELD_INVALID", "client_ref", "client_ref is at most 64 characters")
+    original = None
+    if action != "NEW":
+        text = _required(fields, "original_control_number", "the control number of the report acted on")
+        if not text.isdigit() or len(text) > 18:
+            raise Rejected("FIELD_INVALID", "original_control_number", f"original_control_number {text!r} is not a control number (digits)")
+        original = int(text)
+    terms = parse_terms(fields) if action in ("NEW", "CORRECT") else None
+    report_us = _time(fields, "report_time") if use_report_time else None
+    return Command(
+        action=action, reporting_mpid=mpid, client_ref=client_ref, terms=terms,
+        original_control_number=original, test=_flag(fields, "test"),
+        allow_duplicate=_flag(fields, "allow_duplicate"), channel=channel, report_us=report_us,
+    )

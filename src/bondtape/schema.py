@@ -1,0 +1,3 @@
+"""Imports every capability's tables so that their migrations are registered."""
+from bondtape.reference import schema as _reference  # noqa: F401
+from bondtape.journal import schema as _journal  # noqa: F401

@@ -1,0 +1,1 @@
+"""A synthetic market: securities, dealers, customers and realistic trading."""

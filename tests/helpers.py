@@ -1,0 +1,26 @@
+"""Builders for commands in tests."""
+from __future__ import annotations
+
+from decimal import Decimal
+
+from bondtape.reporting.commands import Command, Terms
+from tests.conftest import IG, et
+
+DEFAULT_EXEC = et(2024, 3, 4, 10, 0, 0)  # a Monday
+
+
+def terms(**kw) -> Terms:
+    base = dict(cusip=IG, side="S", capacity="P", contra="C", quantity=Decimal("100000"), price=Decimal("99.5"),
+                yield_=None, execution_us=DEFAULT_EXEC, settlement_date=None, commission=None)
+    base.update(kw)
+    return Terms(**base)
+
+
+def new(mpid="DLRA", report_us=None, ref=None, test=False, allow_duplicate=False, **kw) -> Command:
+    return Command("NEW", mpid, ref, terms(**kw), test=test, allow_duplicate=allow_duplicate,
+                   report_us=report_us if report_us is not None else DEFAULT_EXEC + 60_000_000)
+
+
+def act(action, cn, mpid="DLRA", report_us=None, ref=None, **kw) -> Command:
+    return Command(action, mpid, ref, terms(**kw) if action == "CORRECT" else None, original_control_number=cn,
+                   report_us=report_us if report_us is not None else DEFAULT_EXEC + 120_000_000)
