@@ -107,6 +107,10 @@ class Engine:
         self.securities: dict[str, Security] = {}
         self.firms: dict[str, Firm] = {}
         self._lock = threading.Lock()
+        # Called after each commit with that batch's journal events, in sequence order.
+        # A listener must not raise; it must catch up from the journal after a restart
+        # (a crash between commit and call loses the call, never the event).
+        self.listeners: list[Callable[[list[Event]], None]] = []
 
     # -- reference data -------------------------------------------------------------------
     def _refresh_reference(self, conn: Connection) -> None:
@@ -136,6 +140,9 @@ class Engine:
                 raise EngineUnavailable(str(exc.orig) if exc.orig else str(exc)) from exc
             except sa.exc.InterfaceError as exc:
                 raise EngineUnavailable(str(exc)) from exc
+            if events:
+                for listener in self.listeners:
+                    listener(events)
         return results
 
     def submit_one(self, command: Command) -> Result:

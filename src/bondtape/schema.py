@@ -1,3 +1,4 @@
 """Imports every capability's tables so that their migrations are registered."""
 from bondtape.reference import schema as _reference  # noqa: F401
 from bondtape.journal import schema as _journal  # noqa: F401
+from bondtape.access import schema as _access  # noqa: F401

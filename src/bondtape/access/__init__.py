@@ -1,0 +1,1 @@
+"""Access: organisations, users, MFA, invitations, certificates, entitlements, audit."""
