@@ -25,6 +25,7 @@ journal = sa.Table(
     sa.Column("ref_control_number", sa.BigInteger),  # the report acted on (cancel, correct, reverse)
     sa.Column("payload", sa.Text, nullable=False),  # JSON: everything replay needs
     sa.UniqueConstraint("mpid", "client_ref", name="uq_journal_client_ref"),
+    sa.Index("ix_journal_control", "control_number"),
 )
 
 journal_head = sa.Table(
@@ -92,6 +93,5 @@ trade_reports = sa.Table(
 @migration("0002_journal")
 def _create(conn: sa.Connection) -> None:
     create_tables(conn, journal, journal_head, trade_reports)
-    sa.Index("ix_journal_control", journal.c.control_number).create(conn, checkfirst=True)
     if conn.execute(sa.select(journal_head.c.id)).first() is None:
         conn.execute(journal_head.insert().values(id=1, last_seq=0))
