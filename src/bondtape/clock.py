@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from functools import lru_cache
 from zoneinfo import ZoneInfo
 
 MARKET_TZ = ZoneInfo("America/New_York")
@@ -48,3 +49,35 @@ def parse_timestamp(text: str) -> dt.datetime:
 
 def iso_market(us: int) -> str:
     return market_time(us).isoformat()
+
+
+_HOUR_US = 3_600_000_000
+_DAY_US = 86_400_000_000
+_EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
+
+
+@lru_cache(maxsize=65_536)
+def _offset_us(hour: int) -> int:
+    # America/New_York changes its offset only on whole UTC hours, so one lookup per hour
+    local = from_us(hour * _HOUR_US).astimezone(MARKET_TZ)
+    off = local.utcoffset()
+    assert off is not None
+    return int(off.total_seconds()) * 1_000_000
+
+
+def market_parts(us: int) -> tuple[dt.date, int]:
+    """(market date, microseconds since local midnight) of a UTC instant; fast and exact."""
+    local = us + _offset_us(us // _HOUR_US)
+    day, within = divmod(local, _DAY_US)
+    return _date_of(day), within
+
+
+@lru_cache(maxsize=65_536)
+def _date_of(epoch_day: int) -> dt.date:
+    return dt.date.fromordinal(_EPOCH_ORDINAL + epoch_day)
+
+
+@lru_cache(maxsize=65_536)
+def market_instant(day: dt.date, t: dt.time) -> int:
+    """The UTC instant of a market date and local time."""
+    return to_us(dt.datetime.combine(day, t, tzinfo=MARKET_TZ))

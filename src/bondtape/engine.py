@@ -11,6 +11,7 @@ FIX sessions) share group commits: each caller waits for the batch its command j
 """
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import queue
 import threading
@@ -21,8 +22,8 @@ from typing import Any, Callable, Iterable, Sequence
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine as SAEngine
 
-from bondtape.clock import MARKET_TZ, from_us, now_us
-from bondtape.journal.projection import Changes, Event, project, write
+from bondtape.clock import market_parts, now_us
+from bondtape.journal.projection import Changes, Event, insert_rows, project, write
 from bondtape.journal.schema import CONTROL_BASE, journal, journal_head, trade_reports
 from bondtape.reference.model import Firm, Security
 from bondtape.reference.schema import firms as firms_table
@@ -133,7 +134,7 @@ class Engine:
                 with self.db.begin() as conn:
                     results, changes, events = self._process(conn, commands)
                     if events:
-                        conn.execute(journal.insert(), [e.journal_row() for e in events])
+                        insert_rows(conn, journal, [e.journal_row() for e in events])
                         write(conn, changes)
                         conn.execute(journal_head.update().where(journal_head.c.id == 1).values(last_seq=events[-1].seq))
             except sa.exc.OperationalError as exc:  # database down or unreachable
@@ -250,7 +251,7 @@ class Engine:
 
     def _decide(self, cmd: Command, seq: int, report_us: int, is_test: bool, checked: Any, key: str | None,
                 states: dict[int, _State], existing_dups: dict[str, int], pending_keys: dict[str, int]) -> Event:
-        report_date = from_us(report_us).astimezone(MARKET_TZ).date()
+        report_date = market_parts(report_us)[0]
         rules = self.rulebook.at(report_date)
         original: _State | None = None
         if cmd.action != "NEW":
@@ -263,8 +264,6 @@ class Engine:
                 raise Rejected("REPORT_NOT_ACTIVE", "original_control_number", f"report {original.control_number} is {original.status.lower()}")
             if original.is_test != is_test:
                 raise Rejected("TEST_MISMATCH", "test", "a test report and a production report cannot act on each other")
-            import datetime as dt
-
             in_window = within_cancel_correct_window(dt.date.fromisoformat(original.first_report_date), report_date, rules)
             if cmd.action in ("CANCEL", "CORRECT") and not in_window:
                 raise Rejected("WINDOW_CLOSED", "action", f"report {original.control_number} is past the {rules.cancel_correct_window_business_days}-business-day cancel/correct window: REVERSE it")

@@ -17,6 +17,9 @@ from bondtape.journal.schema import journal, trade_reports
 STATUS_FOR = {"CANCEL": "CANCELLED", "CORRECT": "CORRECTED", "REVERSE": "REVERSED"}
 
 
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
 @dataclass
 class Event:
     seq: int
@@ -34,7 +37,7 @@ class Event:
             "seq": self.seq, "recorded_us": self.recorded_us, "event_type": self.event_type,
             "channel": self.channel, "mpid": self.mpid, "client_ref": self.client_ref,
             "control_number": self.control_number, "ref_control_number": self.ref_control_number,
-            "payload": json.dumps(self.payload, separators=(",", ":"), sort_keys=True),
+            "payload": _dumps(self.payload),
         }
 
     @classmethod
@@ -82,19 +85,34 @@ def project(events: Iterable[Event], changes: Changes | None = None) -> Changes:
     return changes
 
 
-_UPDATE = (
-    trade_reports.update()
-    .where(trade_reports.c.control_number == sa.bindparam("b_control_number"))
-    .values(status=sa.bindparam("status"), closed_seq=sa.bindparam("closed_seq"),
-            closed_us=sa.bindparam("closed_us"), successor_control_number=sa.bindparam("successor_control_number"))
-)
+_REPORT_COLUMNS = [c.name for c in trade_reports.columns]
+_JOURNAL_COLUMNS = [c.name for c in journal.columns]
+_UPDATE_COLUMNS = ("status", "closed_seq", "closed_us", "successor_control_number", "b_control_number")
+
+
+def _marker(conn: Connection) -> str:
+    return "?" if conn.dialect.paramstyle == "qmark" else "%s"
+
+
+def _insert_sql(conn: Connection, table: str, columns: list[str]) -> str:
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join([_marker(conn)] * len(columns))})"
+
+
+def insert_rows(conn: Connection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
+    """A plain executemany of ``rows`` (dicts with every column) into ``table``."""
+    if rows:
+        cols = [c.name for c in table.columns]
+        conn.exec_driver_sql(_insert_sql(conn, table.name, cols), [tuple(r[c] for c in cols) for r in rows])
 
 
 def write(conn: Connection, changes: Changes) -> None:
-    if changes.inserts:
-        conn.execute(trade_reports.insert(), changes.inserts)
+    """Apply projection changes: all inserts, then the status updates in sequence order."""
+    insert_rows(conn, trade_reports, changes.inserts)
     if changes.updates:
-        conn.execute(_UPDATE, changes.updates)
+        m = _marker(conn)
+        sql = (f"UPDATE trade_reports SET status = {m}, closed_seq = {m}, closed_us = {m}, "
+               f"successor_control_number = {m} WHERE control_number = {m}")
+        conn.exec_driver_sql(sql, [tuple(u[c] for c in _UPDATE_COLUMNS) for u in changes.updates])
 
 
 def replay(conn: Connection, *, chunk: int = 20_000, progress=None) -> int:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Mapping
 
-from bondtape.clock import MARKET_TZ, from_us
+from bondtape.clock import MARKET_TZ, from_us, market_parts
 from bondtape.dissemination.rules import withheld_reason
 from bondtape.reference.cusip import cusip_problem
 from bondtape.reference.model import Firm, Security
@@ -58,14 +58,14 @@ def check_terms(
     rulebook: Rulebook,
 ) -> Checked:
     """Raise :class:`Rejected` for the first problem, else return the derived facts."""
-    problem = cusip_problem(terms.cusip)
-    if problem:
-        code = "CUSIP_CHECK_DIGIT" if problem.startswith("check digit") else "CUSIP_MALFORMED"
-        raise Rejected(code, "cusip", f"cusip {terms.cusip!r}: {problem}")
     security = securities.get(terms.cusip)
-    if security is None:
+    if security is None:  # reference data holds only valid CUSIPs: check the unknown ones
+        problem = cusip_problem(terms.cusip)
+        if problem:
+            code = "CUSIP_CHECK_DIGIT" if problem.startswith("check digit") else "CUSIP_MALFORMED"
+            raise Rejected(code, "cusip", f"cusip {terms.cusip!r}: {problem}")
         raise Rejected("SECURITY_UNKNOWN", "cusip", f"cusip {terms.cusip} is not in reference data")
-    report_date = from_us(report_us).astimezone(MARKET_TZ).date()
+    report_date = market_parts(report_us)[0]
     rules = rulebook.at(report_date)
     if terms.contra not in ("C", "A"):
         contra = firms.get(terms.contra)
@@ -97,7 +97,7 @@ def check_terms(
         commission_c = scaled(terms.commission, rules.commission_decimals, "commission", "COMMISSION_INVALID", "dollars")
     if terms.execution_us > report_us:
         raise Rejected("EXECUTION_IN_FUTURE", "execution_time", "execution_time is after the report was received")
-    execution_date = from_us(terms.execution_us).astimezone(MARKET_TZ).date()
+    execution_date = market_parts(terms.execution_us)[0]
     if execution_date < rules.first_trace_date:
         raise Rejected("EXECUTION_BEFORE_TRACE", "execution_time", f"execution date {execution_date} is before TRACE began ({rules.first_trace_date})")
     if not security.eligible_on(execution_date):
@@ -110,7 +110,7 @@ def check_terms(
     timely = timeliness(terms.execution_us, report_us, rulebook.at(execution_date), primary_market=terms.trading_market == "P1")
     if rules.reject_outside_system_hours:
         local = from_us(report_us).astimezone(MARKET_TZ)
-        if not (rules.calendar.is_business_day(local.date()) and rules.system_open <= local.time() < rules.system_close):
+        if not (rules.calendar.is_business_day(local.date()) and rules.system_open <= local.time() < rules.system_close):  # rare path
             raise Rejected("SYSTEM_CLOSED", "report_time", f"reports are taken {rules.system_open}-{rules.system_close} ET on business days")
     withheld = withheld_reason(
         is_test=is_test, rule_144a=security.rule_144a, merger_transfer=terms.merger_transfer,

@@ -10,6 +10,7 @@ clock.
 """
 from __future__ import annotations
 
+import bisect
 import datetime as dt
 import tomllib
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any, Iterable
 
-from bondtape.clock import MARKET_TZ, from_us, to_us
+from bondtape.clock import MARKET_TZ, from_us, market_instant, market_parts
 from bondtape.rulebook.calendar import Calendar
 
 __all__ = [
@@ -167,10 +168,7 @@ class Rulebook:
 
     def at(self, date: dt.date) -> Rules:
         """The rules in force on ``date`` (market date)."""
-        index = 0
-        for i, eff in enumerate(self._breaks):
-            if eff <= date:
-                index = i
+        index = max(bisect.bisect_right(self._breaks, date) - 1, 0)
         key = self._breaks[index]
         rules = self._cache.get(key)
         if rules is None:
@@ -184,7 +182,7 @@ class Rulebook:
         return rules
 
     def at_us(self, us: int) -> Rules:
-        return self.at(from_us(us).astimezone(MARKET_TZ).date())
+        return self.at(market_parts(us)[0])
 
 
 @lru_cache(maxsize=8)
@@ -210,44 +208,41 @@ class Timeliness:
         return "LATE" if self.late else "ON_TIME"
 
 
-def _at(date: dt.date, t: dt.time) -> int:
-    return to_us(dt.datetime.combine(date, t, tzinfo=MARKET_TZ))
+def _tod(t: dt.time) -> int:
+    return ((t.hour * 60 + t.minute) * 60 + t.second) * 1_000_000 + t.microsecond
 
 
-def _in_hours(local: dt.datetime, rules: Rules) -> bool:
-    return rules.calendar.is_business_day(local.date()) and (
-        rules.system_open <= local.time() < rules.system_close
-    )
+def _in_hours(day: dt.date, tod: int, rules: Rules) -> bool:
+    return rules.calendar.is_business_day(day) and _tod(rules.system_open) <= tod < _tod(rules.system_close)
 
 
 def deadline(execution_us: int, rules: Rules, *, primary_market: bool = False) -> tuple[int, bool]:
     """(deadline, executed outside hours) for a trade executed at ``execution_us``."""
-    local = from_us(execution_us).astimezone(MARKET_TZ)
+    day, tod = market_parts(execution_us)
     cal = rules.calendar
-    minutes = dt.timedelta(minutes=rules.deadline_minutes)
+    minutes_us = rules.deadline_minutes * 60_000_000
+    in_hours = _in_hours(day, tod, rules)
     if primary_market and rules.primary_market_deadline == "T+1":
-        nxt = cal.next_business_day(local.date())
-        return _at(nxt, rules.system_close) - 1, not _in_hours(local, rules)
-    if _in_hours(local, rules):
-        due = execution_us + int(minutes.total_seconds() * 1_000_000)
-        if due < _at(local.date(), rules.system_close):
+        return market_instant(cal.next_business_day(day), rules.system_close) - 1, not in_hours
+    if in_hours:
+        due = execution_us + minutes_us
+        if due < market_instant(day, rules.system_close):
             return due, False
         # executed in the last minutes before the close: due that long after the next open
-        nxt = cal.next_business_day(local.date())
-        return _at(nxt, rules.system_open) + int(minutes.total_seconds() * 1_000_000), False
-    if cal.is_business_day(local.date()) and local.time() < rules.system_open:
-        opening = local.date()
+        return market_instant(cal.next_business_day(day), rules.system_open) + minutes_us, False
+    if cal.is_business_day(day) and tod < _tod(rules.system_open):
+        opening = day
     else:
-        opening = cal.next_business_day(local.date())
-    return _at(opening, rules.system_open) + int(minutes.total_seconds() * 1_000_000), True
+        opening = cal.next_business_day(day)
+    return market_instant(opening, rules.system_open) + minutes_us, True
 
 
 def timeliness(execution_us: int, report_us: int, rules: Rules, *, primary_market: bool = False) -> Timeliness:
     """How timely a report received at ``report_us`` is, under ``rules``."""
     due, outside = deadline(execution_us, rules, primary_market=primary_market)
     late = report_us > due
-    exec_date = from_us(execution_us).astimezone(MARKET_TZ).date()
-    report_date = from_us(report_us).astimezone(MARKET_TZ).date()
+    exec_date = market_parts(execution_us)[0]
+    report_date = market_parts(report_us)[0]
     if outside:
         modifier = rules.late_after_hours_modifier if late else rules.after_hours_modifier
     else:

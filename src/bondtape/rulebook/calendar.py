@@ -84,13 +84,10 @@ class Calendar:
         return _holidays(self.holiday_rules, year)
 
     def is_business_day(self, day: dt.date) -> bool:
-        return day.weekday() < 5 and day not in _holidays(self.holiday_rules, day.year)
+        return _is_business_day(self.holiday_rules, day)
 
     def next_business_day(self, day: dt.date) -> dt.date:
-        day += dt.timedelta(days=1)
-        while not self.is_business_day(day):
-            day += dt.timedelta(days=1)
-        return day
+        return _next_business_day(self.holiday_rules, day)
 
     def add_business_days(self, day: dt.date, n: int) -> dt.date:
         for _ in range(n):
@@ -115,3 +112,16 @@ def _holidays(rules: tuple[str, ...], year: int) -> frozenset[dt.date]:
     days = {_holiday(name, year) for name in rules}
     days.discard(None)
     return frozenset(d for d in days if d is not None)
+
+
+@lru_cache(maxsize=65_536)
+def _is_business_day(rules: tuple[str, ...], day: dt.date) -> bool:
+    return day.weekday() < 5 and day not in _holidays(rules, day.year)
+
+
+@lru_cache(maxsize=65_536)
+def _next_business_day(rules: tuple[str, ...], day: dt.date) -> dt.date:
+    day += dt.timedelta(days=1)
+    while not _is_business_day(rules, day):
+        day += dt.timedelta(days=1)
+    return day

@@ -1,0 +1,125 @@
+"""Intake throughput: accepted reports per second through the engine (parse-free commands,
+validation, journal, projection, one transaction per batch), against a bare ``executemany``
+of the same trade rows into a table of the same shape in the same database, same run.
+
+    python benchmarks/run.py intake [--reports N] [--batch B] [--db URL]
+
+Without --db, a fresh SQLite file in a temporary folder is used; with --db, a fresh
+database is expected (the benchmark adds its own securities and firms).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import random
+import tempfile
+import time
+from decimal import Decimal
+
+import sqlalchemy as sa
+
+from bondtape.clock import MARKET_TZ, to_us
+from bondtape.db import connect
+from bondtape.engine import Engine
+from bondtape.journal.schema import trade_reports
+from bondtape.reference.cusip import cusip_check_digit
+from bondtape.reference.model import Firm, Security
+from bondtape.reference.store import upsert_firms, upsert_securities
+from bondtape.reporting.commands import Command, Terms
+
+
+def _commands(n: int, cusips: list[str], start: int, day: int = 4) -> list[Command]:
+    rng = random.Random(5 + start)
+    dealers = [f"D{i:03d}" for i in range(20)]
+    base = to_us(dt.datetime(2024, 3, day, 9, 0, tzinfo=MARKET_TZ))
+    out = []
+    for i in range(n):
+        ex = base + i * 1000
+        t = Terms(cusip=rng.choice(cusips), side="S", capacity="P", contra="C",
+                  quantity=Decimal(1000 * rng.randint(1, 9000)), price=Decimal(f"{rng.uniform(80, 120):.3f}"),
+                  yield_=None, execution_us=ex, settlement_date=None, commission=None)
+        out.append(Command("NEW", rng.choice(dealers), f"b{start + i}", t, channel="bulk", report_us=ex + 30_000_000))
+    return out
+
+
+def run(url: str, reports: int, batch: int) -> dict:
+    db = connect(url)
+    cusips = []
+    for i in range(500):
+        base = f"{i:06d}AA"
+        cusips.append(base + str(cusip_check_digit(base)))
+    with db.begin() as conn:
+        upsert_securities(conn, [Security(c, f"S{i:05d}", "Issuer", Decimal("5"), dt.date(2040, 1, 1), "CORP",
+                                          "IG" if i % 3 else "HY", False, dt.date(2002, 7, 1)) for i, c in enumerate(cusips)])
+        upsert_firms(conn, [Firm(f"D{i:03d}", f"Dealer {i}") for i in range(20)])
+    engine = Engine(db)
+    engine.submit(_commands(100, cusips, 10_000_000, day=1))  # warm-up: reference data loaded
+    commands = _commands(reports, cusips, 0)
+    t0 = time.perf_counter()
+    accepted = 0
+    for i in range(0, reports, batch):
+        accepted += sum(r.accepted for r in engine.submit(commands[i:i + batch]))
+    engine_s = time.perf_counter() - t0
+
+    # baselines: the same rows (as the projection stores them), bare executemany into a copy
+    # of trade_reports (same columns, same indexes), one commit per batch; and the same into
+    # a copy without indexes, for reference
+    with db.connect() as conn:
+        rows = [dict(r._mapping) for r in conn.execute(sa.select(trade_reports).order_by(trade_reports.c.seq).offset(100))]
+    rates = {}
+    for label, keep_indexes in (("indexed", True), ("unindexed", False)):
+        md = sa.MetaData()
+        raw = sa.Table(f"bench_raw_{label}", md, *[sa.Column(c.name, c.type, primary_key=c.primary_key and keep_indexes,
+                                                          autoincrement=False) for c in trade_reports.columns])
+        if keep_indexes:
+            for idx in trade_reports.indexes:
+                sa.Index(f"bench_{idx.name}", *[raw.c[c.name] for c in idx.columns])
+        md.create_all(db)
+        cols = [c.name for c in raw.columns]
+        sql = f"INSERT INTO {raw.name} ({', '.join(cols)}) VALUES ({', '.join(['?' if db.dialect.name == 'sqlite' else '%s'] * len(cols))})"
+        tuples = [tuple(r[c] for c in cols) for r in rows]
+        t0 = time.perf_counter()
+        for i in range(0, len(tuples), batch):
+            with db.begin() as conn:
+                conn.exec_driver_sql(sql, tuples[i:i + batch])
+        rates[label] = len(tuples) / (time.perf_counter() - t0)
+        md.drop_all(db)
+    db.dispose()
+    rate = accepted / engine_s
+    return {
+        "database": db.dialect.name, "reports": reports, "accepted": accepted, "batch": batch,
+        "reports_per_s": round(rate),
+        "raw_insert_rows_per_s": round(rates["indexed"]),
+        "ratio_to_raw_insert": round(rate / rates["indexed"], 3),
+        "raw_insert_unindexed_rows_per_s": round(rates["unindexed"]),
+        "ratio_to_raw_insert_unindexed": round(rate / rates["unindexed"], 3),
+        "baseline": "bare executemany of the same trade_reports rows into a copy of the table with the same indexes "
+                    "(and, for reference, without indexes), one commit per batch of the same size",
+    }
+
+
+def main(argv: list[str]) -> dict:
+    p = argparse.ArgumentParser(prog="run.py intake")
+    p.add_argument("--reports", type=int, default=100_000)
+    p.add_argument("--batch", type=int, default=5_000)
+    p.add_argument("--db", default=None, help="a fresh database URL (default: temporary SQLite)")
+    p.add_argument("--postgres", default=os.environ.get("BONDTAPE_TEST_POSTGRES_URL"),
+                   help="also measure on a fresh database created on this PostgreSQL server")
+    a = p.parse_args(argv)
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        out["sqlite"] = run(a.db or f"sqlite:///{tmp}/bench.db", a.reports, a.batch)
+    if a.postgres and not a.db:
+        import uuid
+
+        name = "bench_" + uuid.uuid4().hex[:8]
+        admin = sa.create_engine(a.postgres, isolation_level="AUTOCOMMIT")
+        with admin.connect() as c:
+            c.exec_driver_sql(f"CREATE DATABASE {name}")
+        try:
+            out["postgresql"] = run(a.postgres.rsplit("/", 1)[0] + "/" + name, a.reports, a.batch)
+        finally:
+            with admin.connect() as c:
+                c.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    return out
