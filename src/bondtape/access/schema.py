@@ -49,3 +49,163 @@ users = sa.Table(
 @migration("0010_access_accounts")
 def _create(conn: sa.Connection) -> None:
     create_tables(conn, organisations, users)
+
+
+# --- access's own tables -----------------------------------------------------------------
+# Secrets never appear in clear: passwords are argon2 hashes (users.password_hash), TOTP
+# secrets are AES-GCM ciphertexts under the configured key (users.totp_secret), invitation
+# and session tokens and recovery codes are stored as SHA-256 digests.
+
+login_state = sa.Table(
+    "login_state",
+    metadata,
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id"), primary_key=True, autoincrement=False),
+    sa.Column("failed_count", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("last_failed_us", sa.BigInteger),
+    sa.Column("locked_until_us", sa.BigInteger),
+    sa.Column("totp_last_step", sa.BigInteger),  # highest TOTP time step accepted: no replay
+    sa.Column("mfa_enrolled_us", sa.BigInteger),
+    sa.Column("password_changed_us", sa.BigInteger),
+)
+
+invitations = sa.Table(
+    "invitations",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id"), nullable=False),
+    sa.Column("token_sha256", sa.String(64), nullable=False, unique=True),
+    sa.Column("created_us", sa.BigInteger, nullable=False),
+    sa.Column("expires_us", sa.BigInteger, nullable=False),
+    sa.Column("used_us", sa.BigInteger),
+    sa.Column("revoked_us", sa.BigInteger),
+    sa.Column("created_by", sa.Integer),  # users.id of the operator
+)
+
+order_forms = sa.Table(
+    "order_forms",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id"), nullable=False),
+    sa.Column("org_id", sa.Integer, sa.ForeignKey("organisations.id"), nullable=False),
+    sa.Column("requested_by", sa.Integer),  # users.id of the organisation administrator
+    sa.Column("requested_us", sa.BigInteger, nullable=False),
+    sa.Column("decided_by", sa.Integer),
+    sa.Column("decided_us", sa.BigInteger),
+    sa.Column("decision", sa.String(10)),  # APPROVED or REJECTED
+    sa.Column("note", sa.String(500)),
+)
+
+recovery_codes = sa.Table(
+    "recovery_codes",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id"), nullable=False, index=True),
+    sa.Column("code_sha256", sa.String(64), nullable=False),
+    sa.Column("created_us", sa.BigInteger, nullable=False),
+    sa.Column("used_us", sa.BigInteger),
+)
+
+web_sessions = sa.Table(
+    "web_sessions",
+    metadata,
+    sa.Column("token_sha256", sa.String(64), primary_key=True),
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id"), nullable=False),
+    sa.Column("csrf_token", sa.String(64), nullable=False),
+    sa.Column("method", sa.String(12), nullable=False),  # mfa, certificate, recovery
+    sa.Column("created_us", sa.BigInteger, nullable=False),
+    sa.Column("last_seen_us", sa.BigInteger, nullable=False),
+    sa.Column("expires_us", sa.BigInteger, nullable=False),  # absolute end
+    sa.Column("ended_us", sa.BigInteger),
+    sa.Column("source", sa.String(64)),
+)
+
+client_certificates = sa.Table(
+    "client_certificates",
+    metadata,
+    sa.Column("serial", sa.String(40), primary_key=True),  # hex
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id"), nullable=False, index=True),
+    sa.Column("fingerprint_sha256", sa.String(64), nullable=False, unique=True),
+    sa.Column("subject", sa.String(300), nullable=False),
+    sa.Column("not_before_us", sa.BigInteger, nullable=False),
+    sa.Column("not_after_us", sa.BigInteger, nullable=False),
+    sa.Column("issued_us", sa.BigInteger, nullable=False),
+    sa.Column("issued_by", sa.String(64)),
+    sa.Column("revoked_us", sa.BigInteger),
+    sa.Column("revoked_reason", sa.String(200)),
+    sa.Column("cert_pem", sa.Text, nullable=False),
+)
+
+# Entitlements: what an organisation may receive. Fees bills from its own records and joins
+# on (org_id, product, data_set, year, start_us/end_us).
+ENTITLEMENT_PRODUCTS = ("REALTIME", "HISTORIC", "REFERENCE")
+entitlements = sa.Table(
+    "entitlements",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("org_id", sa.Integer, sa.ForeignKey("organisations.id"), nullable=False, index=True),
+    sa.Column("product", sa.String(10), nullable=False),  # one of ENTITLEMENT_PRODUCTS
+    sa.Column("data_set", sa.String(8), nullable=False, server_default=""),  # CORP, AGCY, 144A; "" for REFERENCE
+    sa.Column("year", sa.Integer),  # HISTORIC only: the calendar year purchased
+    sa.Column("start_us", sa.BigInteger, nullable=False),
+    sa.Column("end_us", sa.BigInteger),  # exclusive; NULL = open
+    sa.Column("granted_by", sa.Integer),
+    sa.Column("granted_us", sa.BigInteger, nullable=False),
+    sa.Column("note", sa.String(200)),
+)
+
+# A Non-Professional's attestation to the four conditions of Rule 7730(f)(1), kept forever.
+attestations = sa.Table(
+    "attestations",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id"), nullable=False, index=True),
+    sa.Column("org_id", sa.Integer, sa.ForeignKey("organisations.id"), nullable=False),
+    sa.Column("kind", sa.String(20), nullable=False),  # NON_PROFESSIONAL or TAX_EXEMPT
+    sa.Column("statements", sa.Text, nullable=False),  # JSON: each condition and the answer
+    sa.Column("signed_name", sa.String(200), nullable=False),
+    sa.Column("attested_us", sa.BigInteger, nullable=False),
+    sa.Column("source", sa.String(64)),
+)
+
+# The audit trail: append-only (database triggers refuse UPDATE and DELETE).
+audit_log = sa.Table(
+    "audit_log",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("at_us", sa.BigInteger, nullable=False),
+    sa.Column("action", sa.String(40), nullable=False),
+    sa.Column("outcome", sa.String(10), nullable=False),  # ok, denied, failed
+    sa.Column("actor_user_id", sa.Integer),
+    sa.Column("actor", sa.String(64)),  # username as given (even when unknown)
+    sa.Column("org_id", sa.Integer),
+    sa.Column("target", sa.String(200)),
+    sa.Column("source", sa.String(64)),  # address or channel
+    sa.Column("detail", sa.Text),  # JSON, never a secret
+    sa.Index("ix_audit_at", "at_us"),
+    sa.Index("ix_audit_actor", "actor", "at_us"),
+)
+
+_SQLITE_AUDIT_GUARDS = [
+    "CREATE TRIGGER IF NOT EXISTS audit_log_no_update BEFORE UPDATE ON audit_log "
+    "BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END",
+    "CREATE TRIGGER IF NOT EXISTS audit_log_no_delete BEFORE DELETE ON audit_log "
+    "BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END",
+]
+_POSTGRES_AUDIT_GUARDS = [
+    "CREATE OR REPLACE FUNCTION audit_log_append_only() RETURNS trigger AS $$ "
+    "BEGIN RAISE EXCEPTION 'audit_log is append-only'; END; $$ LANGUAGE plpgsql",
+    "DROP TRIGGER IF EXISTS audit_log_no_change ON audit_log",
+    "CREATE TRIGGER audit_log_no_change BEFORE UPDATE OR DELETE ON audit_log "
+    "FOR EACH ROW EXECUTE FUNCTION audit_log_append_only()",
+]
+
+
+@migration("0011_access_security")
+def _create_security(conn: sa.Connection) -> None:
+    create_tables(
+        conn, login_state, invitations, order_forms, recovery_codes, web_sessions,
+        client_certificates, entitlements, attestations, audit_log,
+    )
+    guards = _SQLITE_AUDIT_GUARDS if conn.dialect.name == "sqlite" else _POSTGRES_AUDIT_GUARDS
+    for statement in guards:
+        conn.exec_driver_sql(statement)
