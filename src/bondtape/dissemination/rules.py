@@ -1,9 +1,24 @@
-"""Whether a report is disseminated, and how its quantity is shown. Pure functions."""
+"""What the public sees of a report, and how. Pure functions: no I/O, no clock.
+
+``withheld_reason`` decides (at intake, stored on the journal event as ``withheld``)
+whether a report is disseminated; ``disseminated_quantity`` applies the volume cap; the
+rest build the public trade block and the end-of-day figures from facts passed in. Only
+fields named here reach a public message: never an MPID, a client reference or a control
+number.
+"""
 from __future__ import annotations
 
+import json
 from decimal import Decimal
+from typing import Any, Iterable, Mapping
 
+from bondtape.clock import iso_market
 from bondtape.rulebook import Rules, volume_cap
+
+# Reasons that are not a secret of one trade: the buy side of an inter-dealer trade is the
+# same trade as the disseminated sell side, so it is counted once in aggregates.
+INTER_DEALER_BUY_SIDE = "INTER_DEALER_BUY_SIDE"
+TEST_REPORT = "TEST_REPORT"
 
 
 def withheld_reason(
@@ -19,7 +34,7 @@ def withheld_reason(
 ) -> str | None:
     """None if the report is disseminated, else why not (a stable reason code)."""
     if is_test:
-        return "TEST_REPORT"
+        return TEST_REPORT
     if rule_144a and not rules.disseminate_rule_144a:
         return "RULE_144A"
     if merger_transfer and not rules.disseminate_merger_transfer:
@@ -27,7 +42,7 @@ def withheld_reason(
     if trading_market == "P1" and not rules.disseminate_primary_market_p1:
         return "PRIMARY_MARKET_P1"
     if contra_type == "D" and side != rules.inter_dealer_side:
-        return "INTER_DEALER_BUY_SIDE"
+        return INTER_DEALER_BUY_SIDE
     if contra_type == "A" and capacity == "P" and not rules.disseminate_affiliate_principal:
         return "AFFILIATE_PRINCIPAL_6750D"
     return None
@@ -38,4 +53,146 @@ def disseminated_quantity(quantity: Decimal, grade: str | None, rules: Rules) ->
     cap = volume_cap(grade, rules)
     if quantity > cap:
         return f"{cap / 1_000_000:f}".rstrip("0").rstrip(".") + "MM+"
-    return format(quantity, "f")
+    return plain(quantity)
+
+
+def plain(value: Decimal) -> str:
+    """A decimal without exponent or trailing zeros: 250000, 101.125."""
+    text = format(value, "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return text
+
+
+def scaled_text(value: int | None, places: int) -> str | None:
+    """A scaled integer (cents, millionths) as exact decimal text."""
+    return None if value is None else plain(Decimal(value).scaleb(-places))
+
+
+def counts_in_aggregates(withheld: str | None) -> bool:
+    """Market aggregates include non-disseminated trades (R19), each trade once, no tests."""
+    return withheld not in (INTER_DEALER_BUY_SIDE, TEST_REPORT)
+
+
+def sets_last_sale(payload: Mapping[str, Any]) -> bool:
+    """Whether a disseminated trade may set the day's high, low and last sale.
+
+    As-of trades (executed on an earlier day), special-price and weighted-average trades
+    are disseminated but do not set the day's prices.
+    """
+    return not (payload.get("as_of") or payload.get("special_price") or payload.get("weighted_average"))
+
+
+def trade_block(payload: Mapping[str, Any], reported_us: int, rules: Rules) -> dict[str, Any]:
+    """The public fields of a report (new or corrected terms), from its journal payload.
+
+    ``rules`` are those of the report date (the cap in force when it was reported).
+    """
+    quantity = Decimal(payload["quantity_c"]).scaleb(-2)
+    shown = disseminated_quantity(quantity, payload.get("grade"), rules)
+    return {
+        "cusip": payload["cusip"],
+        "symbol": payload["symbol"],
+        "quantity": shown,
+        "quantity_indicator": "E" if shown.endswith("+") else "A",
+        "price": scaled_text(payload["price_u"], 6),
+        "yield": scaled_text(payload.get("yield_u"), 6),
+        "side": payload["side"],
+        "reporting_party_type": "D",
+        "contra_party_type": payload["contra_type"],  # C customer, D dealer, A affiliate
+        "as_of": "A" if payload.get("as_of") else None,
+        "execution_time": iso_market(payload["execution_us"]),
+        "settlement_date": payload["settlement_date"],
+        "modifier3": payload.get("modifier3"),
+        "modifier4": "W" if payload.get("weighted_average") else None,
+        "special_price": bool(payload.get("special_price")),
+        "when_issued": bool(payload.get("when_issued")),
+        "remuneration": payload.get("remuneration"),
+        "reported_at": iso_market(reported_us),
+    }
+
+
+def reversal_block(original_block: Mapping[str, Any], reversed_us: int) -> dict[str, Any]:
+    """A reversal carries the original trade with the as-of indicator R."""
+    return {**original_block, "as_of": "R", "reported_at": iso_market(reversed_us)}
+
+
+def encode(message: Mapping[str, Any]) -> str:
+    """The one serialisation of a message: the bytes every transport and replay carry."""
+    return json.dumps(message, separators=(",", ":"), sort_keys=True, ensure_ascii=True)
+
+
+# --- end of day ---------------------------------------------------------------------------
+
+
+def daily_summaries(trades: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """High, low and last price (and yields) per security from the day's active, disseminated
+    trades that may set the last sale. ``trades`` carry cusip, symbol, price_u, yield_u,
+    execution_us and journal_seq; the last sale is the latest execution (then the latest report).
+    """
+    by_cusip: dict[str, list[Mapping[str, Any]]] = {}
+    for t in trades:
+        by_cusip.setdefault(t["cusip"], []).append(t)
+    out = []
+    for cusip in sorted(by_cusip):
+        rows = by_cusip[cusip]
+        high = max(rows, key=lambda r: (r["price_u"], r["journal_seq"]))
+        low = min(rows, key=lambda r: (r["price_u"], -r["journal_seq"]))
+        last = max(rows, key=lambda r: (r["execution_us"], r["journal_seq"]))
+        out.append({
+            "cusip": cusip,
+            "symbol": last["symbol"],
+            "trades": len(rows),
+            "high": scaled_text(high["price_u"], 6), "high_yield": scaled_text(high["yield_u"], 6),
+            "low": scaled_text(low["price_u"], 6), "low_yield": scaled_text(low["yield_u"], 6),
+            "last": scaled_text(last["price_u"], 6), "last_yield": scaled_text(last["yield_u"], 6),
+            "last_price_u": last["price_u"],
+        })
+    return out
+
+
+def market_aggregates(
+    counted: Iterable[Mapping[str, Any]],
+    summaries: Iterable[Mapping[str, Any]],
+    previous_last: Mapping[str, int],
+) -> dict[str, Any]:
+    """End-of-day market aggregates of one data set.
+
+    ``counted``: every active trade of the day that counts (disseminated or not, R19), with
+    grade, quantity_c and withheld; totals are uncapped. ``summaries``: the day's
+    :func:`daily_summaries`; ``previous_last``: each security's last sale at its previous
+    close, for advances and declines.
+    """
+    total_c = 0
+    trades = disseminated = 0
+    by_grade = {"IG": [0, 0], "HY": [0, 0]}
+    for t in counted:
+        trades += 1
+        total_c += t["quantity_c"]
+        if t["withheld"] is None:
+            disseminated += 1
+        g = by_grade.setdefault(t["grade"], [0, 0])
+        g[0] += 1
+        g[1] += t["quantity_c"]
+    advances = declines = unchanged = 0
+    summaries = list(summaries)
+    for s in summaries:
+        before = previous_last.get(s["cusip"])
+        if before is None:
+            continue
+        if s["last_price_u"] > before:
+            advances += 1
+        elif s["last_price_u"] < before:
+            declines += 1
+        else:
+            unchanged += 1
+    return {
+        "total_trades": trades,
+        "total_par": scaled_text(total_c, 2),
+        "disseminated_trades": disseminated,
+        "securities_traded": len(summaries),
+        "advances": advances,
+        "declines": declines,
+        "unchanged": unchanged,
+        "by_grade": {g: {"trades": v[0], "par": scaled_text(v[1], 2)} for g, v in sorted(by_grade.items())},
+    }
