@@ -17,6 +17,7 @@ from bondtape.db import ENV_VAR, connect, resolve_url
 # module path -> attribute: click commands or groups added to the top-level group
 _SUBCOMMANDS = [
     ("bondtape.cli_core", "COMMANDS"),
+    ("bondtape.historic.cli", "COMMANDS"),
 ]
 
 DB_HELP = f"Database URL (SQLite or PostgreSQL). Default: ${ENV_VAR}, else sqlite:///bondtape.db"
