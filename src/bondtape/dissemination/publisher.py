@@ -162,6 +162,7 @@ class Publisher:
         self._engine = None
         self._stopping = False
         self.errors = 0
+        self.poll_interval: float | None = None
         self._load()
 
     # -- state -------------------------------------------------------------------------
@@ -184,8 +185,11 @@ class Publisher:
         self.current_date: str | None = max((d for _, d in self.days), default=None)
 
     # -- running -----------------------------------------------------------------------
-    def start(self, engine: Any | None = None) -> "Publisher":
-        """Catch up from the journal, then follow ``engine`` (its listeners) in a thread."""
+    def start(self, engine: Any | None = None, *, poll_interval: float | None = None) -> "Publisher":
+        """Catch up from the journal, then follow it in a thread: live from ``engine`` (its
+        listeners) in the same process, and/or by reading the journal every
+        ``poll_interval`` seconds (a publisher in another process than the engine)."""
+        self.poll_interval = poll_interval
         if engine is not None:
             self._engine = engine
             engine.listeners.append(self._on_events)
@@ -215,7 +219,16 @@ class Publisher:
 
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=self.poll_interval)
+            except queue.Empty:
+                try:
+                    self.catch_up()
+                except Exception:
+                    self.errors += 1
+                    log.exception("feed catch-up failed; retrying")
+                    self._recover()
+                continue
             if item is None:
                 return
             events = list(item)

@@ -1,0 +1,291 @@
+"""The feed over HTTP: WebSocket, server-sent events, retransmission, time and sales.
+
+:func:`feed_routes` returns Starlette routes the main website mounts; :func:`create_app`
+wraps them in an app of their own (``bondtape feed serve``). Every message is sent as the
+exact JSON text stored in ``feed_messages``.
+
+Positions are written ``DATA_SET:DATE:SEQ`` (``CORP:2024-03-04:17``), several joined by
+commas. ``from`` names the first message to send per data set; an SSE client's
+``Last-Event-ID`` names the last one it received. A data set without a position starts at
+the feed's current end (live from now).
+
+Entitlements are not decided here: ``entitled(connection)`` returns the data sets the
+caller may receive (the access capability plugs in there); asking for another one is
+refused with 403 (``NOT_ENTITLED``), and a subscription carries only entitled data sets.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, Callable, Iterable
+
+import sqlalchemy as sa
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import BaseRoute, Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from bondtape.dissemination.publisher import DATA_SETS, FeedError, FeedMessage, Publisher, read_messages
+from bondtape.dissemination.query import feed_status, snapshot_lines, time_and_sales
+
+__all__ = ["feed_routes", "create_app", "parse_positions", "format_positions"]
+
+Entitled = Callable[[HTTPConnection], Iterable[str]]
+QUEUE_LIMIT = 50_000  # messages held for one slow subscriber before it is disconnected
+REPLAY_CHUNK = 1000
+
+
+def parse_positions(text: str | None) -> dict[str, tuple[str, int]]:
+    """``CORP:2024-03-04:17,AGCY:2024-03-04:5`` -> {data set: (date, seq)}."""
+    out: dict[str, tuple[str, int]] = {}
+    for part in (text or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        bits = part.split(":")
+        if len(bits) != 3 or bits[0].upper() not in DATA_SETS or not bits[2].isdigit() or len(bits[1]) != 10:
+            raise FeedError("POSITION_INVALID", "from", f"position {part!r} is not DATA_SET:YYYY-MM-DD:SEQ with DATA_SET one of {', '.join(DATA_SETS)}")
+        out[bits[0].upper()] = (bits[1], int(bits[2]))
+    return out
+
+
+def format_positions(positions: dict[str, tuple[str, int]]) -> str:
+    return ",".join(f"{ds}:{d}:{s}" for ds, (d, s) in sorted(positions.items()))
+
+
+def _error(exc: FeedError, status: int = 400) -> JSONResponse:
+    return JSONResponse({"error": exc.as_dict()}, status_code=status)
+
+
+def _all(_: HTTPConnection) -> Iterable[str]:
+    return DATA_SETS
+
+
+class _Request:
+    """What a subscription asks for, checked against the caller's entitlements."""
+
+    def __init__(self, conn: HTTPConnection, entitled: Entitled, last_event_id: str | None = None):
+        q = conn.query_params
+        allowed = set(entitled(conn))
+        wanted_text = q.get("data_sets") or q.get("data_set")
+        if wanted_text:
+            wanted = [w.strip().upper() for w in wanted_text.split(",") if w.strip()]
+            bad = [w for w in wanted if w not in DATA_SETS]
+            if bad:
+                raise FeedError("DATA_SET_INVALID", "data_sets", f"data set {bad[0]!r} is not one of {', '.join(DATA_SETS)}")
+            refused = [w for w in wanted if w not in allowed]
+            if refused:
+                raise _NotEntitled(FeedError("NOT_ENTITLED", "data_sets", f"this subscriber is not entitled to the {refused[0]} data set"))
+        else:
+            wanted = [ds for ds in DATA_SETS if ds in allowed]
+        if not wanted:
+            raise _NotEntitled(FeedError("NOT_ENTITLED", "data_sets", "this subscriber is entitled to no data set"))
+        self.data_sets = wanted
+        start = parse_positions(q.get("from"))
+        if last_event_id:
+            start.update({ds: (d, s + 1) for ds, (d, s) in parse_positions(last_event_id).items()})
+        if q.get("from_seq"):
+            if not q["from_seq"].isdigit():
+                raise FeedError("POSITION_INVALID", "from_seq", "from_seq is a message sequence number (1 or more)")
+            date = q.get("date", "")
+            for ds in wanted:
+                start.setdefault(ds, (date, int(q["from_seq"])))
+        self.start = {ds: pos for ds, pos in start.items() if ds in wanted}
+
+
+class _NotEntitled(Exception):
+    def __init__(self, error: FeedError):
+        self.error = error
+
+
+class _Stream:
+    """Stored messages from the start positions (read in chunks, with back-pressure), then
+    live from the publisher with no gap and no repeat."""
+
+    def __init__(self, publisher: Publisher, data_sets: list[str], start: dict[str, tuple[str, int]]):
+        self.publisher = publisher
+        self.data_sets = data_sets
+        self.start = dict(start)
+        self.queue: asyncio.Queue[FeedMessage | None] = asyncio.Queue()
+        self.sub = None
+        self.overflow = False
+
+    async def _fill_start(self) -> None:
+        # a data set without a position starts after the last stored message
+        missing = [ds for ds in self.data_sets if ds not in self.start]
+        if missing:
+            status = await run_in_threadpool(feed_status, self.publisher.db)
+            for ds in missing:
+                s = status.get(ds)
+                self.start[ds] = (s["date"], s["last_seq"] + 1) if s else ("", 1)
+
+    async def __aiter__(self):
+        await self._fill_start()
+        positions = dict(self.start)
+        for ds in self.data_sets:  # the stored part: paced by the client
+            while True:
+                def read(ds=ds) -> list[FeedMessage]:
+                    with self.publisher.db.connect() as conn:
+                        return read_messages(conn, ds, positions[ds], limit=REPLAY_CHUNK)
+                batch = await run_in_threadpool(read)
+                for m in batch:
+                    yield m
+                if batch:
+                    positions[ds] = (batch[-1].date, batch[-1].seq + 1)
+                if len(batch) < REPLAY_CHUNK:
+                    break
+        loop = asyncio.get_running_loop()
+
+        def put(m: FeedMessage) -> None:
+            if self.queue.qsize() >= QUEUE_LIMIT:
+                self.overflow = True
+                self.queue.put_nowait(None)
+                if self.sub is not None:
+                    self.sub.close()
+            elif not self.overflow:
+                self.queue.put_nowait(m)
+
+        def deliver(m: FeedMessage) -> None:
+            loop.call_soon_threadsafe(put, m)
+
+        self.sub = await run_in_threadpool(self.publisher.subscribe, deliver, self.data_sets, positions)
+        try:
+            while True:
+                m = await self.queue.get()
+                if m is None:
+                    return  # too slow: the client reconnects from its last position
+                yield m
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.sub is not None:
+            self.sub.close()
+            self.sub = None
+
+
+def feed_routes(publisher: Publisher, *, entitled: Entitled | None = None) -> list[BaseRoute]:
+    """The feed's routes, for the main website to mount (e.g. under ``/``)."""
+    entitled = entitled or _all
+
+    async def ws(websocket: WebSocket) -> None:
+        try:
+            want = _Request(websocket, entitled)
+        except _NotEntitled:
+            await websocket.close(code=4403)
+            return
+        except FeedError:
+            await websocket.close(code=4400)
+            return
+        await websocket.accept()
+        stream = _Stream(publisher, want.data_sets, want.start)
+
+        async def pump() -> None:
+            async for m in stream:
+                await websocket.send_text(m.body)
+            await websocket.close(code=4008)  # the subscriber fell too far behind
+
+        async def watch() -> None:
+            while True:
+                msg = await websocket.receive()
+                if msg["type"] == "websocket.disconnect":
+                    return
+
+        tasks = [asyncio.create_task(pump()), asyncio.create_task(watch())]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        except (WebSocketDisconnect, RuntimeError):
+            pass
+        finally:
+            for t in tasks:
+                t.cancel()
+            stream.close()
+
+    async def sse(request: Request) -> Response:
+        try:
+            want = _Request(request, entitled, request.headers.get("last-event-id"))
+        except _NotEntitled as exc:
+            return _error(exc.error, 403)
+        except FeedError as exc:
+            return _error(exc)
+        stream = _Stream(publisher, want.data_sets, want.start)
+
+        async def events():
+            last: dict[str, tuple[str, int]] = {}
+            yield ": bondtape feed\n\n"
+            try:
+                async for m in stream:
+                    last[m.data_set] = m.position
+                    yield f"id: {format_positions(last)}\nevent: {m.type}\ndata: {m.body}\n\n"
+            finally:
+                stream.close()
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def messages(request: Request) -> Response:
+        """Retransmission: stored messages of one data set from (date, from_seq), as JSON lines."""
+        q = request.query_params
+        try:
+            want = _Request(request, entitled)
+            if len(want.data_sets) != 1:
+                raise FeedError("DATA_SET_REQUIRED", "data_set", f"name one data set: {', '.join(DATA_SETS)}")
+            ds = want.data_sets[0]
+            limit = q.get("limit", "1000")
+            if not limit.isdigit() or not 1 <= int(limit) <= 100_000:
+                raise FeedError("LIMIT_INVALID", "limit", "limit is 1 to 100000")
+        except _NotEntitled as exc:
+            return _error(exc.error, 403)
+        except FeedError as exc:
+            return _error(exc)
+        start = want.start.get(ds, ("", 1))
+
+        def read() -> list[FeedMessage]:
+            with publisher.db.connect() as conn:
+                return read_messages(conn, ds, start, limit=int(limit))
+        rows = await run_in_threadpool(read)
+        return Response("".join(m.body + "\n" for m in rows), media_type="application/x-ndjson")
+
+    async def status(request: Request) -> Response:
+        allowed = set(entitled(request))
+        data = await run_in_threadpool(feed_status, publisher.db)
+        return JSONResponse({"data_sets": {ds: v for ds, v in data.items() if ds in allowed}})
+
+    async def tas(request: Request) -> Response:
+        cusip = request.path_params["cusip"].upper()
+        q = request.query_params
+        try:
+            result = await run_in_threadpool(time_and_sales, publisher.db, cusip, q.get("date_from"), q.get("date_to"),
+                                             int(q["limit"]) if q.get("limit", "").isdigit() else 500)
+        except FeedError as exc:
+            return _error(exc, 404 if exc.code == "SECURITY_UNKNOWN" else 400)
+        if result["data_set"] not in set(entitled(request)):
+            return _error(FeedError("NOT_ENTITLED", "cusip", f"this subscriber is not entitled to the {result['data_set']} data set"), 403)
+        return JSONResponse(result)
+
+    async def snapshot(request: Request) -> Response:
+        ds = request.path_params["data_set"].upper()
+        date = request.path_params["date"]
+        if ds not in DATA_SETS:
+            return _error(FeedError("DATA_SET_INVALID", "data_set", f"data set is one of {', '.join(DATA_SETS)}"), 404)
+        if ds not in set(entitled(request)):
+            return _error(FeedError("NOT_ENTITLED", "data_set", f"this subscriber is not entitled to the {ds} data set"), 403)
+        lines = await run_in_threadpool(snapshot_lines, publisher.db, ds, date)
+        return Response("".join(line + "\n" for line in lines), media_type="application/x-ndjson",
+                        headers={"Content-Disposition": f'attachment; filename="bondtape-feed-{ds}-{date}.jsonl"'})
+
+    return [
+        WebSocketRoute("/feed/ws", ws),
+        Route("/feed/sse", sse),
+        Route("/feed/messages", messages),
+        Route("/feed/status", status),
+        Route("/feed/snapshot/{data_set}/{date}", snapshot),
+        Route("/time-and-sales/{cusip}", tas),
+    ]
+
+
+def create_app(publisher: Publisher, *, entitled: Entitled | None = None) -> Starlette:
+    """A stand-alone app serving the feed (the main website mounts :func:`feed_routes`)."""
+    return Starlette(routes=feed_routes(publisher, entitled=entitled))
