@@ -345,7 +345,7 @@ def request_user(conn: Connection, *, actor: AuthenticatedUser, org_id: int, use
     return int(order_id)
 
 
-def pending_orders(conn: Connection, org_id: int | None = None):
+def order_list(conn: Connection, org_id: int | None = None):
     q = (sa.select(order_forms, users.c.username, users.c.email, users.c.full_name, users.c.roles, organisations.c.name.label("org_name"))
          .join(users, users.c.id == order_forms.c.user_id).join(organisations, organisations.c.id == order_forms.c.org_id)
          .order_by(order_forms.c.id))
