@@ -17,6 +17,7 @@ from bondtape.db import ENV_VAR, connect, resolve_url
 # module path -> attribute: click commands or groups added to the top-level group
 _SUBCOMMANDS = [
     ("bondtape.cli_core", "COMMANDS"),
+    ("bondtape.fix.cli", "COMMANDS"),
     ("bondtape.dissemination.cli", "COMMANDS"),
     ("bondtape.historic.cli", "COMMANDS"),
 ]

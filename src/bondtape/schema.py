@@ -2,4 +2,5 @@
 from bondtape.reference import schema as _reference  # noqa: F401
 from bondtape.journal import schema as _journal  # noqa: F401
 from bondtape.access import schema as _access  # noqa: F401
+from bondtape.fix import schema as _fix  # noqa: F401
 from bondtape.dissemination import schema as _dissemination  # noqa: F401

@@ -1,0 +1,56 @@
+"""``bondtape fix serve``: run the FIX 4.4 acceptor."""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import click
+
+from bondtape.cli import db_option, open_db
+
+
+@click.group("fix")
+def fix_group() -> None:
+    """The FIX 4.4 gateway for trade reporting (docs/fix.md)."""
+
+
+@fix_group.command("serve")
+@db_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=9878, show_default=True, type=click.IntRange(0, 65535), help="TCP port (0: any free port).")
+@click.option("--comp-id", default="BONDTAPE", show_default=True, help="Our CompID: the firms' TargetCompID (56).")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None, help="PEM certificate: serve TLS.")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None, help="PEM private key (if not in --tls-cert).")
+@click.option("--verbose", "-v", is_flag=True, help="Log every logon, logout, gap and reject.")
+def serve(db_url: str | None, host: str, port: int, comp_id: str, tls_cert: str | None, tls_key: str | None,
+          verbose: bool) -> None:
+    """Accept FIX sessions; logons use the same users and passwords as the website."""
+    from bondtape.fix.server import start_fix_server, tls_context
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    if tls_key and not tls_cert:
+        raise click.UsageError("--tls-key needs --tls-cert")
+    try:
+        ssl = tls_context(tls_cert, tls_key) if tls_cert else None
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"cannot load the TLS certificate: {exc}") from exc
+    db = open_db(db_url)
+
+    async def main() -> None:
+        try:
+            server = await start_fix_server(db, host, port, comp_id=comp_id, ssl=ssl)
+        except OSError as exc:
+            raise click.ClickException(f"cannot listen on {host}:{port}: {exc}") from exc
+        click.echo(f"FIX 4.4 acceptor {comp_id} on {host}:{server.port}{' (TLS)' if ssl else ''}; Ctrl-C stops it")
+        try:
+            await server.serve_forever()
+        finally:
+            await server.close()
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        click.echo("stopped")
+
+
+COMMANDS = [fix_group]
