@@ -288,28 +288,28 @@ def _build(db, sub, data_set, year, as_of, available, first_day, last_day, work:
     totals = {"records": 0, "final_records": 0, "days": 0, "by_status": {s: 0 for s in "TXCRY"}}
     with _snapshot(db) as conn:
         created = _Query(conn, created_select(sub, year_end_us))
-        closed_iter = _stream(conn, closed_select(sub, lo_us, year_end_us))
-        pending = next(closed_iter, None)
-        day = first_day
-        while day <= last_day:
-            next_day = day + dt.timedelta(days=1)
-            day_end = _midnight_us(next_day)
-            rows = _fetch(conn, created, report_date=day.isoformat())
-            while pending is not None and pending[EVENT_US] < day_end:
-                rows.append(pending)
-                pending = next(closed_iter, None)
-            n = len(rows)
-            if rows:
-                schema = layout.arrow_schema(**{"bondtape.data_set": data_set, "bondtape.year": str(year),
-                                                "bondtape.trd_rpt_dt": day.isoformat()})
-                table, standing, seqs = day_table(rows, schema, settlement_days)
-                del rows
-                files.extend(_write_day(work, day, table, standing, seqs, totals))
-                totals["days"] += 1
-                del table
-            if progress:
-                progress(day, n)
-            day = next_day
+        with contextlib.closing(_stream(conn, closed_select(sub, lo_us, year_end_us))) as closed_iter:
+            pending = next(closed_iter, None)
+            day = first_day
+            while day <= last_day:
+                next_day = day + dt.timedelta(days=1)
+                day_end = _midnight_us(next_day)
+                rows = _fetch(conn, created, report_date=day.isoformat())
+                while pending is not None and pending[EVENT_US] < day_end:
+                    rows.append(pending)
+                    pending = next(closed_iter, None)
+                n = len(rows)
+                if rows:
+                    schema = layout.arrow_schema(**{"bondtape.data_set": data_set, "bondtape.year": str(year),
+                                                    "bondtape.trd_rpt_dt": day.isoformat()})
+                    table, standing, seqs = day_table(rows, schema, settlement_days)
+                    del rows
+                    files.extend(_write_day(work, day, table, standing, seqs, totals))
+                    totals["days"] += 1
+                    del table
+                if progress:
+                    progress(day, n)
+                day = next_day
     dictionary = work / "data_dictionary.json"
     dictionary.write_text(layout.data_dictionary_json(), encoding="utf-8")
     files.append({"path": "data_dictionary.json", "kind": "data_dictionary", "rows": None,

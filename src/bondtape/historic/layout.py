@@ -146,3 +146,9 @@ def data_dictionary() -> dict:
 
 def data_dictionary_json() -> str:
     return json.dumps(data_dictionary(), indent=2, sort_keys=False) + "\n"
+
+
+if __name__ == "__main__":  # python -m bondtape.historic.layout > docs/historic_data_dictionary.json
+    import sys
+
+    sys.stdout.write(data_dictionary_json())
