@@ -1,0 +1,157 @@
+"""``bondtape fees``: record billable services and write monthly Rule 7730 invoices."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from bondtape.cli import db_option, open_db
+from bondtape.clock import now_us
+from bondtape.fees.schedule import FeeError
+from bondtape.fees.schema import HISTORIC_PRODUCTS, SUBSCRIPTION_PRODUCTS
+
+
+def _fail(exc: FeeError) -> None:
+    click.echo(f"error {exc.code} ({exc.field}): {exc.message}", err=True)
+    sys.exit(2)
+
+
+@click.group()
+def fees() -> None:
+    """Rule 7730 fees: subscriptions, Historic orders and monthly invoices."""
+
+
+@fees.command("invoice")
+@click.option("--month", required=True, metavar="YYYY-MM", help="The billing month (market time).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory for the invoice files and summary.json.")
+@click.option("--format", "formats", default="json,csv,html", show_default=True,
+              help="Comma-separated formats: json, csv, html.")
+@db_option
+def invoice_cmd(month: str, out_dir: Path, formats: str, db_url: str | None) -> None:
+    """Write one invoice per organisation billed in MONTH, in each format, and summary.json.
+
+    Reporting fees go to the organisation whose MPID reported; reports of an MPID with no
+    (or more than one) organisation are listed under "unbilled" and warned about.
+    """
+    from bondtape.fees.invoice import build_invoices
+    from bondtape.fees.writers import FORMATS, write_invoices
+
+    chosen = [f.strip().lower() for f in formats.split(",") if f.strip()]
+    bad = [f for f in chosen if f not in FORMATS]
+    if bad or not chosen:
+        _fail(FeeError("FORMAT_INVALID", "format", f"choose from {', '.join(FORMATS)}; got {formats!r}"))
+    db = open_db(db_url)
+    try:
+        invoices, unbilled, schedule = build_invoices(db, month.strip())
+    except FeeError as exc:
+        _fail(exc)
+    path = write_invoices(out_dir, month.strip(), schedule.name, invoices, unbilled, chosen)
+    total = sum((i.total for i in invoices), start=__import__("decimal").Decimal("0.00"))
+    click.echo(f"{len(invoices)} invoices for {month.strip()} (schedule {schedule.name}), total ${total:,}: {path}")
+    for u in unbilled:
+        click.echo(f"warning: MPID {u.mpid} not billed ({u.reason}): {u.reports} reports, {u.actions} "
+                   f"cancel/correct/reversal events", err=True)
+
+
+@fees.command("subscribe")
+@click.option("--org", "organisation", required=True, help="Organisation id, MPID or name.")
+@click.option("--product", required=True, type=click.Choice(SUBSCRIPTION_PRODUCTS, case_sensitive=False))
+@click.option("--data-set", help="CORP or AGCY (all products but CTCI).")
+@click.option("--start", "start_date", required=True, metavar="YYYY-MM-DD", help="First day of service.")
+@click.option("--end", "end_date", metavar="YYYY-MM-DD", help="Last day of service (inclusive).")
+@click.option("--quantity", default=1, show_default=True, help="Terminals (BTDS_TERMINAL only).")
+@click.option("--reference", help="Terminal ids, circuit id or contract number.")
+@db_option
+def subscribe_cmd(organisation: str, product: str, data_set: str | None, start_date: str, end_date: str | None,
+                  quantity: int, reference: str | None, db_url: str | None) -> None:
+    """Record a monthly service: CTCI, BTDS terminals or unlimited use, vendor feeds."""
+    from bondtape.fees.records import record_subscription
+
+    try:
+        sid = record_subscription(open_db(db_url), organisation, product, data_set=data_set, start_date=start_date,
+                                  end_date=end_date, quantity=quantity, reference=reference, now_us=now_us())
+    except FeeError as exc:
+        _fail(exc)
+    click.echo(f"subscription {sid} recorded")
+
+
+@fees.command("unsubscribe")
+@click.option("--subscription", "subscription_id", required=True, type=int)
+@click.option("--end", "end_date", required=True, metavar="YYYY-MM-DD", help="Last day of service (inclusive).")
+@db_option
+def unsubscribe_cmd(subscription_id: int, end_date: str, db_url: str | None) -> None:
+    """End a subscription on its last day of service."""
+    from bondtape.fees.records import end_subscription
+
+    try:
+        end_subscription(open_db(db_url), subscription_id, end_date)
+    except FeeError as exc:
+        _fail(exc)
+    click.echo(f"subscription {subscription_id} ends {end_date}")
+
+
+@fees.command("historic-order")
+@click.option("--org", "organisation", required=True, help="Organisation id, MPID or name.")
+@click.option("--product", required=True, type=click.Choice(HISTORIC_PRODUCTS, case_sensitive=False))
+@click.option("--date", "order_date", required=True, metavar="YYYY-MM-DD", help="Billed in this date's month.")
+@click.option("--data-set", help="CORP or AGCY (DATA, REDISTRIBUTION).")
+@click.option("--year", type=int, help="Calendar year of the data (DATA, REDISTRIBUTION).")
+@click.option("--recipient", help="REDISTRIBUTION: who receives the data.")
+@click.option("--cusips", type=int, help="REDISTRIBUTION: CUSIPs delivered to the recipient.")
+@click.option("--media-cost", help="AD_HOC: cost of the media, dollars.")
+@click.option("--delivery-cost", help="AD_HOC: cost of delivery, dollars.")
+@click.option("--amount", help="OTHER_REQUEST: the charge, dollars.")
+@click.option("--description", help="What was supplied (required for OTHER_REQUEST).")
+@db_option
+def historic_order_cmd(organisation: str, product: str, order_date: str, db_url: str | None, **kw: Any) -> None:
+    """Record a Historic TRACE Data order: SETUP, DATA, REDISTRIBUTION, AD_HOC or OTHER_REQUEST."""
+    from bondtape.fees.records import record_historic_order
+
+    try:
+        oid = record_historic_order(open_db(db_url), organisation, product, order_date=order_date, now_us=now_us(), **kw)
+    except FeeError as exc:
+        _fail(exc)
+    click.echo(f"historic order {oid} recorded")
+
+
+@fees.command("records")
+@click.option("--org", "organisation", help="Organisation id, MPID or name (default: all).")
+@db_option
+def records_cmd(organisation: str | None, db_url: str | None) -> None:
+    """Print subscriptions and Historic orders as JSON."""
+    from bondtape.fees.records import find_organisation, list_records
+
+    with open_db(db_url).connect() as conn:
+        try:
+            org_id = find_organisation(conn, organisation).id if organisation else None
+        except FeeError as exc:
+            _fail(exc)
+        click.echo(json.dumps(list_records(conn, org_id), indent=1))
+
+
+@fees.command("schedule")
+@click.option("--date", "on", metavar="YYYY-MM-DD", help="Show the schedule in force on this date (default: latest).")
+def schedule_cmd(on: str | None) -> None:
+    """Print the fee schedule in force on a date as JSON."""
+    import datetime as dt
+
+    from bondtape.fees.schedule import default_schedules
+
+    book = default_schedules()
+    try:
+        day = dt.date.fromisoformat(on) if on else book.versions[-1].effective
+    except ValueError:
+        _fail(FeeError("DATE_INVALID", "date", f"a date is YYYY-MM-DD; got {on!r}"))
+    try:
+        sched = book.at(day)
+    except FeeError as exc:
+        _fail(exc)
+    click.echo(json.dumps({"effective": str(sched.effective), "versions": list(sched.versions), "title": sched.title,
+                           **sched.raw}, indent=1, default=str))
+
+
+COMMANDS = [fees]

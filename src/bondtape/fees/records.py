@@ -1,0 +1,276 @@
+"""Recording what is billable: subscriptions (monthly services) and Historic orders.
+
+Every function checks its input completely before writing, and raises
+:class:`~bondtape.fees.schedule.FeeError` (a stable code, the field, what is accepted)
+instead of writing a half-valid record. Times are passed in (``now_us``); nothing here reads
+the clock.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from bondtape.access.schema import organisations
+from bondtape.fees.schedule import FeeError, ScheduleBook, default_schedules
+from bondtape.fees.schema import HISTORIC_PRODUCTS, SUBSCRIPTION_PRODUCTS, fee_subscriptions, historic_orders
+from bondtape.rulebook import default_rulebook, historic_available_from
+
+__all__ = [
+    "FEE_ERROR_CODES", "PRODUCT_KINDS", "end_subscription", "find_organisation", "list_records",
+    "parse_money_c", "record_historic_order", "record_subscription",
+]
+
+PROFESSIONAL_KINDS = ("FIRM", "VENDOR", "PROFESSIONAL", "TAX_EXEMPT")
+PRODUCT_KINDS: dict[str, tuple[str, ...]] = {
+    "CTCI": ("FIRM",),
+    "BTDS_TERMINAL": PROFESSIONAL_KINDS,
+    "BTDS_UNLIMITED": PROFESSIONAL_KINDS,
+    "VENDOR_FEED": PROFESSIONAL_KINDS,
+    "VENDOR_SNAPSHOT": PROFESSIONAL_KINDS,
+    "BTDS_NON_PROFESSIONAL": ("NON_PROFESSIONAL",),
+    "SETUP": PROFESSIONAL_KINDS,
+    "DATA": PROFESSIONAL_KINDS,
+    "REDISTRIBUTION": PROFESSIONAL_KINDS,
+    "AD_HOC": ("NON_PROFESSIONAL",),
+    "OTHER_REQUEST": PROFESSIONAL_KINDS + ("NON_PROFESSIONAL",),
+}
+
+FEE_ERROR_CODES: dict[str, str] = {
+    "ORG_UNKNOWN": "no organisation with this id, MPID or name",
+    "PRODUCT_INVALID": "not one of the billable products",
+    "PRODUCT_NOT_FOR_KIND": "this kind of organisation cannot take this product",
+    "DATA_SET_REQUIRED": "the product is per data set: give CORP or AGCY",
+    "DATA_SET_INVALID": "a data set is CORP or AGCY (and none for CTCI, SETUP, AD_HOC, OTHER_REQUEST)",
+    "DATE_INVALID": "a date is YYYY-MM-DD",
+    "END_BEFORE_START": "the end date (last day of service) is before the start date",
+    "QUANTITY_INVALID": "a quantity is a whole number of at least 1 (more than 1 only for BTDS_TERMINAL)",
+    "SUBSCRIPTION_UNKNOWN": "no subscription with this id",
+    "YEAR_REQUIRED": "DATA and REDISTRIBUTION orders name a calendar year of data",
+    "YEAR_INVALID": "the year is before TRACE began",
+    "YEAR_INCLUDED": "the 2003 Historic Corporate Bond Data Set includes 2002: order 2003",
+    "YEAR_NOT_AVAILABLE": "the year's data is not yet aged for Historic TRACE Data on the order date",
+    "SETUP_REQUIRED": "record the one-time SETUP order before DATA",
+    "SETUP_ALREADY_RECORDED": "the set-up fee is charged once per organisation",
+    "DATA_ALREADY_PURCHASED": "this data set and year was already ordered",
+    "DATA_REQUIRED": "re-distribution needs a DATA order for the same data set and year",
+    "RECIPIENT_REQUIRED": "a re-distribution order names its recipient",
+    "CUSIPS_INVALID": "a re-distribution order counts at least 1 CUSIP",
+    "COST_INVALID": "an amount is dollars with at most 2 decimals, not negative",
+    "DESCRIPTION_REQUIRED": "an OTHER_REQUEST order describes the data supplied",
+    "FIELD_NOT_ALLOWED": "the field does not apply to this product",
+    "MONTH_INVALID": "a month is YYYY-MM",
+    "NO_SCHEDULE": "no fee schedule is in force in that month",
+    "DATA_SETS_NOT_PRICED": "the schedule has no Level II rate for that many data sets",
+    "SCHEDULE_INVALID": "a fee schedule file is malformed",
+}
+
+
+def _date(text: Any, field: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(str(text).strip())
+    except ValueError:
+        raise FeeError("DATE_INVALID", field, f"a date is YYYY-MM-DD; got {text!r}") from None
+
+
+def parse_money_c(text: Any, field: str) -> int:
+    """Dollars as text (``12.50``) to cents, exactly; at most 2 decimals, not negative."""
+    try:
+        value = Decimal(str(text).strip().replace(",", "").lstrip("$"))
+    except InvalidOperation:
+        raise FeeError("COST_INVALID", field, f"an amount in dollars, e.g. 12.50; got {text!r}") from None
+    if not value.is_finite() or value < 0 or value != value.quantize(Decimal("0.01")):
+        raise FeeError("COST_INVALID", field, f"dollars with at most 2 decimals, not negative; got {text!r}")
+    return int(value * 100)
+
+
+def find_organisation(conn: Connection, key: Any) -> Any:
+    """An organisation by id, MPID or exact name."""
+    text = str(key).strip()
+    o = organisations.c
+    if text.isdigit():
+        row = conn.execute(sa.select(organisations).where(o.id == int(text))).first()
+    else:
+        rows = conn.execute(sa.select(organisations).where(sa.or_(o.mpid == text.upper(), o.name == text))).all()
+        row = rows[0] if len(rows) == 1 else None
+    if row is None:
+        raise FeeError("ORG_UNKNOWN", "organisation", f"no single organisation with id, MPID or name {text!r}")
+    return row
+
+
+def _check_kind(org: Any, product: str) -> None:
+    if org.kind not in PRODUCT_KINDS[product]:
+        raise FeeError("PRODUCT_NOT_FOR_KIND", "product",
+                       f"{product} is for {', '.join(PRODUCT_KINDS[product])} organisations; "
+                       f"{org.name} is {org.kind}")
+
+
+def _check_data_set(data_set: str | None, needed: bool, schedules: ScheduleBook, date: dt.date) -> str | None:
+    accepted = schedules.at(date).data_sets
+    if not needed:
+        if data_set:
+            raise FeeError("DATA_SET_INVALID", "data_set", "this product is not per data set: give none")
+        return None
+    if not data_set:
+        raise FeeError("DATA_SET_REQUIRED", "data_set", f"give one of {', '.join(accepted)}")
+    ds = data_set.strip().upper()
+    if ds not in accepted:
+        raise FeeError("DATA_SET_INVALID", "data_set", f"{data_set!r} is not one of {', '.join(accepted)}")
+    return ds
+
+
+def _conn(db: Engine | Connection):
+    return db.begin() if isinstance(db, Engine) else _Nested(db)
+
+
+class _Nested:
+    def __init__(self, conn: Connection):
+        self.conn = conn
+
+    def __enter__(self) -> Connection:
+        return self.conn
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def record_subscription(db: Engine | Connection, organisation: Any, product: str, *, start_date: str,
+                        now_us: int, data_set: str | None = None, end_date: str | None = None,
+                        quantity: int = 1, reference: str | None = None,
+                        schedules: ScheduleBook | None = None) -> int:
+    """Record a monthly service; returns its id."""
+    schedules = schedules or default_schedules()
+    product = (product or "").strip().upper()
+    if product not in SUBSCRIPTION_PRODUCTS:
+        raise FeeError("PRODUCT_INVALID", "product", f"one of {', '.join(SUBSCRIPTION_PRODUCTS)}")
+    start = _date(start_date, "start_date")
+    end = _date(end_date, "end_date") if end_date else None
+    if end is not None and end < start:
+        raise FeeError("END_BEFORE_START", "end_date", f"{end} is before the start date {start}")
+    try:
+        qty = int(quantity)
+    except (TypeError, ValueError):
+        raise FeeError("QUANTITY_INVALID", "quantity", f"a whole number; got {quantity!r}") from None
+    if qty < 1 or (qty > 1 and product != "BTDS_TERMINAL"):
+        raise FeeError("QUANTITY_INVALID", "quantity", "at least 1; more than 1 only for BTDS_TERMINAL")
+    with _conn(db) as conn:
+        org = find_organisation(conn, organisation)
+        _check_kind(org, product)
+        ds = _check_data_set(data_set, product != "CTCI", schedules, max(start, schedules.versions[0].effective))
+        return int(conn.execute(fee_subscriptions.insert().values(
+            org_id=org.id, product=product, data_set=ds, quantity=qty, reference=reference,
+            start_date=start.isoformat(), end_date=end.isoformat() if end else None, created_us=now_us,
+        )).inserted_primary_key[0])
+
+
+def end_subscription(db: Engine | Connection, subscription_id: int, end_date: str) -> None:
+    """Set the last day of service of a subscription."""
+    end = _date(end_date, "end_date")
+    with _conn(db) as conn:
+        row = conn.execute(sa.select(fee_subscriptions).where(fee_subscriptions.c.id == int(subscription_id))).first()
+        if row is None:
+            raise FeeError("SUBSCRIPTION_UNKNOWN", "subscription", f"no subscription {subscription_id}")
+        if end < dt.date.fromisoformat(row.start_date):
+            raise FeeError("END_BEFORE_START", "end_date", f"{end} is before the start date {row.start_date}")
+        conn.execute(fee_subscriptions.update().where(fee_subscriptions.c.id == row.id).values(end_date=end.isoformat()))
+
+
+def record_historic_order(db: Engine | Connection, organisation: Any, product: str, *, order_date: str,
+                          now_us: int, data_set: str | None = None, year: int | None = None,
+                          recipient: str | None = None, cusips: int | None = None,
+                          media_cost: Any = None, delivery_cost: Any = None, amount: Any = None,
+                          description: str | None = None, schedules: ScheduleBook | None = None) -> int:
+    """Record a Historic TRACE Data order (billed in the month of ``order_date``); returns its id."""
+    schedules = schedules or default_schedules()
+    product = (product or "").strip().upper()
+    if product not in HISTORIC_PRODUCTS:
+        raise FeeError("PRODUCT_INVALID", "product", f"one of {', '.join(HISTORIC_PRODUCTS)}")
+    day = _date(order_date, "order_date")
+    schedule = schedules.at(day)
+    values: dict[str, Any] = {"product": product, "order_date": day.isoformat(), "created_us": now_us,
+                              "description": (description or "").strip() or None}
+    allowed = {
+        "SETUP": set(), "DATA": {"data_set", "year"}, "REDISTRIBUTION": {"data_set", "year", "recipient", "cusips"},
+        "AD_HOC": {"media_cost", "delivery_cost"}, "OTHER_REQUEST": {"amount"},
+    }[product]
+    given = {"data_set": data_set, "year": year, "recipient": recipient, "cusips": cusips,
+             "media_cost": media_cost, "delivery_cost": delivery_cost, "amount": amount}
+    for name, value in given.items():
+        if value not in (None, "") and name not in allowed:
+            raise FeeError("FIELD_NOT_ALLOWED", name, f"{name} does not apply to {product}")
+    h = historic_orders.c
+    with _conn(db) as conn:
+        org = find_organisation(conn, organisation)
+        _check_kind(org, product)
+        values["org_id"] = org.id
+        if product in ("DATA", "REDISTRIBUTION"):
+            values["data_set"] = _check_data_set(data_set, True, schedules, day)
+            if year in (None, ""):
+                raise FeeError("YEAR_REQUIRED", "year", "the calendar year of the data, e.g. 2008")
+            try:
+                y = int(year)
+            except (TypeError, ValueError):
+                raise FeeError("YEAR_REQUIRED", "year", f"a calendar year, e.g. 2008; got {year!r}") from None
+            rules = default_rulebook().at(day)
+            if y < rules.first_trace_date.year:
+                raise FeeError("YEAR_INVALID", "year", f"TRACE data begins in {rules.first_trace_date.year}")
+            if values["data_set"] == "CORP" and y == schedule.corporate_2002_in - 1:
+                raise FeeError("YEAR_INCLUDED", "year",
+                               f"the {schedule.corporate_2002_in} Historic Corporate Bond Data Set includes {y}: "
+                               f"order {schedule.corporate_2002_in}")
+            available = historic_available_from(y, rules)
+            if available > day:
+                raise FeeError("YEAR_NOT_AVAILABLE", "year",
+                               f"{y} data is Historic TRACE Data only from {available} (aged {rules.aging_months} months)")
+            values["year"] = y
+            bought = conn.execute(sa.select(h.id).where(
+                h.org_id == org.id, h.product == "DATA", h.data_set == values["data_set"], h.year == y,
+                h.order_date <= day.isoformat())).first()
+        if product == "SETUP":
+            if conn.execute(sa.select(h.id).where(h.org_id == org.id, h.product == "SETUP")).first():
+                raise FeeError("SETUP_ALREADY_RECORDED", "product", f"{org.name} already has a set-up order")
+        elif product == "DATA":
+            if not conn.execute(sa.select(h.id).where(h.org_id == org.id, h.product == "SETUP",
+                                                      h.order_date <= day.isoformat())).first():
+                raise FeeError("SETUP_REQUIRED", "product", f"{org.name} has no SETUP order on or before {day}")
+            if bought:
+                raise FeeError("DATA_ALREADY_PURCHASED", "year",
+                               f"{org.name} already ordered {values['data_set']} {values['year']} (order {bought.id})")
+        elif product == "REDISTRIBUTION":
+            if not bought:
+                raise FeeError("DATA_REQUIRED", "year",
+                               f"{org.name} has no DATA order for {values['data_set']} {values['year']} on or before {day}")
+            if not (recipient or "").strip():
+                raise FeeError("RECIPIENT_REQUIRED", "recipient", "the name of the recipient of the re-distributed data")
+            try:
+                n = int(cusips)  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                raise FeeError("CUSIPS_INVALID", "cusips", f"a whole number of CUSIPs; got {cusips!r}") from None
+            if n < 1:
+                raise FeeError("CUSIPS_INVALID", "cusips", "at least 1")
+            values.update(recipient=recipient.strip(), cusips=n)
+        elif product == "AD_HOC":
+            values["media_cost_c"] = parse_money_c(media_cost if media_cost not in (None, "") else "0", "media_cost")
+            values["delivery_cost_c"] = parse_money_c(delivery_cost if delivery_cost not in (None, "") else "0",
+                                                      "delivery_cost")
+        elif product == "OTHER_REQUEST":
+            if not values["description"]:
+                raise FeeError("DESCRIPTION_REQUIRED", "description", "what data was supplied")
+            values["amount_c"] = parse_money_c(amount if amount not in (None, "") else "", "amount")
+        return int(conn.execute(historic_orders.insert().values(**values)).inserted_primary_key[0])
+
+
+def list_records(conn: Connection, org_id: int | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Subscriptions and Historic orders (of one organisation, or all)."""
+    subs = sa.select(fee_subscriptions).order_by(fee_subscriptions.c.id)
+    orders = sa.select(historic_orders).order_by(historic_orders.c.id)
+    if org_id is not None:
+        subs = subs.where(fee_subscriptions.c.org_id == org_id)
+        orders = orders.where(historic_orders.c.org_id == org_id)
+    return {
+        "subscriptions": [dict(r._mapping) for r in conn.execute(subs)],
+        "historic_orders": [dict(r._mapping) for r in conn.execute(orders)],
+    }
