@@ -183,6 +183,7 @@ class Publisher:
                 elif r.action == "RESUME":
                     self.halted.discard(r.cusip)
         self.current_date: str | None = max((d for _, d in self.days), default=None)
+        self.delivered = self.position  # journal events whose messages subscribers have been given
 
     # -- running -----------------------------------------------------------------------
     def start(self, engine: Any | None = None, *, poll_interval: float | None = None) -> "Publisher":
@@ -263,9 +264,10 @@ class Publisher:
                 time.sleep(min(2.0, 0.05 * 2 ** attempt))
 
     def wait_for(self, journal_seq: int, timeout: float = 10.0) -> bool:
-        """Block until the publisher has applied the journal up to ``journal_seq`` (tests, tools)."""
+        """Block until the messages of the journal up to ``journal_seq`` were handed to
+        subscribers (tests, tools)."""
         deadline = time.monotonic() + timeout
-        while self.position < journal_seq:
+        while self.delivered < journal_seq:
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.001)
@@ -323,6 +325,7 @@ class Publisher:
             self._restore_state(saved)
             raise
         self._fan_out(b.messages)
+        self.delivered = self.position
         return b.messages
 
     def _advance(self, conn: Connection, journal_seq: int, action_id: int) -> None:
