@@ -1,0 +1,141 @@
+"""Historic TRACE Data build: throughput, peak memory, and a plain copy as the baseline.
+
+``python benchmarks/run.py historic [--days N] [--trades-per-day N] [--db PATH]``
+
+1. Simulates a market (through the engine) over the end of 2024 and the start of 2025,
+   so that 2024 is a large year and 2025 a small one with the same daily volume.
+2. In a child process each: builds the 2024 Corporate and Agency data sets (every
+   record type, three output formats); builds 2025; and, as the baseline, copies the same
+   2024 journal rows (every column, payload as text) to Parquet with no transformation.
+3. Prints records/s of the build, the ratio copy time / build time (1.0: the build
+   costs no more than copying the rows), and each child's peak RSS (from ``wait4``), so
+   that memory for the large and the small year can be compared.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_BUILD = """
+import datetime as dt, json, sys, time
+from pathlib import Path
+from bondtape.db import connect
+from bondtape.historic import build_data_set
+db = connect(sys.argv[1])
+out, year = Path(sys.argv[2]), int(sys.argv[3])
+records = 0
+start = time.perf_counter()
+for data_set in ("corporate", "agency"):
+    records += build_data_set(db, data_set, year, dt.date(year + 2, 7, 1), out / data_set).records
+print(json.dumps({"seconds": time.perf_counter() - start, "records": records}))
+"""
+
+_COPY = """
+import json, sys, time
+import pyarrow as pa, pyarrow.parquet as pq
+from bondtape.db import connect
+from bondtape.historic.builder import PARQUET_OPTIONS, _midnight_us, _snapshot
+import datetime as dt
+db = connect(sys.argv[1])
+out, year = sys.argv[2], int(sys.argv[3])
+lo, hi = _midnight_us(dt.date(year, 1, 1)), _midnight_us(dt.date(year + 1, 1, 1))
+names = ["seq", "recorded_us", "event_type", "channel", "mpid", "client_ref", "control_number",
+         "ref_control_number", "payload"]
+types = [pa.int64(), pa.int64(), pa.string(), pa.string(), pa.string(), pa.string(), pa.int64(), pa.int64(), pa.string()]
+schema = pa.schema(list(zip(names, types)))
+rows = 0
+start = time.perf_counter()
+with _snapshot(db) as conn:
+    cursor = conn.connection.cursor()
+    cursor.execute("SELECT " + ", ".join(names) + f" FROM journal WHERE recorded_us >= {lo} AND recorded_us < {hi} ORDER BY seq")
+    with pq.ParquetWriter(out, schema, **PARQUET_OPTIONS) as writer:
+        while True:
+            chunk = cursor.fetchmany(100_000)
+            if not chunk:
+                break
+            cols = list(zip(*chunk))
+            writer.write_table(pa.Table.from_arrays([pa.array(c, t) for c, t in zip(cols, types)], schema=schema))
+            rows += len(chunk)
+    cursor.close()
+print(json.dumps({"seconds": time.perf_counter() - start, "records": rows}))
+"""
+
+
+def _child(code: str, *args: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    out, err = proc.stdout.read(), proc.stderr.read()  # type: ignore[union-attr]
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise RuntimeError(err.decode())
+    result = json.loads(out)
+    result["peak_rss_mb"] = round(usage.ru_maxrss / 1024, 1)  # Linux: kilobytes
+    return result
+
+
+def _start(days: int, days_2025: int) -> dt.date:
+    from bondtape.rulebook import default_rulebook
+
+    cal = default_rulebook().at(dt.date(2024, 12, 31)).calendar
+    day, back = dt.date(2025, 1, 1), days - days_2025
+    while back:
+        day -= dt.timedelta(days=1)
+        if cal.is_business_day(day):
+            back -= 1
+    return day
+
+
+def main(argv: list[str]) -> dict:
+    parser = argparse.ArgumentParser(prog="run.py historic")
+    parser.add_argument("--days", type=int, default=30, help="business days simulated (about 1/6 in 2025)")
+    parser.add_argument("--trades-per-day", type=int, default=3000)
+    parser.add_argument("--db", help="reuse (or create) this SQLite file instead of a temporary one")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(ROOT / "src"))
+    from bondtape.db import connect
+    from bondtape.simulate.market import simulate_market
+
+    with tempfile.TemporaryDirectory(prefix="bench_historic_") as tmp:
+        path = Path(args.db) if args.db else Path(tmp) / "bench.db"
+        url = f"sqlite:///{path}"
+        days_2025 = max(1, args.days // 6)
+        t0 = time.perf_counter()
+        fresh = not path.exists()
+        db = connect(url)
+        if fresh:
+            simulate_market(db, _start(args.days, days_2025), args.days, args.trades_per_day, seed=11)
+        simulate_s = time.perf_counter() - t0
+        with db.connect() as conn:
+            journal_rows = conn.exec_driver_sql("SELECT count(*) FROM journal").scalar_one()
+        db.dispose()
+        copy = _child(_COPY, url, str(Path(tmp) / "copy.parquet"), "2024")
+        big = _child(_BUILD, url, str(Path(tmp) / "y2024"), "2024")
+        small = _child(_BUILD, url, str(Path(tmp) / "y2025"), "2025")
+        return {
+            "benchmark": "historic build (corporate + agency, SQLite)",
+            "journal_rows": journal_rows,
+            "simulate_seconds": round(simulate_s, 2) if fresh else None,
+            "records": big["records"],
+            "build_seconds": round(big["seconds"], 3),
+            "records_per_s": round(big["records"] / big["seconds"]),
+            "plain_copy_rows": copy["records"],
+            "plain_copy_seconds": round(copy["seconds"], 3),
+            "plain_copy_rows_per_s": round(copy["records"] / copy["seconds"]),
+            "ratio_to_plain_copy": round(copy["seconds"] / big["seconds"], 3),
+            "peak_rss_mb": big["peak_rss_mb"],
+            "plain_copy_peak_rss_mb": copy["peak_rss_mb"],
+            "small_year": {"records": small["records"], "peak_rss_mb": small["peak_rss_mb"],
+                           "records_per_s": round(small["records"] / small["seconds"])},
+            "goal": {"records_per_s": 1_000_000, "ratio_to_plain_copy": 0.5,
+                     "peak_rss": "not growing with the year's size (compare small_year)"},
+        }
