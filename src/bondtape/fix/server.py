@@ -62,23 +62,19 @@ class LogonRefused(Exception):
 
 Authenticator = Callable[[str, str, str], Principal]  # (username, password, source) -> Principal or LogonRefused
 
-REPORTING_ROLES = ("trader", "org_admin")
-
-
 def access_authenticator(db: SAEngine) -> Authenticator:
     """Checks a FIX logon against the access rules: the same users, passwords, lockout and
-    audit trail as the website; the user must belong to a reporting firm (an MPID) and
-    hold the trader or org_admin role."""
-    from bondtape.access.api import authenticate_password
+    audit trail as the website (``authenticate_password``), then the shared permission
+    ``fix.logon`` (a reporting firm's user with the trader role)."""
+    from bondtape.access.api import authenticate_password, may
 
     def check(username: str, password: str, source: str) -> Principal:
-        user = authenticate_password(db, username, password, now_us=now_us(), source=source[:64], action="fix.logon")
+        now = now_us()
+        user = authenticate_password(db, username, password, now_us=now, source=source[:64], action="fix.logon")
         if user is None:
             raise LogonRefused("unknown user or wrong password, or the user is locked or not active")
-        if not user.mpid:
-            raise LogonRefused(f"user {username} does not belong to a reporting firm (no MPID)")
-        if not user.has_role(*REPORTING_ROLES):
-            raise LogonRefused(f"user {username} may not report trades: it needs the trader or org_admin role")
+        if not user.mpid or not may(db, user, "fix.logon", now_us=now):
+            raise LogonRefused(f"user {username} may not report trades: it needs the trader role in a reporting firm")
         return Principal(user.username, user.mpid.upper())
 
     return check

@@ -1,0 +1,163 @@
+"""Helpers for the FIX gateway tests: the acceptor in a thread, firms' users, and a small raw
+FIX client (used for hostile input; the independent client is QuickFIX, test_fix_quickfix.py)."""
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl as ssl_module
+import threading
+import time
+from concurrent.futures import Future
+
+import sqlalchemy as sa
+
+from bondtape.access.api import create_active_user, create_organisation
+from bondtape.engine import Engine, Sequencer
+from bondtape.fix import codec
+from bondtape.fix.server import start_fix_server
+from bondtape.journal.schema import journal
+from tests.conftest import IG, et
+
+PASSWORD = "Correct-Horse-Battery-42"
+REPORT_TIME = et(2024, 3, 4, 10, 5, 0)  # a Monday, system open
+EXEC_UTC = "20240304-15:00:00"  # 10:00 ET
+
+
+def add_users(db, *pairs: tuple[str, str], roles=("trader",)) -> None:
+    """(username, mpid) pairs: an ACTIVE trader of each firm, password PASSWORD."""
+    orgs: dict[str, int] = {}
+    for username, mpid in pairs:
+        if mpid not in orgs:
+            orgs[mpid] = create_organisation(db, f"Firm {mpid}", "FIRM", mpid=mpid)
+        create_active_user(db, org_id=orgs[mpid], username=username, password=PASSWORD, roles=list(roles))
+
+
+def journal_count(db) -> int:
+    with db.connect() as conn:
+        return conn.execute(sa.select(sa.func.count()).select_from(journal)).scalar_one()
+
+
+class Clock:
+    """The engine's clock, moved by the test."""
+
+    def __init__(self, us: int = REPORT_TIME):
+        self.us = us
+
+    def __call__(self) -> int:
+        return self.us
+
+
+class ServerThread:
+    """The acceptor on its own asyncio loop in a thread, as in production."""
+
+    def __init__(self, db, clock: Clock | None = None, port: int = 0, **kwargs):
+        self.db = db
+        self.clock = clock or Clock()
+        self.engine = Engine(db, clock=self.clock)
+        self.sequencer = Sequencer(self.engine)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = self.call(start_fix_server(db, "127.0.0.1", port, sequencer=self.sequencer, **kwargs))
+        self.port = self.server.port
+
+    def call(self, coro, timeout: float = 20):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        if self.loop.is_closed():
+            return
+        self.call(self.server.close())
+        self.sequencer.close()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+class RawClient:
+    """A blocking socket speaking raw FIX, to send what no FIX engine would."""
+
+    def __init__(self, port: int, sender: str = "FIRMA", target: str = "BONDTAPE", tls: ssl_module.SSLContext | None = None):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.sock = tls.wrap_socket(sock, server_hostname="localhost") if tls else sock
+        self.sender, self.target = sender, target
+        self.seq = 1
+        self.framer = codec.Framer()
+        self.pending: list[codec.RawMessage] = []
+
+    def message(self, msg_type: str, body, seq: int | None = None, **kw) -> bytes:
+        if seq is None:
+            seq, self.seq = self.seq, self.seq + 1
+        return codec.encode(msg_type, self.sender, self.target, seq, codec.utc_timestamp(time.time_ns() // 1000),
+                            [(t, str(v)) for t, v in body], **kw)
+
+    def send(self, msg_type: str, body, seq: int | None = None, **kw) -> None:
+        self.sock.sendall(self.message(msg_type, body, seq, **kw))
+
+    def raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def logon(self, username: str = "alice", password: str = PASSWORD, heartbeat: int = 30, reset: bool = False):
+        body = [(98, 0), (108, heartbeat), (553, username), (554, password)]
+        if reset:
+            body.append((141, "Y"))
+        self.send("A", body)
+        return self.read()
+
+    def read(self, timeout: float = 10) -> codec.RawMessage | None:
+        """The next message, or None when the acceptor closed the connection."""
+        deadline = time.monotonic() + timeout
+        while not self.pending:
+            self.sock.settimeout(max(deadline - time.monotonic(), 0.01))
+            try:
+                data = self.sock.recv(65536)
+            except (ConnectionResetError, ssl_module.SSLError):
+                return None
+            if not data:
+                return None
+            self.pending += [m for m in self.framer.feed(data) if isinstance(m, codec.RawMessage)]
+        return self.pending.pop(0)
+
+    def read_type(self, msg_type: str, timeout: float = 10) -> codec.RawMessage:
+        """The next message of this type (heartbeats and others before it are skipped)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self.read(max(deadline - time.monotonic(), 0.01))
+            assert m is not None, f"connection closed while waiting for 35={msg_type}"
+            if m.msg_type == msg_type:
+                return m
+
+    def closed(self, timeout: float = 10) -> bool:
+        """True when the acceptor closes the connection (messages before are dropped)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                m = self.read(deadline - time.monotonic())
+            except socket.timeout:
+                return False
+            if m is None:
+                return True
+        return False
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def report_body(ref: str, *, cusip: str = IG, side: str = "2", qty: str = "100000", price: str = "99.5",
+                reporting: str = "DLRA", contra: str = "C", trans: str = "0", extra=()):
+    """An AE body in the standard FIX 4.4 shape: parties inside the one NoSides entry."""
+    body = [(571, ref), (487, trans), (856, 0), (48, cusip), (22, 1), (32, qty), (31, price), (60, EXEC_UTC),
+            (552, 1), (54, side), (453, 2), (448, reporting), (447, "C"), (452, 1),
+            (448, contra), (447, "C"), (452, 17), (528, "P")]
+    return body + list(extra)
+
+
+def field(m: codec.RawMessage, tag: int) -> str | None:
+    return m.first(tag)
+
+
+def run_in(fut: Future, timeout: float = 10):
+    return fut.result(timeout)
