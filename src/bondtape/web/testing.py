@@ -45,8 +45,9 @@ class WorldUser:
 class World:
     """A database, settings, a clock and the app; organisations and users on demand."""
 
-    def __init__(self, db, folder: Path, now_us: int, **settings):
+    def __init__(self, db, folder: Path, now_us: int, *, policy=None, **settings):
         self.db = db
+        self.policy = policy
         self.folder = Path(folder)
         self.clock = Clock(now_us)
         base = dict(secret_key=os.urandom(32), ca_dir=self.folder / "ca", historic_dir=self.folder / "historic",
@@ -58,7 +59,7 @@ class World:
     @property
     def app(self):
         if self._app is None:
-            self._app = create_app(self.db, self.settings, clock=self.clock)
+            self._app = create_app(self.db, self.settings, clock=self.clock, policy=self.policy)
         return self._app
 
     def org(self, name: str, kind: str, mpid: str | None = None) -> int:
