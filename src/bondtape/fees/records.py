@@ -63,6 +63,7 @@ FEE_ERROR_CODES: dict[str, str] = {
     "DESCRIPTION_REQUIRED": "an OTHER_REQUEST order describes the data supplied",
     "FIELD_NOT_ALLOWED": "the field does not apply to this product",
     "MONTH_INVALID": "a month is YYYY-MM",
+    "FORMAT_INVALID": "invoice formats are json, csv and html",
     "NO_SCHEDULE": "no fee schedule is in force in that month",
     "DATA_SETS_NOT_PRICED": "the schedule has no Level II rate for that many data sets",
     "SCHEDULE_INVALID": "a fee schedule file is malformed",
