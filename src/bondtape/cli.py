@@ -18,6 +18,7 @@ from bondtape.db import ENV_VAR, connect, resolve_url
 _SUBCOMMANDS = [
     ("bondtape.cli_core", "COMMANDS"),
     ("bondtape.fix.cli", "COMMANDS"),
+    ("bondtape.fees.cli", "COMMANDS"),
     ("bondtape.dissemination.cli", "COMMANDS"),
     ("bondtape.historic.cli", "COMMANDS"),
 ]
