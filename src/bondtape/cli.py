@@ -21,6 +21,7 @@ _SUBCOMMANDS = [
     ("bondtape.fees.cli", "COMMANDS"),
     ("bondtape.dissemination.cli", "COMMANDS"),
     ("bondtape.historic.cli", "COMMANDS"),
+    ("bondtape.access.cli", "COMMANDS"),
 ]
 
 DB_HELP = f"Database URL (SQLite or PostgreSQL). Default: ${ENV_VAR}, else sqlite:///bondtape.db"
