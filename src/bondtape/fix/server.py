@@ -151,7 +151,11 @@ class FixServer:
         for conn in list(self.connections):
             conn.logout("the server is shutting down")
         if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=5)
+            _, pending = await asyncio.wait(list(self._tasks), timeout=5)
+            for task in pending:  # a peer that does not read: drop it
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=2)
         if self._server is not None:
             try:
                 await asyncio.wait_for(self._server.wait_closed(), 2)
@@ -280,6 +284,9 @@ class Connection:
                 await asyncio.wait_for(asyncio.shield(self._writer_task), 10)
             except (asyncio.TimeoutError, Exception):
                 self._writer_task.cancel()
+            finally:
+                if not self._writer_task.done():
+                    self._writer_task.cancel()
             await self._persist_final()
             if self.session is not None and self.server.live.get(self.session.id) is self:
                 del self.server.live[self.session.id]
@@ -348,7 +355,7 @@ class Connection:
                 await self.out.put(_Slot("msg", 0, "1", [(112, f"TEST{int(now_us())}")]))
             elif self.test_request_at is not None and now - self.test_request_at >= hb * 1.2 + 0.5:
                 self.logout("no answer to TestRequest (35=1)")
-                self._abort_transport()
+                asyncio.get_running_loop().call_later(5, self._abort_transport)  # if the Logout cannot go out
                 return
 
     # -- output ---------------------------------------------------------------------------
@@ -452,6 +459,8 @@ class Connection:
             await asyncio.wrap_future(self.server.store.submit(
                 lambda c: store.write_state(c, sid, next_in, next_out, None, batch, now_us())))
             self.persisted_in = next_in
+        if self.writer.is_closing():
+            raise ConnectionResetError("the connection is closed")
         self.writer.write(b"".join(chunks))
         self.last_sent = time.monotonic()
         await self.writer.drain()
