@@ -194,6 +194,9 @@ def _snapshot(db: sa.Engine) -> Iterator[sa.Connection]:
 
 # --- writing ----------------------------------------------------------------------------
 
+_EMPTY, _NEWLINE, _PIPE = (pa.scalar(v, pa.string()) for v in ("", "\n", "|"))
+
+
 def _text_field(col: pa.ChunkedArray, typ: pa.DataType) -> pa.ChunkedArray:
     if pa.types.is_date32(typ):  # 2024-03-04 -> 20240304
         col = pc.replace_substring(col.cast(pa.string()), "-", "")
@@ -201,7 +204,7 @@ def _text_field(col: pa.ChunkedArray, typ: pa.DataType) -> pa.ChunkedArray:
         col = pc.replace_substring(col.cast(pa.string()), ":", "")
     elif not pa.types.is_string(typ):
         col = col.cast(pa.string())
-    return pc.fill_null(col, "")
+    return pc.fill_null(col, _EMPTY)
 
 
 def ehts_lines(table: pa.Table) -> bytes:
@@ -209,8 +212,8 @@ def ehts_lines(table: pa.Table) -> bytes:
     if table.num_rows == 0:
         return b""
     fields = [_text_field(table.column(c.name), c.type) for c in FINRA_COLUMNS]
-    fields[-1] = pc.binary_join_element_wise(fields[-1], "", "\n")  # each line ends with "\n"
-    lines = pc.binary_join_element_wise(*fields, "|").combine_chunks()
+    fields[-1] = pc.binary_join_element_wise(fields[-1], _EMPTY, _NEWLINE)  # each line ends with "\n"
+    lines = pc.binary_join_element_wise(*fields, _PIPE).combine_chunks()
     offsets = memoryview(lines.buffers()[1]).cast("q" if lines.type == pa.large_string() else "i")
     start, end = offsets[lines.offset], offsets[lines.offset + len(lines)]
     return memoryview(lines.buffers()[2])[start:end].tobytes()
@@ -287,7 +290,7 @@ def _build(db, sub, data_set, year, as_of, available, first_day, last_day, work:
     files: list[dict[str, Any]] = []
     totals = {"records": 0, "final_records": 0, "days": 0, "by_status": {s: 0 for s in "TXCRY"}}
     with _snapshot(db) as conn:
-        created = _Query(conn, created_select(sub, year_end_us))
+        created = _Query(conn, created_select(sub))
         with contextlib.closing(_stream(conn, closed_select(sub, lo_us, year_end_us))) as closed_iter:
             pending = next(closed_iter, None)
             day = first_day
@@ -302,7 +305,7 @@ def _build(db, sub, data_set, year, as_of, available, first_day, last_day, work:
                 if rows:
                     schema = layout.arrow_schema(**{"bondtape.data_set": data_set, "bondtape.year": str(year),
                                                     "bondtape.trd_rpt_dt": day.isoformat()})
-                    table, standing, seqs = day_table(rows, schema, settlement_days)
+                    table, standing, seqs = day_table(rows, schema, settlement_days, year_end_us)
                     del rows
                     files.extend(_write_day(work, day, table, standing, seqs, totals))
                     totals["days"] += 1
