@@ -77,3 +77,31 @@ def test_another_firms_report_by_id_is_not_found(market, tmp_path):
     with market.connect() as conn:
         denied = audit.search(conn, action="access.denied", actor="b-trader")
     assert denied[0].detail == {"rule": "trade.view", "reason": "other_firm"}
+
+
+def test_every_access_setting_and_command_is_documented():
+    import re
+    from pathlib import Path
+
+    import bondtape.access.settings as settings_module
+    import bondtape.cli  # noqa: F401  (registers every command group first)
+    from bondtape.access.cli import COMMANDS
+
+    root = Path(__file__).resolve().parents[1]
+    doc = (root / "docs" / "access.md").read_text()
+    names = set(re.findall(r'"(BONDTAPE_[A-Z_]+)"', Path(settings_module.__file__).read_text()))
+    assert names and not [n for n in names if n not in doc]
+    for group in COMMANDS:
+        for name in getattr(group, "commands", {}):
+            assert f"bondtape {group.name} {name}" in doc, f"bondtape {group.name} {name} is not in docs/access.md"
+
+
+def test_settings_from_environment():
+    from bondtape.access.settings import AccessSettings
+
+    with pytest.raises(ValueError, match="BONDTAPE_SECRET_KEY is not set"):
+        AccessSettings.from_env({})
+    with pytest.raises(ValueError, match="32 bytes"):
+        AccessSettings.from_env({"BONDTAPE_SECRET_KEY": "abcd"})
+    s = AccessSettings.from_env({"BONDTAPE_SECRET_KEY": "11" * 32, "BONDTAPE_SMTP_HOST": "mail", "BONDTAPE_SMTP_PORT": "2525"})
+    assert s.secret_key == b"\x11" * 32 and (s.smtp_host, s.smtp_port) == ("mail", 2525) and s.cookie_secure
