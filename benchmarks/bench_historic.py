@@ -57,9 +57,9 @@ start = time.perf_counter()
 with _snapshot(db) as conn:
     cursor = conn.connection.cursor()
     cursor.execute("SELECT " + ", ".join(names) + f" FROM journal WHERE recorded_us >= {lo} AND recorded_us < {hi} ORDER BY seq")
-    with pq.ParquetWriter(out, schema, **PARQUET_OPTIONS) as writer:
+    with pq.ParquetWriter(out, schema, **{**PARQUET_OPTIONS, "use_dictionary": True}) as writer:
         while True:
-            chunk = cursor.fetchmany(100_000)
+            chunk = cursor.fetchmany(20_000)
             if not chunk:
                 break
             cols = list(zip(*chunk))

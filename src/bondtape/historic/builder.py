@@ -48,9 +48,11 @@ TEXT_NAME = "enhanced-time-and-sales-cusip-{date}.txt"
 PARQUET_NAME = "trace_enhanced-{date}.parquet"
 FINAL_NAME = "trace_enhanced_final-{date}.parquet"
 PARQUET_OPTIONS = dict(  # fixed, so that a rebuild is byte-identical
-    compression="zstd", compression_level=1, use_dictionary=True, write_statistics=True,
-    version="2.6", data_page_version="1.0", data_page_size=1 << 20, write_page_index=False,
-    store_schema=True,
+    compression="zstd", compression_level=1, write_statistics=True, version="2.6", data_page_version="1.0",
+    data_page_size=1 << 20, write_page_index=False, store_schema=True,
+    # dictionary pages only where values repeat (codes, symbols, dates), not on numbers
+    use_dictionary=[c.name for c in COLUMNS if pa.types.is_string(c.type)
+                    and c.name not in ("msg_seq_nb", "orig_msg_seq_nb", "first_trade_ctrl_num")],
 )
 ROW_GROUP = 256 * 1024
 
@@ -172,7 +174,10 @@ def _snapshot(db: sa.Engine) -> Iterator[sa.Connection]:
     On SQLite a deferred transaction (the core's connections begin IMMEDIATE, which would
     lock out the engine's writes for the whole build); on PostgreSQL REPEATABLE READ.
     """
-    if db.dialect.name == "sqlite":
+    if db.dialect.name == "sqlite" and db.url.database in (None, "", ":memory:"):
+        with db.begin() as conn:  # an in-memory database has one connection: read through it
+            yield conn
+    elif db.dialect.name == "sqlite":
         reader = sa.create_engine(db.url, poolclass=sa.pool.NullPool,
                                   connect_args={"check_same_thread": False, "isolation_level": None})
         try:
