@@ -38,7 +38,17 @@ __all__ = ["Engine", "Result", "Sequencer", "EngineUnavailable"]
 
 
 class EngineUnavailable(RuntimeError):
-    """The database could not be reached; nothing was journaled. Retry."""
+    """The database could not be reached or the connection broke; retry the same commands.
+
+    Nothing of the batch was journaled, or (if the connection broke during the commit) all
+    of it was: a retry with the same ``client_ref`` values gets the first answers back, so
+    retrying never duplicates a report.
+    """
+
+
+def _first_line(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    return (str(orig).strip().splitlines() or [type(orig).__name__])[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,10 +147,12 @@ class Engine:
                         insert_rows(conn, journal, [e.journal_row() for e in events])
                         write(conn, changes)
                         conn.execute(journal_head.update().where(journal_head.c.id == 1).values(last_seq=events[-1].seq))
-            except sa.exc.OperationalError as exc:  # database down or unreachable
-                raise EngineUnavailable(str(exc.orig) if exc.orig else str(exc)) from exc
-            except sa.exc.InterfaceError as exc:
-                raise EngineUnavailable(str(exc)) from exc
+            except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:  # database down or unreachable
+                raise EngineUnavailable(_first_line(exc)) from exc
+            except sa.exc.DBAPIError as exc:
+                if exc.connection_invalidated:
+                    raise EngineUnavailable(_first_line(exc)) from exc
+                raise
             if events:
                 for listener in self.listeners:
                     listener(events)
