@@ -256,3 +256,31 @@ def test_any_lifecycle_sequence_is_consistent(tmp_path_factory, actions):
         for statuses in chains.values():
             assert statuses.count("ACTIVE") <= 1
     db.dispose()
+
+
+def test_sequencer_groups_concurrent_callers_into_commits(market):
+    import threading
+
+    from bondtape.engine import Sequencer
+
+    engine = Engine(market)
+    batches = []
+    engine.listeners.append(lambda events: batches.append(len(events)))
+    sequencer = Sequencer(engine)
+    results = {}
+
+    def caller(k):
+        for i in range(50):
+            r = sequencer(new(ref=f"t{k}-{i}", quantity=Decimal(1000 + k * 1000 + i)))
+            results[r.client_ref] = r
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    sequencer.close()
+    assert len(results) == 400 and all(r.accepted for r in results.values())
+    assert sorted(r.seq for r in results.values()) == list(range(1, 401))
+    assert sum(batches) == 400 and len(batches) < 400  # some commits carried several callers
+    assert verify(market).ok
