@@ -113,6 +113,11 @@ class FeedClient:
                     return
                 if isinstance(exc, websockets.exceptions.InvalidStatus) and exc.response.status_code == 403:
                     raise PermissionError("the feed refused this subscription (not entitled)") from exc
+                received = getattr(exc, "rcvd", None)
+                if received is not None and received.code == 4403:
+                    raise PermissionError(f"the feed refused this subscription: {received.reason}") from exc
+                if received is not None and received.code == 4400:
+                    raise ValueError(f"the feed refused this request: {received.reason}") from exc
                 log.info("feed connection lost (%s); resuming from %s", exc, self.positions)
             finally:
                 self._ws = None

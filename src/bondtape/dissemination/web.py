@@ -4,14 +4,15 @@
 wraps them in an app of their own (``bondtape feed serve``). Every message is sent as the
 exact JSON text stored in ``feed_messages``.
 
-Positions are written ``DATA_SET:DATE:SEQ`` (``CORP:2024-03-04:17``), several joined by
-commas. ``from`` names the first message to send per data set; an SSE client's
+Positions are written ``DATA_SET:DATE:SEQ`` (``CORP:2024-03-04:17``; an empty date,
+``CORP::1``, means the first day), several joined by commas. ``from`` names the first message to send per data set; an SSE client's
 ``Last-Event-ID`` names the last one it received. A data set without a position starts at
 the feed's current end (live from now).
 
 Entitlements are not decided here: ``entitled(connection)`` returns the data sets the
 caller may receive (the access capability plugs in there); asking for another one is
-refused with 403 (``NOT_ENTITLED``), and a subscription carries only entitled data sets.
+refused (HTTP 403, or WebSocket close code 4403, with ``NOT_ENTITLED``; a malformed request
+closes with 4400), and a subscription carries only entitled data sets.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def parse_positions(text: str | None) -> dict[str, tuple[str, int]]:
         if not part:
             continue
         bits = part.split(":")
-        if len(bits) != 3 or bits[0].upper() not in DATA_SETS or not bits[2].isdigit() or len(bits[1]) != 10:
+        if len(bits) != 3 or bits[0].upper() not in DATA_SETS or not bits[2].isdigit() or len(bits[1]) not in (0, 10):
             raise FeedError("POSITION_INVALID", "from", f"position {part!r} is not DATA_SET:YYYY-MM-DD:SEQ with DATA_SET one of {', '.join(DATA_SETS)}")
         out[bits[0].upper()] = (bits[1], int(bits[2]))
     return out
@@ -173,11 +174,13 @@ def feed_routes(publisher: Publisher, *, entitled: Entitled | None = None) -> li
     async def ws(websocket: WebSocket) -> None:
         try:
             want = _Request(websocket, entitled)
-        except _NotEntitled:
-            await websocket.close(code=4403)
+        except _NotEntitled as exc:  # accepted, then closed with a code the client can act on
+            await websocket.accept()
+            await websocket.close(code=4403, reason=f"{exc.error.code}: {exc.error.message}"[:120])
             return
-        except FeedError:
-            await websocket.close(code=4400)
+        except FeedError as exc:
+            await websocket.accept()
+            await websocket.close(code=4400, reason=f"{exc.code}: {exc.message}"[:120])
             return
         await websocket.accept()
         stream = _Stream(publisher, want.data_sets, want.start)
