@@ -19,8 +19,7 @@ from tests.conftest import et
 NOW = et(2026, 6, 1, 10, 0, 0)  # MFA-only period
 
 
-@pytest.fixture
-def world(db, tmp_path):
+def _world(db, tmp_path):
     w = World(db, tmp_path, NOW)
     w.op_org = w.org("Market Operator", "OPERATOR")
     w.operator = w.user("opadmin", w.op_org, "operator_admin")
@@ -28,6 +27,22 @@ def world(db, tmp_path):
     w.admin = w.user("dlra-admin", w.firm, "org_admin")
     w.trader = w.user("dlra-trader", w.firm, "trader")
     return w
+
+
+@pytest.fixture
+def world(tmp_path):
+    """SQLite only: behaviour that does not depend on the database."""
+    from bondtape.db import connect
+
+    engine = connect(f"sqlite:///{tmp_path / 'web.db'}")
+    yield _world(engine, tmp_path)
+    engine.dispose()
+
+
+@pytest.fixture
+def world_any(db, tmp_path):
+    """Every backend (PostgreSQL too when configured): what rests on database semantics."""
+    return _world(db, tmp_path)
 
 
 class _Sink:
@@ -94,7 +109,8 @@ def _enroll(world, link, password="my own long passphrase 9"):
     return secret, codes
 
 
-def test_order_form_invitation_enrollment_and_sign_in(world, smtp):
+def test_order_form_invitation_enrollment_and_sign_in(world_any, smtp):
+    world = world_any
     link = _order_and_approve(world, smtp)
     with world.db.connect() as conn:
         assert conn.execute(sa.select(users.c.status).where(users.c.username == "bob")).scalar_one() == "INVITED"
@@ -142,7 +158,8 @@ def test_unknown_invitation_token_is_refused(world):
     assert r.status_code == 400 and "INVITATION_UNKNOWN" in r.text
 
 
-def test_password_guessing_locks_out_on_the_website(world):
+def test_password_guessing_locks_out_on_the_website(world_any):
+    world = world_any
     c = world.client()
     for i in range(5):
         r = c.login(world.trader, password=f"wrong guess number {i}")
@@ -162,7 +179,8 @@ def test_wrong_totp_codes_count_toward_lockout(world):
     assert r.status_code == 423
 
 
-def test_totp_code_cannot_be_replayed(world):
+def test_totp_code_cannot_be_replayed(world_any):
+    world = world_any
     c = world.client()
     code = world.trader.code(world.clock)
     assert c.login(world.trader, code=code).status_code == 303
@@ -202,7 +220,8 @@ def test_password_alone_is_refused_after_cut_over(world):
     assert world.client().login(world.trader, code="").status_code == 401
 
 
-def test_session_expires_when_idle_and_at_the_absolute_limit(world):
+def test_session_expires_when_idle_and_at_the_absolute_limit(world_any):
+    world = world_any
     c = world.client()
     assert c.login(world.trader).status_code == 303
     assert c.get("/account").status_code == 200
@@ -268,7 +287,8 @@ def test_csrf_is_checked_on_every_form(world):
     assert signed_in.get("/operator/audit").status_code == 200
 
 
-def test_secrets_never_stored_or_logged_in_clear(world, smtp, caplog):
+def test_secrets_never_stored_or_logged_in_clear(world_any, smtp, caplog):
+    world = world_any
     import logging
 
     caplog.set_level(logging.DEBUG)

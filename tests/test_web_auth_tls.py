@@ -40,8 +40,12 @@ website = "mfa_only"
 
 
 @pytest.fixture
-def tls(db, tmp_path):
+def tls(tmp_path):
+    """SQLite: the TLS wiring does not depend on the database (test_web_auth covers both)."""
     from bondtape.clock import market_date, now_us
+    from bondtape.db import connect
+
+    db = connect(f"sqlite:///{tmp_path / 'tls.db'}")
 
     wall = now_us()
     today = market_date(wall)
@@ -78,6 +82,7 @@ def tls(db, tmp_path):
     with BackgroundServer(config) as server:
         w.base = f"https://127.0.0.1:{server.port}"
         yield w
+    db.dispose()
 
 
 def client(w, cert_of=None, ca_path=None):
