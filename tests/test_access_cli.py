@@ -62,3 +62,17 @@ def test_operator_workflow(tmp_path):
     assert {"admin.org.create", "admin.order.request", "admin.order.approved", "enroll.invite", "cert.issue",
             "cert.revoke", "admin.entitlement.grant"} <= actions
     assert json.loads(run(["audit", "search", "--action", "cert", "--format", "json"], env).output)[0]["action"] == "cert.revoke"
+
+
+def test_demo_access_setup_is_idempotent(market, tmp_path):
+    from bondtape.access.demo import setup_demo_access
+    from bondtape.clock import now_us
+
+    first = setup_demo_access(market, tmp_path / "demo", now_us=now_us())
+    assert first.invited[0] == "operator" and "vendor" in first.invited and len(first.invited) == 4
+    mails = sorted((tmp_path / "demo" / "outbox").glob("*.eml"))
+    assert len(mails) == 4 and "/enroll/" in mails[0].read_text()
+    assert (tmp_path / "demo" / "secret.key").stat().st_mode & 0o777 == 0o600
+    again = setup_demo_access(market, tmp_path / "demo", now_us=now_us())
+    assert again.invited == [] and len(list((tmp_path / "demo" / "outbox").glob("*.eml"))) == 4
+    assert any("bondtape web serve" in line for line in again.lines())
