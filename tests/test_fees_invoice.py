@@ -407,3 +407,28 @@ def test_every_fee_error_code_is_documented():
     text = (Path(__file__).resolve().parents[1] / "docs" / "fees.md").read_text(encoding="utf-8")
     missing = [code for code in FEE_ERROR_CODES if f"`{code}`" not in text]
     assert missing == []
+
+
+def test_parallel_reading_gives_the_same_invoices(firm_month, subscribers):
+    db, *_ = firm_month
+    serial = build_invoices(db, "2010-04", workers=1)
+    assert build_invoices(db, "2010-04", workers=3) == serial
+    with db.connect() as conn:
+        assert build_invoices(conn, "2010-04") == serial
+
+
+def test_json_and_csv_survive_awkward_text():
+    from bondtape.fees.invoice import Invoice, Line, Organisation
+    from bondtape.fees.writers import invoice_csv, invoice_json
+
+    line = Line("HIS_OTHER_REQUEST", 'extract, "special"\nsecond line', D(1), "request", D("1.5"), D("1.50"),
+                D("1.5"), None, {"historic_orders": ["7"], "users": ['3:o"brien, jr']})
+    inv = Invoice("2010-04-000001", "2010-04", Organisation(1, 'A "lines":[] b', "FIRM", "DLRA"), "2010-03-31",
+                  (line,), "r")
+    doc = json.loads(invoice_json(inv))
+    assert doc["organisation"]["name"] == 'A "lines":[] b' and doc["total"] == "1.50"
+    assert doc["lines"][0]["description"] == line.description
+    assert doc["lines"][0]["sources"] == {"historic_orders": ["7"], "users": ['3:o"brien, jr']}
+    rows = list(csv.DictReader(__import__("io").StringIO(invoice_csv(inv))))
+    assert rows[0]["description"] == line.description and rows[0]["rate"] == "1.50"
+    assert rows[0]["sources"] == 'historic_orders=7; users=3:o"brien, jr' and rows[1]["amount"] == "1.50"

@@ -11,7 +11,9 @@ Rounding: each line's amount is the exact sum of its charges rounded once to the
 from __future__ import annotations
 
 import datetime as dt
+import os
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from decimal import Decimal, localcontext
 from typing import Any, Iterable
@@ -22,7 +24,7 @@ from sqlalchemy.engine import Connection, Engine
 from bondtape.access.schema import organisations, users
 from bondtape.clock import MARKET_TZ, to_us
 from bondtape.fees.schedule import FeeError, Schedule, ScheduleBook, default_schedules, exact, month_bounds, round_money
-from bondtape.fees.schema import fee_subscriptions, historic_orders
+from bondtape.fees.schema import fee_subscriptions, fees_report_index, historic_orders
 from bondtape.journal.schema import journal, trade_reports
 
 __all__ = ["Invoice", "Line", "MonthInputs", "Organisation", "build_invoices", "collect", "price"]
@@ -180,44 +182,80 @@ def month_us(month: str) -> tuple[int, int]:
             to_us(dt.datetime(nxt.year, nxt.month, 1, tzinfo=MARKET_TZ)))
 
 
-def _concat(conn: Connection, column: Any) -> Any:
-    if conn.dialect.name == "sqlite":
-        return sa.func.group_concat(column)
-    return sa.func.string_agg(sa.cast(column, sa.Text), sa.literal_column("','"))
-
-
 def _cn_key(cn: str) -> tuple[int, str]:
     return (len(cn), cn)
 
 
-def collect(conn: Connection, month: str, schedule: Schedule) -> MonthInputs:
-    """Read the facts that bill ``month`` (YYYY-MM)."""
+def _report_rows(conn: Connection, first: dt.date, last: dt.date, schedule: Schedule) -> list[Any]:
+    """Production reports received from ``first`` to ``last``, grouped by MPID, tier and flags,
+    with their control numbers (comma-joined). One pass over the covering index
+    ix_fees_trade_reports_month (named for SQLite, whose planner may otherwise prefer a
+    skip-scan of the firm/date index with a row lookup per report)."""
+    t1, t3 = (int(x) for x in schedule.tier_thresholds_c())
+    sqlite = conn.dialect.name == "sqlite"
+    concat = "group_concat(control_number)" if sqlite else "string_agg(CAST(control_number AS TEXT), ',')"
+    hint = f"INDEXED BY {fees_report_index.name}" if sqlite else ""
+    sql = sa.text(f"""
+        SELECT reporting_mpid,
+               CASE WHEN quantity_c <= {t1} THEN 1 WHEN quantity_c >= {t3} THEN 3 ELSE 2 END AS tier,
+               CASE WHEN prior_control_number IS NULL THEN 0 ELSE 1 END AS corr,
+               CASE WHEN as_of AND late THEN 1 ELSE 0 END AS asl,
+               count(*), sum(quantity_c), {concat}
+        FROM trade_reports {hint}
+        WHERE report_date >= :first AND report_date <= :last AND NOT is_test
+        GROUP BY 1, 2, 3, 4""")
+    return conn.execute(sql, {"first": first.isoformat(), "last": last.isoformat()}).all()
+
+
+def _report_groups(chunks: Iterable[list[Any]]) -> list[ReportGroup]:
+    merged: dict[tuple[str, int, bool, bool], ReportGroup] = {}
+    for rows in chunks:
+        for r in rows:
+            key = (r[0], int(r[1]), bool(r[2]), bool(r[3]))
+            g = merged.get(key)
+            cns = r[6].split(",")
+            if g is None:
+                merged[key] = ReportGroup(*key, int(r[4]), int(r[5]), cns)
+            else:
+                g.count += int(r[4])
+                g.par_c += int(r[5])
+                g.control_numbers.extend(cns)
+    for g in merged.values():
+        if len(set(map(len, g.control_numbers))) == 1:
+            g.control_numbers.sort()
+        else:
+            g.control_numbers.sort(key=_cn_key)
+    return list(merged.values())
+
+
+def _parallel_report_groups(db: Engine, month: str, schedule: Schedule, workers: int) -> list[ReportGroup] | None:
+    """The report groups read by ``workers`` connections, each over a run of days of the month.
+    None where the database cannot be shared between connections (SQLite in memory)."""
+    if workers < 2 or (db.dialect.name == "sqlite" and db.url.database in (None, "", ":memory:")):
+        return None
+    first, last = month_bounds(month)
+    days = [first + dt.timedelta(days=i) for i in range((last - first).days + 1)]
+    size = -(-len(days) // workers)
+    spans = [(days[i], days[min(i + size, len(days)) - 1]) for i in range(0, len(days), size)]
+
+    def read(span: tuple[dt.date, dt.date]) -> list[Any]:
+        with db.connect() as conn:
+            return _report_rows(conn, span[0], span[1], schedule)
+
+    with ThreadPoolExecutor(max_workers=len(spans)) as pool:
+        return _report_groups(pool.map(read, spans))
+
+
+def collect(conn: Connection, month: str, schedule: Schedule,
+            report_groups: list[ReportGroup] | None = None) -> MonthInputs:
+    """Read the facts that bill ``month`` (YYYY-MM); ``report_groups`` if already read."""
     first, last = month_bounds(month)
     start_us, end_us = month_us(month)
     orgs = {r.id: Organisation(r.id, r.name, r.kind, r.mpid, r.email) for r in conn.execute(
         sa.select(organisations.c.id, organisations.c.name, organisations.c.kind, organisations.c.mpid,
                   organisations.c.email))}
 
-    # Reporting fees: production reports received in the month, grouped by MPID, tier and flags.
-    t1, t3 = schedule.tier_thresholds_c()
-    tr = trade_reports.c
-    tier = sa.case((tr.quantity_c <= sa.literal_column(str(int(t1))), 1),
-                   (tr.quantity_c >= sa.literal_column(str(int(t3))), 3), else_=2)
-    inner = sa.select(
-        tr.reporting_mpid.label("mpid"), tr.control_number.label("cn"), tr.quantity_c.label("q"),
-        tier.label("tier"), tr.prior_control_number.isnot(None).label("corr"),
-        sa.and_(tr.as_of, tr.late).label("asl"),
-    ).where(tr.report_date >= first.isoformat(), tr.report_date <= last.isoformat(),
-            tr.is_test == sa.false()).subquery()
-    groups = []
-    for r in conn.execute(
-        sa.select(inner.c.mpid, inner.c.tier, inner.c.corr, inner.c.asl, sa.func.count(),
-                  sa.func.sum(inner.c.q), _concat(conn, inner.c.cn))
-        .group_by(inner.c.mpid, inner.c.tier, inner.c.corr, inner.c.asl)
-    ):
-        cns = r[6].split(",")
-        cns.sort(key=_cn_key)
-        groups.append(ReportGroup(r[0], int(r[1]), bool(r[2]), bool(r[3]), int(r[4]), int(r[5]), cns))
+    groups = report_groups if report_groups is not None else _report_groups([_report_rows(conn, first, last, schedule)])
     groups.sort(key=lambda g: (g.mpid, g.tier, g.correction, g.late_as_of))
 
     # Cancel / correct / reverse: journal events received in the month on production reports.
@@ -226,7 +264,7 @@ def collect(conn: Connection, month: str, schedule: Schedule) -> MonthInputs:
         sa.select(j.event_type, j.mpid, j.control_number, j.seq)
         .select_from(journal.join(trade_reports, trade_reports.c.control_number == j.ref_control_number))
         .where(sa.text("journal.event_type <> 'NEW'"), j.event_type.in_(ACTIONS),
-               j.recorded_us >= start_us, j.recorded_us < end_us, tr.is_test == sa.false())
+               j.recorded_us >= start_us, j.recorded_us < end_us, trade_reports.c.is_test == sa.false())
         .order_by(j.seq)
     )]
 
@@ -558,14 +596,21 @@ def price(inputs: MonthInputs, schedule: Schedule) -> tuple[list[Invoice], list[
     return invoices, sorted(unbilled.values(), key=lambda u: u.mpid)
 
 
-def build_invoices(db: Engine | Connection, month: str, schedules: ScheduleBook | None = None
-                   ) -> tuple[list[Invoice], list[Unbilled], Schedule]:
-    """Collect and price ``month`` (YYYY-MM): (invoices, unbilled MPIDs, the schedule used)."""
+def build_invoices(db: Engine | Connection, month: str, schedules: ScheduleBook | None = None,
+                   workers: int | None = None) -> tuple[list[Invoice], list[Unbilled], Schedule]:
+    """Collect and price ``month`` (YYYY-MM): (invoices, unbilled MPIDs, the schedule used).
+
+    Given an Engine, the month's reports are read by ``workers`` connections at once
+    (default: up to 4, one per CPU), each over a run of days; bill a month once it has
+    closed, so that every connection sees the same reports.
+    """
     schedule = (schedules or default_schedules()).for_month(month)
     if isinstance(db, Connection):
         inputs = collect(db, month, schedule)
     else:
+        workers = min(4, os.cpu_count() or 1) if workers is None else workers
+        groups = _parallel_report_groups(db, month, schedule, workers)
         with db.connect() as conn:
-            inputs = collect(conn, month, schedule)
+            inputs = collect(conn, month, schedule, groups)
     invoices, unbilled = price(inputs, schedule)
     return invoices, unbilled, schedule

@@ -6,8 +6,6 @@ listing every invoice with its total and any MPIDs whose reports could not be bi
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 from decimal import Decimal
 from pathlib import Path
@@ -30,22 +28,48 @@ def _sources_text(sources: dict[str, list[str]]) -> str:
     return "; ".join(f"{kind}={' '.join(ids)}" for kind, ids in sources.items())
 
 
+def _id_list(ids: list[str]) -> str:
+    # Control numbers and record ids are digits: join them directly (a month of a large
+    # firm's control numbers is tens of thousands of strings); anything else goes through json.
+    if "".join(ids).isdigit():
+        return '["' + '","'.join(ids) + '"]'
+    return json.dumps(ids)
+
+
 def invoice_json(inv: Invoice) -> str:
-    return json.dumps(inv.as_dict(), indent=1)
+    """The invoice as JSON: ``organisation``, ``lines`` (``code``, ``description``, ``quantity``,
+    ``rate``, ``amount``, ``sources``...) and ``total``; numbers as decimal strings."""
+    doc = inv.as_dict()
+    parts = []
+    for line, data in zip(inv.lines, doc["lines"]):
+        data.pop("sources")
+        sources = ",".join(f"{json.dumps(kind)}:{_id_list(ids)}" for kind, ids in line.sources.items())
+        parts.append(json.dumps(data, separators=(",", ":"))[:-1] + ',"sources":{' + sources + "}}")
+    doc["lines"] = []
+    head = json.dumps(doc, separators=(",", ":"))
+    marker = '"lines":[]'
+    at = head.index(marker) + len(marker) - 1
+    return head[:at] + ",\n".join(parts) + head[at:] + "\n"
+
+
+def _cell(value: object) -> str:
+    text = str(value)
+    if "," in text or '"' in text or "\n" in text or "\r" in text:
+        return '"' + text.replace('"', '""') + '"'
+    return text
 
 
 def invoice_csv(inv: Invoice) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(CSV_COLUMNS)
+    """One row per line (``sources`` as ``kind=id id ...; kind=...``), then a TOTAL row."""
     org = inv.organisation
     head = [inv.number, inv.month, org.id, org.mpid or ""]
+    rows = [",".join(CSV_COLUMNS)]
     for line in inv.lines:
-        w.writerow(head + [line.code, line.description, line.data_set or "", plain(line.quantity), line.unit,
-                           rate_text(line.rate),
-                           line.amount, _sources_text(line.sources)])
-    w.writerow(head + ["TOTAL", f"Total ({inv.rounding})", "", "", "", "", inv.total, ""])
-    return buf.getvalue()
+        rows.append(",".join(_cell(v) for v in head + [
+            line.code, line.description, line.data_set or "", plain(line.quantity), line.unit,
+            rate_text(line.rate), line.amount, _sources_text(line.sources)]))
+    rows.append(",".join(_cell(v) for v in head + ["TOTAL", f"Total ({inv.rounding})", "", "", "", "", inv.total, ""]))
+    return "\n".join(rows) + "\n"
 
 
 def invoice_html(inv: Invoice) -> str:
