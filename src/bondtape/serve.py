@@ -1,0 +1,234 @@
+"""``bondtape serve``: the website, the REST API, the public feed and the FIX gateway in one
+process, around one engine.
+
+One :class:`bondtape.engine.Engine` and one :class:`~bondtape.engine.Sequencer` take the
+reports of every channel (website, REST, FIX); the engine's listeners drive the
+dissemination :class:`~bondtape.dissemination.publisher.Publisher`, whose feed the
+website's market pages and the WebSocket/SSE routes read.
+
+    app = build_app(db, settings)          # a Starlette app with app.state.services
+    run_serve(db, settings, host=..., port=..., fix_port=...)   # blocks until Ctrl-C
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine as SAEngine
+
+from bondtape.clock import now_us
+
+log = logging.getLogger("bondtape.serve")
+
+__all__ = ["Services", "services", "build_app", "run_serve", "feed_entitlements"]
+
+
+@dataclass
+class Services:
+    """The parts every route shares: the engine, its sequencer and the feed publisher."""
+
+    db: SAEngine
+    engine: Any
+    sequencer: Any
+    publisher: Any
+
+    def close(self) -> None:
+        self.sequencer.close()
+        self.publisher.stop()
+
+
+_LOCK = threading.Lock()
+
+
+def services(state: Any) -> Services:
+    """The app's services, made on first use (an app from ``create_app`` alone, in tests)."""
+    found = getattr(state, "services", None)
+    if found is not None:
+        return found
+    with _LOCK:
+        found = getattr(state, "services", None)
+        if found is None:
+            found = start_services(state.db, clock=state.clock)
+            state.services = found
+    return found
+
+
+def start_services(db: SAEngine, *, clock: Callable[[], int] = now_us) -> Services:
+    from bondtape.dissemination.publisher import Publisher
+    from bondtape.engine import Engine, Sequencer
+
+    engine = Engine(db, clock=clock)
+    publisher = Publisher(db, clock=clock).start(engine)
+    return Services(db, engine, Sequencer(engine), publisher)
+
+
+def feed_entitlements(app) -> Callable[[Any], Iterable[str]]:
+    """The data sets the caller of a feed route may receive: the operator all; a subscriber
+    those its organisation holds REALTIME for (a Non-Professional once attested). The
+    caller is the website session (cookie) of the WebSocket or SSE request."""
+    from bondtape.access import accounts
+    from bondtape.access.authz import decide
+    from bondtape.dissemination.publisher import DATA_SETS
+    from bondtape.web import sessions
+
+    def entitled(conn_http) -> list[str]:
+        state = app.state
+        now = state.clock()
+        with state.db.begin() as conn:
+            session = sessions.resume(conn, conn_http.cookies.get(sessions.SESSION_COOKIE), now_us=now,
+                                      settings=state.settings)
+            if session is None:
+                return []
+            actor = accounts.authenticated(conn, session.user_id, session.method)
+            return [ds for ds in DATA_SETS if decide(conn, actor, "feed.realtime", ds, now_us=now).allowed]
+
+    return entitled
+
+
+def build_app(db: SAEngine | str | None, settings, *, clock: Callable[[], int] = now_us, policy=None, mailer=None,
+              feed: bool = True):
+    """The website and REST API (``create_app``), with the shared services attached and
+    the feed's WebSocket/SSE routes mounted (their entitlement from the session)."""
+    from bondtape.dissemination.web import feed_routes
+    from bondtape.web.app import create_app
+
+    app = create_app(db, settings, clock=clock, policy=policy, mailer=mailer)
+    svc = services(app.state)
+    if feed:
+        app.router.routes[0:0] = feed_routes(svc.publisher, entitled=feed_entitlements(app))
+    return app
+
+
+def _uvicorn_config(app, host: str, port: int, tls: dict | None):
+    import uvicorn
+
+    from bondtape.web.tls import server_config
+
+    if tls:
+        return server_config(app, host=host, port=port, certfile=tls["cert"], keyfile=tls["key"],
+                             ca_certs=tls["ca"], log_level="warning")
+    return uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off", access_log=False)
+
+
+def run_serve(db: SAEngine, settings, *, host: str = "127.0.0.1", port: int = 8000, tls_port: int | None = None,
+              tls_cert: Path | None = None, tls_key: Path | None = None, fix_port: int | None = None,
+              ready: Callable[[dict], None] | None = None, stop: threading.Event | None = None) -> None:
+    """Serve until Ctrl-C (or ``stop`` is set): HTTP on ``port`` (the website; 0 = off),
+    HTTPS with client certificates on ``tls_port`` (website, REST API, downloads), and
+    the FIX gateway on ``fix_port``. ``ready`` gets the addresses once all listen."""
+    import uvicorn
+
+    from bondtape.access.ca import CA_CERT
+
+    app = build_app(db, settings)
+    svc: Services = app.state.services
+    servers: list[tuple[str, uvicorn.Server]] = []
+    if port is not None:
+        servers.append(("http", uvicorn.Server(_uvicorn_config(app, host, port, None))))
+    if tls_port is not None:
+        if not (tls_cert and tls_key and settings.ca_dir and (settings.ca_dir / CA_CERT).exists()):
+            raise ValueError("HTTPS needs --tls-cert, --tls-key and a certificate authority (bondtape certs init)")
+        tls = {"cert": tls_cert, "key": tls_key, "ca": settings.ca_dir / CA_CERT}
+        servers.append(("https", uvicorn.Server(_uvicorn_config(app, host, tls_port, tls))))
+    for _, server in servers:
+        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # we handle Ctrl-C once
+
+    async def main() -> None:
+        from bondtape.fix.server import start_fix_server
+
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, done.set)
+            except (NotImplementedError, RuntimeError):  # pragma: no cover - not the main thread
+                pass
+        if stop is not None:
+            loop.run_in_executor(None, lambda: (stop.wait(), loop.call_soon_threadsafe(done.set)))
+        tasks = [asyncio.create_task(s.serve()) for _, s in servers]
+        fix = None
+        if fix_port is not None:
+            fix = await start_fix_server(db, host, fix_port, sequencer=svc.sequencer)
+        while not all(s.started for _, s in servers):
+            if any(t.done() for t in tasks):
+                for t in tasks:
+                    if t.done() and t.exception():
+                        raise t.exception()
+                raise RuntimeError("a server stopped while starting")
+            await asyncio.sleep(0.02)
+        addresses = {name: f"{name}://{host}:{s.servers[0].sockets[0].getsockname()[1]}" for name, s in servers}
+        if fix is not None:
+            addresses["fix"] = f"{host}:{fix.port}"
+        if ready is not None:
+            ready(addresses)
+        await done.wait()
+        for _, s in servers:
+            s.should_exit = True
+        if fix is not None:
+            await fix.close()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    try:
+        asyncio.run(main())
+    finally:
+        svc.close()
+
+
+
+# --- the command ---------------------------------------------------------------------------
+
+import click  # noqa: E402
+
+from bondtape.cli import db_option, open_db  # noqa: E402
+
+
+@click.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="HTTP port of the website (0: any free port).")
+@click.option("--tls-port", type=click.IntRange(0, 65535), default=None,
+              help="Also serve HTTPS with client certificates here (REST API, downloads).")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None)
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None)
+@click.option("--ca-dir", type=click.Path(file_okay=False, path_type=Path), envvar="BONDTAPE_CA_DIR", default=None,
+              help="The certificate authority of client certificates (bondtape certs init).")
+@click.option("--fix-port", type=click.IntRange(0, 65535), default=None, help="Also run the FIX 4.4 gateway here.")
+@db_option
+def serve_command(host, port, tls_port, tls_cert, tls_key, ca_dir, fix_port, db_url) -> None:
+    """Run the website, REST API, feed and FIX gateway in one process.
+
+    SQLite by default, PostgreSQL by --db URL. Needs BONDTAPE_SECRET_KEY (it encrypts the
+    users' TOTP secrets). The website is served over HTTP on --port for one machine;
+    --tls-port adds HTTPS with client certificates, which the REST API and the download
+    service require.
+    """
+    from bondtape.access.settings import AccessSettings
+
+    overrides = {"cookie_secure": False}  # the website is served over plain HTTP on --port too
+    if ca_dir is not None:
+        overrides["ca_dir"] = ca_dir
+    try:
+        settings = AccessSettings.from_env(**overrides)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    db = open_db(db_url)
+
+    def ready(addresses: dict) -> None:
+        for name, address in addresses.items():
+            click.echo(f"{name}: {address}", err=True)
+        click.echo("Ctrl-C stops the server", err=True)
+
+    try:
+        run_serve(db, settings, host=host, port=port, tls_port=tls_port, tls_cert=tls_cert, tls_key=tls_key,
+                  fix_port=fix_port, ready=ready)
+    except (ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+COMMANDS = [serve_command]

@@ -1,0 +1,114 @@
+"""The firm's trading pages: trade entry with inline rejects, the journal with its filters
+and CSV, one report's history, and cancel / correct / reverse through the shared engine."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import sqlalchemy as sa
+
+from bondtape.journal.schema import trade_reports
+from bondtape.web.testing import World
+from tests.conftest import HY, IG, et
+
+NOW = et(2026, 6, 1, 10, 0, 0)
+
+
+@pytest.fixture
+def world(market, tmp_path):
+    w = World(market, tmp_path, NOW, cookie_secure=False)
+    a = w.org("Dealer A", "FIRM", mpid="DLRA")
+    b = w.org("Dealer B", "FIRM", mpid="DLRB")
+    w.trader = w.user("a-trader", a, "trader")
+    w.viewer = w.user("a-viewer", a, "viewer")
+    w.other = w.user("b-trader", b, "trader")
+    yield w
+    svc = getattr(w.app.state, "services", None)
+    if svc is not None:
+        svc.close()
+
+
+def signed_in(world, user):
+    c = world.client()
+    assert c.login(user).status_code == 303
+    world.clock.advance(30)  # the next sign-in needs a fresh TOTP step
+    return c
+
+
+def report(client, **fields):
+    values = {"cusip": IG, "side": "S", "capacity": "P", "contra": "C", "quantity": "250000", "price": "101.25",
+              "execution_time": "2026-06-01T09:58:00"}
+    values.update(fields)
+    return client.post("/trade/new", values, csrf_from="/trade/new")
+
+
+def control_number(page) -> int:
+    return int(re.search(r'id="control-number"><a href="/reports/(\d+)/history"', page.text).group(1))
+
+
+def test_trade_entry_accepts_and_confirms_with_control_number(world):
+    c = signed_in(world, world.trader)
+    form = c.get("/trade/new")
+    assert form.status_code == 200 and 'name="cusip"' in form.text and 'name="when_issued"' in form.text
+    page = report(c, client_ref="T-1")
+    assert page.status_code == 200, page.text
+    cn = control_number(page)
+    with world.db.connect() as conn:
+        row = conn.execute(sa.select(trade_reports).where(trade_reports.c.control_number == cn)).one()
+    assert (row.reporting_mpid, row.channel, row.quantity_c, row.price_u, row.client_ref) == \
+        ("DLRA", "web", 25_000_000, 101_250_000, "T-1")
+
+
+@pytest.mark.parametrize("field,value,code", [
+    ("cusip", IG[:8] + str((int(IG[8]) + 1) % 10), "CUSIP_CHECK_DIGIT"),
+    ("quantity", "lots", "QUANTITY_INVALID"),
+    ("execution_time", "yesterday", "TIME_INVALID"),
+    ("contra", "DLRA", "CONTRA_IS_REPORTER"),
+])
+def test_rejects_are_shown_beside_the_field(world, field, value, code):
+    c = signed_in(world, world.trader)
+    page = report(c, **{field: value})
+    assert page.status_code == 400
+    assert f'id="error-{field}">{code}' in page.text
+    assert f'value="{value}"' in page.text  # what was typed is kept
+
+
+def test_journal_filters_history_and_actions(world):
+    c = signed_in(world, world.trader)
+    first = control_number(report(c))
+    second = control_number(report(c, cusip=HY, price="98.5"))
+    page = c.get("/journal")
+    assert str(first) in page.text and str(second) in page.text
+    only_hy = c.get(f"/journal?cusip={HY}")
+    assert str(second) in only_hy.text and f">{first}<" not in only_hy.text
+    assert c.get("/journal?status=NOPE").status_code == 400
+    csv_text = c.get(f"/journal.csv?cusip={HY}").text.splitlines()
+    assert csv_text[0].startswith("control_number,status") and len(csv_text) == 2
+
+    corrected = c.post(f"/reports/{first}/correct", {
+        "cusip": IG, "side": "S", "capacity": "P", "contra": "C", "quantity": "300000", "price": "101.5",
+        "execution_time": "2026-06-01T09:58:00"}, csrf_from=f"/reports/{first}/correct")
+    assert corrected.status_code == 200, corrected.text
+    new_cn = control_number(corrected)
+    history = c.get(f"/reports/{new_cn}/history").text
+    assert f"correction of {first}" in history and "CORRECTED" in history
+    cancelled = c.post(f"/reports/{second}/cancel", csrf_from=f"/reports/{second}/history")
+    assert "Cancel accepted" in cancelled.text
+    again = c.post(f"/reports/{second}/cancel", csrf_from=f"/reports/{second}/history")
+    assert again.status_code == 400 and "REPORT_NOT_ACTIVE" in again.text
+    reversed_ = c.post(f"/reports/{new_cn}/reverse", csrf_from=f"/reports/{new_cn}/history")
+    assert reversed_.status_code == 400 and "WINDOW_OPEN" in reversed_.text
+
+
+def test_viewer_sees_but_cannot_act_and_other_firm_gets_404(world):
+    t = signed_in(world, world.trader)
+    cn = control_number(report(t))
+    v = signed_in(world, world.viewer)
+    page = v.get(f"/reports/{cn}/history")
+    assert page.status_code == 200 and "/cancel" not in page.text
+    assert v.post(f"/reports/{cn}/cancel", csrf_from="/journal").status_code == 403
+    assert v.get("/trade/new").status_code == 403
+    o = signed_in(world, world.other)
+    assert o.get(f"/reports/{cn}/history").status_code == 404
+    assert o.post(f"/reports/{cn}/cancel", csrf_from="/journal").status_code == 404
+    assert f">{cn}<" not in o.get("/journal").text
