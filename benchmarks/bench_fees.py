@@ -16,7 +16,8 @@ Timed:
 - ``groupby``: Polars ``read_database`` of the same rows (same WHERE, same connection type)
   and a group-by of MPID and par tier with count and sum: the least any invoicer must do.
 
-Each is run ``--repeat`` times, alternately, and the best time of each is used.
+Each is run ``--repeat`` times, alternately, and the best time of each is used; dirty
+pages are flushed (``os.sync``) before each invoicing run, outside the timing.
 ``ratio_to_groupby`` = invoicing's reports/s divided by the group-by's reports/s.
 The result is checked: the invoices' control numbers and exact tier amounts must agree
 with the group-by.
@@ -24,6 +25,7 @@ with the group-by.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sqlite3
 import tempfile
@@ -113,15 +115,16 @@ def run_groupby(path: Path, t1: int, t3: int):
     return out, done - t0, done - loaded, df.height
 
 
-def run_invoice(path: Path, out_dir: Path, formats: tuple[str, ...]):
+def run_invoice(path: Path, out_dir: Path, formats: tuple[str, ...], workers: int | None):
     from bondtape.db import connect
     from bondtape.fees import build_invoices, write_invoices
 
     db = connect(f"sqlite:///{path}")
     if out_dir.exists():
         shutil.rmtree(out_dir)
+    os.sync()  # start from clean page cache: no write-back of an earlier run in the timing
     t0 = time.perf_counter()
-    invoices, unbilled, schedule = build_invoices(db, MONTH)
+    invoices, unbilled, schedule = build_invoices(db, MONTH, workers=workers)
     built = time.perf_counter()
     write_invoices(out_dir, MONTH, schedule.name, invoices, unbilled, formats)
     done = time.perf_counter()
@@ -153,7 +156,8 @@ def main(argv: list[str]) -> dict:
     ap.add_argument("--reports", type=int, default=3_000_000)
     ap.add_argument("--orgs", type=int, default=1000)
     ap.add_argument("--formats", default="json,csv,html")
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=None, help="connections reading reports (default: up to 4)")
     ap.add_argument("--db", type=Path, help="reuse (or create) this SQLite file instead of a temporary one")
     args = ap.parse_args(argv)
     from bondtape.fees import default_schedules
@@ -174,9 +178,10 @@ def main(argv: list[str]) -> dict:
         best_g = best_i = best_build = best_mem = float("inf")
         for _ in range(max(1, args.repeat)):
             grouped, g_s, mem_s, rows = run_groupby(path, t1, t3)
-            invoices, unbilled, _, i_s, build_s = run_invoice(path, work / "out", formats)
+            invoices, unbilled, _, i_s, build_s = run_invoice(path, work / "out", formats, args.workers)
             best_g, best_mem = min(best_g, g_s), min(best_mem, mem_s)
-            best_i, best_build = min(best_i, i_s), min(best_build, build_s)
+            if i_s < best_i:
+                best_i, best_build = i_s, build_s
         verdict = check(invoices, grouped, schedule)
         files = sum(1 for _ in (work / "out").iterdir())
         out_mb = sum(p.stat().st_size for p in (work / "out").iterdir()) / 1e6
@@ -184,6 +189,8 @@ def main(argv: list[str]) -> dict:
             "benchmark": "fees",
             "reports": rows,
             "organisations": args.orgs,
+            "cpus": os.cpu_count(),
+            "load_average_1m": round(os.getloadavg()[0], 2),
             "invoices": len(invoices),
             "unbilled_mpids": len(unbilled),
             "formats": list(formats),

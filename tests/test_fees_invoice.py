@@ -432,3 +432,22 @@ def test_json_and_csv_survive_awkward_text():
     rows = list(csv.DictReader(__import__("io").StringIO(invoice_csv(inv))))
     assert rows[0]["description"] == line.description and rows[0]["rate"] == "1.50"
     assert rows[0]["sources"] == 'historic_orders=7; users=3:o"brien, jr' and rows[1]["amount"] == "1.50"
+
+
+def test_web_access_level_set_from_the_cli_is_billed(market, db_url):
+    with market.begin() as conn:
+        org = add_org(conn, "Dealer A", "FIRM", "DLRA")
+        add_user(conn, org, "alice", "NONE", activated=et(2010, 1, 4, 9, 0))
+    runner = CliRunner()
+    r = runner.invoke(cli, ["fees", "web-access", "--user", "alice", "--level", "LEVEL_II", "--data-sets", "corp,agcy",
+                            "--db", db_url])
+    assert r.exit_code == 0, r.output
+    [inv] = build_invoices(market, "2010-04")[0]
+    assert [(x.code, x.amount) for x in inv.lines] == [("SYS_LEVEL_II_FIRST_2", D("80.00"))]
+    for args, code in [(["--level", "LEVEL_II"], "DATA_SET_REQUIRED"),
+                       (["--level", "LEVEL_I", "--data-sets", "CORP"], "DATA_SET_INVALID"),
+                       (["--level", "LEVEL_II", "--data-sets", "CORP,MUNI"], "DATA_SET_INVALID")]:
+        r = runner.invoke(cli, ["fees", "web-access", "--user", "alice", *args, "--db", db_url])
+        assert r.exit_code == 2 and code in r.output, (args, r.output)
+    r = runner.invoke(cli, ["fees", "web-access", "--user", "nobody", "--level", "NONE", "--db", db_url])
+    assert r.exit_code == 2 and "USER_UNKNOWN" in r.output

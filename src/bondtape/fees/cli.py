@@ -118,6 +118,22 @@ def historic_order_cmd(organisation: str, product: str, order_date: str, db_url:
     click.echo(f"historic order {oid} recorded")
 
 
+@fees.command("web-access")
+@click.option("--user", "username", required=True, help="The user ID (username).")
+@click.option("--level", required=True, type=click.Choice(["LEVEL_I", "LEVEL_II", "NONE"], case_sensitive=False))
+@click.option("--data-sets", help="Level II: CORP, AGCY or CORP,AGCY.")
+@db_option
+def web_access_cmd(username: str, level: str, data_sets: str | None, db_url: str | None) -> None:
+    """Set a user ID's web access level, billed as a Rule 7730 system fee from its activation."""
+    from bondtape.fees.records import set_web_access
+
+    try:
+        set_web_access(open_db(db_url), username, level, data_sets)
+    except FeeError as exc:
+        _fail(exc)
+    click.echo(f"{username}: {level.upper()}{' ' + data_sets.upper() if data_sets else ''}")
+
+
 @fees.command("records")
 @click.option("--org", "organisation", help="Organisation id, MPID or name (default: all).")
 @db_option

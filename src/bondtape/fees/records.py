@@ -21,7 +21,7 @@ from bondtape.rulebook import default_rulebook, historic_available_from
 
 __all__ = [
     "FEE_ERROR_CODES", "PRODUCT_KINDS", "end_subscription", "find_organisation", "list_records",
-    "parse_money_c", "record_historic_order", "record_subscription",
+    "parse_money_c", "record_historic_order", "record_subscription", "set_web_access",
 ]
 
 PROFESSIONAL_KINDS = ("FIRM", "VENDOR", "PROFESSIONAL", "TAX_EXEMPT")
@@ -49,6 +49,8 @@ FEE_ERROR_CODES: dict[str, str] = {
     "END_BEFORE_START": "the end date (last day of service) is before the start date",
     "QUANTITY_INVALID": "a quantity is a whole number of at least 1 (more than 1 only for BTDS_TERMINAL)",
     "SUBSCRIPTION_UNKNOWN": "no subscription with this id",
+    "USER_UNKNOWN": "no user ID with this username",
+    "WEB_ACCESS_INVALID": "a web access level is LEVEL_I, LEVEL_II or NONE",
     "YEAR_REQUIRED": "DATA and REDISTRIBUTION orders name a calendar year of data",
     "YEAR_INVALID": "the year is before TRACE began",
     "YEAR_INCLUDED": "the 2003 Historic Corporate Bond Data Set includes 2002: order 2003",
@@ -262,6 +264,37 @@ def record_historic_order(db: Engine | Connection, organisation: Any, product: s
                 raise FeeError("DESCRIPTION_REQUIRED", "description", "what data was supplied")
             values["amount_c"] = parse_money_c(amount if amount not in (None, "") else "", "amount")
         return int(conn.execute(historic_orders.insert().values(**values)).inserted_primary_key[0])
+
+
+WEB_ACCESS_LEVELS = ("LEVEL_I", "LEVEL_II", "NONE")
+
+
+def set_web_access(db: Engine | Connection, username: str, level: str, data_sets: str | None = None,
+                   schedules: ScheduleBook | None = None) -> None:
+    """Set a user ID's web access level for the system fees (the shared ``users`` table's
+    ``web_access`` and ``web_data_sets``). Level II names one or more data sets; Level I and
+    NONE none. Access decides what the user may do; this records what is billed."""
+    from bondtape.access.schema import users
+
+    schedules = schedules or default_schedules()
+    level = (level or "").strip().upper()
+    if level not in WEB_ACCESS_LEVELS:
+        raise FeeError("WEB_ACCESS_INVALID", "level", f"one of {', '.join(WEB_ACCESS_LEVELS)}")
+    sets = [s.strip().upper() for s in (data_sets or "").split(",") if s.strip()]
+    accepted = schedules.at(schedules.versions[-1].effective).data_sets
+    if level == "LEVEL_II":
+        if not sets:
+            raise FeeError("DATA_SET_REQUIRED", "data_sets", f"Level II includes one or more of {', '.join(accepted)}")
+        bad = [s for s in sets if s not in accepted]
+        if bad or len(set(sets)) != len(sets):
+            raise FeeError("DATA_SET_INVALID", "data_sets", f"distinct data sets among {', '.join(accepted)}; got {data_sets!r}")
+    elif sets:
+        raise FeeError("DATA_SET_INVALID", "data_sets", f"{level} includes no data sets")
+    with _conn(db) as conn:
+        row = conn.execute(sa.select(users.c.id).where(users.c.username == (username or "").strip())).first()
+        if row is None:
+            raise FeeError("USER_UNKNOWN", "user", f"no user ID {username!r}")
+        conn.execute(users.update().where(users.c.id == row.id).values(web_access=level, web_data_sets=",".join(sets)))
 
 
 def list_records(conn: Connection, org_id: int | None = None) -> dict[str, list[dict[str, Any]]]:

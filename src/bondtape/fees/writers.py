@@ -84,7 +84,10 @@ _RENDER = {"json": invoice_json, "csv": invoice_csv, "html": invoice_html}
 
 def write_invoices(out: Path, month: str, schedule: str, invoices: Iterable[Invoice], unbilled: Iterable[Unbilled],
                    formats: Iterable[str] = FORMATS) -> Path:
-    """Write every invoice in each format, then ``summary.json``; returns the summary's path."""
+    """Write every invoice in each format, then ``summary.json``; returns the summary's path.
+
+    The summary is written last, so its presence means every invoice file is there.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     formats = tuple(formats)
