@@ -47,6 +47,27 @@ EXPECTED_ROUTES = {
     ("GET", "/download/reference/securities-{day}.csv"): FIRM_A | {"other_trader", "subscriber"},
     ("GET", "/download/historic/"): SIGNED_IN,
     ("GET", "/download/historic/{data_set}/{year:int}/{path:path}"): {"operator", "subscriber"},
+    # trading pages (routes_trading)
+    ("GET", "/trade/new"): {"trader", "other_trader"},
+    ("POST", "/trade/new"): {"trader", "other_trader"},
+    ("GET", "/journal"): FIRM_A | {"other_trader"},
+    ("GET", "/journal.csv"): FIRM_A | {"other_trader"},
+    ("GET", "/reports/{control_number:int}/history"): FIRM_A,
+    ("POST", "/reports/{control_number:int}/cancel"): {"trader"},
+    ("POST", "/reports/{control_number:int}/reverse"): {"trader"},
+    ("GET", "/reports/{control_number:int}/correct"): {"trader"},
+    ("POST", "/reports/{control_number:int}/correct"): {"trader"},
+    # REST API (web/api.py)
+    ("GET", "/openapi.json"): EVERYONE,
+    ("GET", "/api/v1/time-and-sales"): EVERYONE,
+    ("POST", "/api/v1/reports"): {"trader", "other_trader"},
+    ("GET", "/api/v1/reports"): FIRM_A | {"other_trader"},
+    ("GET", "/api/v1/reports/{control_number:int}"): FIRM_A | {"other_trader"},
+    ("POST", "/api/v1/reports/{control_number:int}/cancel"): {"trader", "other_trader"},
+    ("POST", "/api/v1/reports/{control_number:int}/reverse"): {"trader", "other_trader"},
+    ("POST", "/api/v1/reports/{control_number:int}/correct"): {"trader", "other_trader"},
+    ("POST", "/api/v1/bulk"): {"trader", "other_trader"},
+    ("GET", "/api/v1/securities"): FIRM_A | {"other_trader", "subscriber"},
 }
 
 # action -> [(resource, who may)]

@@ -228,8 +228,10 @@ def journal_csv(ctx: Ctx):
 
 
 def report_mpid(ctx: Ctx):
-    row = ctx.conn.execute(sa.select(trade_reports).where(
-        trade_reports.c.control_number == ctx.request.path_params["control_number"])).first()
+    number = ctx.request.path_params["control_number"]
+    if number >= 2**63:
+        raise NotFound("no such trade report")
+    row = ctx.conn.execute(sa.select(trade_reports).where(trade_reports.c.control_number == number)).first()
     if row is None:
         raise NotFound("no such trade report")
     ctx.report = row

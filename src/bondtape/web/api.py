@@ -1,0 +1,502 @@
+"""The REST API under ``/api/v1``, described by OpenAPI at ``/openapi.json``.
+
+Firms' calls (report, cancel, correct, reverse, their own reports, bulk files, reference
+data) need TLS with the user's client certificate AND the login and password (HTTP Basic),
+like the download service. The public time and sales needs nothing.
+
+Every report goes the way of every channel: JSON fields -> ``parse_command(fields,
+channel="api")`` -> the shared :class:`bondtape.engine.Sequencer` (after the request's
+access check has committed), so the answers and reject codes are those of the bulk files,
+the website and FIX. Numbers may be JSON strings or numbers; they are read exactly
+(never as binary floating point).
+"""
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+from decimal import Decimal
+from typing import Any
+
+import anyio.from_thread
+import sqlalchemy as sa
+from starlette.responses import JSONResponse, Response
+
+from bondtape.access.model import AccessError
+from bondtape.clock import iso_market, market_date
+from bondtape.engine import EngineUnavailable, Result
+from bondtape.journal.schema import trade_reports
+from bondtape.reporting.codes import REJECT_CODES, Reject, Rejected
+from bondtape.reporting.commands import FIELDS, INDICATORS, parse_command
+from bondtape.web.routes_trading import AfterCommit, report_mpid, scaled, submit
+from bondtape.web.routing import Ctx, route
+
+MAX_BATCH = 500
+STATUSES = ("ACTIVE", "CANCELLED", "CORRECTED", "REVERSED")
+
+
+class ApiError(AccessError):
+    """A refused request: HTTP status, a stable code, the field and what is accepted."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None):
+        super().__init__(code, message, field)
+        self.status = status
+
+
+def _error(exc: ApiError) -> JSONResponse:
+    return JSONResponse({"code": exc.code, "field": exc.field, "message": exc.message}, status_code=exc.status)
+
+
+def _body(ctx: Ctx) -> bytes:
+    try:
+        return anyio.from_thread.run(ctx.request.body)
+    except RuntimeError:  # the body was already read as a form
+        raise ApiError(415, "CONTENT_TYPE", "send the request body as application/json (or text/csv for /bulk)") from None
+
+
+def _json(ctx: Ctx, *, required: bool = True) -> Any:
+    ctype = ctx.request.headers.get("content-type", "").split(";")[0].strip().lower()
+    raw = _body(ctx)
+    if not raw.strip():
+        if required:
+            raise ApiError(400, "BODY_REQUIRED", "a JSON object is required")
+        return {}
+    if ctype not in ("application/json", ""):
+        raise ApiError(415, "CONTENT_TYPE", f"send application/json, not {ctype}")
+    try:
+        return json.loads(raw, parse_float=Decimal, parse_int=Decimal)
+    except (ValueError, RecursionError):
+        raise ApiError(400, "JSON_INVALID", "the body is not valid JSON") from None
+
+
+def _text_fields(item: Any, where: str) -> dict[str, str]:
+    if not isinstance(item, dict):
+        raise ApiError(400, "JSON_INVALID", f"{where} must be a JSON object of report fields")
+    out: dict[str, str] = {}
+    for key, value in item.items():
+        if key not in FIELDS:
+            raise ApiError(400, "FIELD_UNKNOWN", f"{where}: unknown field {key!r}; the fields are: {', '.join(FIELDS)}",
+                           str(key)[:64])
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            value = "Y" if value else "N"
+        if isinstance(value, (dict, list)):
+            raise ApiError(400, "FIELD_INVALID", f"{where}: {key} must be a string or a number", key)
+        out[key] = format(value, "f") if isinstance(value, Decimal) else str(value)
+    return out
+
+
+def _rejected(action: str, client_ref: str | None, reject: Reject) -> Result:
+    return Result(action=action, client_ref=client_ref, status="REJECTED", reject=reject)
+
+
+def _command_or_reject(ctx: Ctx, fields: dict[str, str]):
+    action = (fields.get("action") or "NEW").strip().upper()
+    mpid = (fields.get("reporting_mpid") or "").strip().upper()
+    if mpid and mpid != ctx.actor.mpid:
+        return _rejected(action, fields.get("client_ref"), Reject(
+            "FIELD_INVALID", "reporting_mpid", f"reporting_mpid must be your firm's MPID {ctx.actor.mpid}"))
+    fields["reporting_mpid"] = ctx.actor.mpid
+    try:
+        return parse_command(fields, channel="api")
+    except Rejected as exc:
+        return _rejected(action, fields.get("client_ref"), exc.reject)
+
+
+def _run(ctx: Ctx, prepared: list, *, single: bool) -> AfterCommit:
+    def work() -> Response:
+        commands = [p for p in prepared if not isinstance(p, Result)]
+        try:
+            results = iter(submit(ctx.state, commands)) if commands else iter(())
+        except EngineUnavailable as exc:
+            return JSONResponse({"code": "ENGINE_UNAVAILABLE", "field": None, "message": str(exc)}, status_code=503)
+        out = [p if isinstance(p, Result) else next(results) for p in prepared]
+        if single:
+            return JSONResponse(out[0].as_dict(), status_code=200 if out[0].accepted else 422)
+        return JSONResponse({"accepted": sum(r.accepted for r in out), "rejected": sum(not r.accepted for r in out),
+                             "results": [r.as_dict() for r in out]})
+
+    return AfterCommit(work)
+
+
+def _guarded(fn):
+    def endpoint(ctx: Ctx):
+        try:
+            return fn(ctx)
+        except ApiError as exc:
+            return _error(exc)
+
+    endpoint.__name__ = fn.__name__
+    endpoint.__doc__ = fn.__doc__
+    return endpoint
+
+
+# --- reports ------------------------------------------------------------------------------
+
+
+@_guarded
+def post_reports(ctx: Ctx):
+    """One report (an object of fields) or many (``{"reports": [...]}``, at most 500)."""
+    body = _json(ctx)
+    if isinstance(body, dict) and "reports" in body:
+        items = body["reports"]
+        if set(body) != {"reports"} or not isinstance(items, list) or not 1 <= len(items) <= MAX_BATCH:
+            raise ApiError(400, "BATCH_INVALID", f"reports is a list of 1 to {MAX_BATCH} report objects", "reports")
+        prepared = [_command_or_reject(ctx, _text_fields(item, f"reports[{i}]")) for i, item in enumerate(items)]
+        return _run(ctx, prepared, single=False)
+    return _run(ctx, [_command_or_reject(ctx, _text_fields(body, "the body"))], single=True)
+
+
+def _act(ctx: Ctx, action: str):
+    body = _json(ctx, required=action == "CORRECT")
+    fields = _text_fields(body, "the body")
+    if fields.get("action", action).upper() != action:
+        raise ApiError(400, "FIELD_INVALID", f"this call is a {action}; leave action out", "action")
+    fields.update(action=action, original_control_number=str(ctx.report.control_number))
+    return _run(ctx, [_command_or_reject(ctx, fields)], single=True)
+
+
+@_guarded
+def post_cancel(ctx: Ctx):
+    return _act(ctx, "CANCEL")
+
+
+@_guarded
+def post_reverse(ctx: Ctx):
+    return _act(ctx, "REVERSE")
+
+
+@_guarded
+def post_correct(ctx: Ctx):
+    return _act(ctx, "CORRECT")
+
+
+def report_json(r: Any) -> dict[str, Any]:
+    out = {
+        "control_number": str(r.control_number), "status": r.status, "reporting_mpid": r.reporting_mpid,
+        "cusip": r.cusip, "symbol": r.symbol, "data_set": r.data_set, "side": r.side, "capacity": r.capacity,
+        "contra": r.contra, "quantity": scaled(r.quantity_c, 2), "price": scaled(r.price_u, 6),
+        "yield": scaled(r.yield_u, 6) or None, "execution_time": iso_market(r.execution_us),
+        "report_time": iso_market(r.report_us), "settlement_date": r.settlement_date,
+        "commission": scaled(r.commission_c, 2) or None, "trading_market": r.trading_market,
+        "remuneration": r.remuneration, "late": bool(r.late), "as_of": bool(r.as_of), "modifier3": r.modifier3,
+        "test": bool(r.is_test), "disseminated": bool(r.disseminated), "channel": r.channel, "client_ref": r.client_ref,
+        "first_control_number": str(r.first_control_number),
+        "prior_control_number": None if r.prior_control_number is None else str(r.prior_control_number),
+        "successor_control_number": None if r.successor_control_number is None else str(r.successor_control_number),
+        "closed_time": iso_market(r.closed_us) if r.closed_us else None,
+    }
+    for name in INDICATORS:
+        out[name] = bool(getattr(r, name))
+    return out
+
+
+def _date_param(ctx: Ctx, name: str) -> str | None:
+    text = ctx.request.query_params.get(name)
+    if not text:
+        return None
+    try:
+        return dt.date.fromisoformat(text).isoformat()
+    except ValueError:
+        raise ApiError(400, "DATE_INVALID", f"{name} must be YYYY-MM-DD", name) from None
+
+
+@_guarded
+def get_reports(ctx: Ctx):
+    """The caller's firm's reports, newest first; ``after`` pages back by control number."""
+    q = ctx.request.query_params
+    t = trade_reports.c
+    stmt = sa.select(trade_reports)
+    if ctx.actor.mpid:
+        stmt = stmt.where(t.reporting_mpid == ctx.actor.mpid)
+    d0, d1 = _date_param(ctx, "date_from"), _date_param(ctx, "date_to")
+    if d0:
+        stmt = stmt.where(t.execution_date >= d0)
+    if d1:
+        stmt = stmt.where(t.execution_date <= d1)
+    if q.get("cusip"):
+        stmt = stmt.where(t.cusip == q["cusip"].strip().upper())
+    if q.get("client_ref"):
+        stmt = stmt.where(t.client_ref == q["client_ref"])
+    status = (q.get("status") or "").upper()
+    if status:
+        if status not in STATUSES:
+            raise ApiError(400, "FILTER_INVALID", f"status is one of {', '.join(STATUSES)}", "status")
+        stmt = stmt.where(t.status == status)
+    for flag in ("late", "as_of"):
+        value = (q.get(flag) or "").lower()
+        if value:
+            if value not in ("true", "false"):
+                raise ApiError(400, "FILTER_INVALID", f"{flag} is true or false", flag)
+            stmt = stmt.where(getattr(t, flag).is_(value == "true"))
+    limit = q.get("limit", "100")
+    if not limit.isdigit() or not 1 <= int(limit) <= 1000:
+        raise ApiError(400, "LIMIT_INVALID", "limit is 1 to 1000", "limit")
+    after = q.get("after")
+    if after:
+        if not after.isdigit() or len(after) > 18:
+            raise ApiError(400, "FILTER_INVALID", "after is a control number", "after")
+        stmt = stmt.where(t.control_number < int(after))
+    rows = ctx.conn.execute(stmt.order_by(t.control_number.desc()).limit(int(limit))).all()
+    return JSONResponse({"reports": [report_json(r) for r in rows],
+                         "next": str(rows[-1].control_number) if len(rows) == int(limit) else None})
+
+
+@_guarded
+def get_report(ctx: Ctx):
+    """One report with its whole history (the new report and every correction)."""
+    r = ctx.report
+    t = trade_reports.c
+    chain = ctx.conn.execute(sa.select(trade_reports).where(t.first_control_number == r.first_control_number)
+                             .order_by(t.seq)).all()
+    return JSONResponse({"report": report_json(r), "history": [report_json(x) for x in chain]})
+
+
+# --- bulk files ---------------------------------------------------------------------------
+
+
+@_guarded
+def post_bulk(ctx: Ctx):
+    """A bulk file (CSV, the columns of docs/reporting.md) in; its results file out."""
+    from bondtape.intake.bulk import run_bulk
+    from bondtape.serve import services
+
+    ctype = ctx.request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype not in ("text/csv", "text/plain"):
+        raise ApiError(415, "CONTENT_TYPE", "send the bulk file as text/csv")
+    try:
+        text = _body(ctx).decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ApiError(400, "FILE_INVALID", "the bulk file must be UTF-8 text") from None
+    reader = csv.DictReader(io.StringIO(text))
+    if not reader.fieldnames or "reporting_mpid" not in reader.fieldnames:
+        raise ApiError(400, "FILE_INVALID", "the first line names the columns, reporting_mpid among them")
+    for n, row in enumerate(reader, start=2):
+        mpid = (row.get("reporting_mpid") or "").strip().upper()
+        if mpid and mpid != ctx.actor.mpid:
+            raise ApiError(400, "FILE_INVALID", f"line {n}: reporting_mpid {mpid} is not your firm's MPID "
+                           f"{ctx.actor.mpid}; nothing was submitted", "reporting_mpid")
+    ctx.audit("report.bulk", target=f"mpid:{ctx.actor.mpid}", detail={"bytes": len(text)})
+
+    def work() -> Response:
+        out = io.StringIO()
+        try:
+            run_bulk(services(ctx.state).engine, io.StringIO(text), out)
+        except EngineUnavailable as exc:
+            return JSONResponse({"code": "ENGINE_UNAVAILABLE", "field": None, "message": str(exc)}, status_code=503)
+        name = f"results-{market_date(ctx.now_us).isoformat()}.csv"
+        return Response(out.getvalue(), media_type="text/csv",
+                        headers={"content-disposition": f'attachment; filename="{name}"'})
+
+    return AfterCommit(work)
+
+
+# --- public time and sales, reference data ------------------------------------------------
+
+
+@_guarded
+def get_time_and_sales(ctx: Ctx):
+    """The disseminated trades of a security, capped as disseminated, newest first."""
+    from bondtape.dissemination.publisher import FeedError
+    from bondtape.dissemination.query import time_and_sales
+
+    q = ctx.request.query_params
+    cusip = (q.get("cusip") or "").strip().upper()
+    if not cusip:
+        raise ApiError(400, "FIELD_REQUIRED", "cusip is required: a 9-character CUSIP", "cusip")
+    limit = q.get("limit", "100")
+    if not limit.isdigit() or not 1 <= int(limit) <= 1000:
+        raise ApiError(400, "LIMIT_INVALID", "limit is 1 to 1000", "limit")
+
+    def work() -> Response:  # the query opens its own connection: after the route's transaction
+        try:
+            data = time_and_sales(ctx.state.db, cusip, q.get("date_from"), q.get("date_to"), int(limit))
+        except FeedError as exc:
+            return _error(ApiError(404 if exc.code == "SECURITY_UNKNOWN" else 400, exc.code, exc.message, exc.field))
+        if data["data_set"] not in ("CORP", "AGCY"):
+            return _error(ApiError(404, "SECURITY_UNKNOWN", f"cusip {cusip} is not disseminated", "cusip"))
+        return JSONResponse(data)
+
+    return AfterCommit(work)
+
+
+@_guarded
+def get_securities(ctx: Ctx):
+    """Reference data: the TRACE-eligible securities on a date (default today)."""
+    from bondtape.reference.store import load_securities
+
+    q = ctx.request.query_params
+    day = _date_param(ctx, "date") or market_date(ctx.now_us).isoformat()
+    cusip = (q.get("cusip") or "").strip().upper()
+    day_d = dt.date.fromisoformat(day)
+    out = []
+    for s in load_securities(ctx.conn).values():
+        if (cusip and s.cusip != cusip) or not s.eligible_on(day_d):
+            continue
+        out.append({"cusip": s.cusip, "symbol": s.symbol, "issuer": s.issuer,
+                    "coupon": None if s.coupon is None else str(s.coupon),
+                    "maturity": s.maturity.isoformat() if s.maturity else None, "data_set": s.data_set,
+                    "grade": s.grade, "rule_144a": bool(s.rule_144a)})
+    return JSONResponse({"date": day, "securities": out})
+
+
+def openapi(ctx: Ctx):
+    return JSONResponse(OPENAPI)
+
+
+# --- the OpenAPI description --------------------------------------------------------------
+
+_STR = {"type": "string"}
+_REPORT_FIELDS = {
+    "action": {"type": "string", "enum": ["NEW", "CANCEL", "CORRECT", "REVERSE"], "default": "NEW"},
+    "client_ref": {"type": "string", "maxLength": 64, "description": "your reference; a repeat returns the first answer"},
+    "reporting_mpid": {"type": "string", "description": "your firm's MPID (default)"},
+    "cusip": {"type": "string", "example": "001957AV1"},
+    "side": {"type": "string", "enum": ["B", "S"]},
+    "capacity": {"type": "string", "enum": ["P", "A"]},
+    "contra": {"type": "string", "description": "an MPID, C (customer) or A (non-member affiliate)"},
+    "quantity": {"type": ["string", "number"], "description": "par value, dollars"},
+    "price": {"type": ["string", "number"], "description": "percent of par"},
+    "yield": {"type": ["string", "number"]},
+    "execution_time": {"type": "string", "description": "ISO 8601; without an offset, New York time"},
+    "settlement_date": {"type": "string", "description": "YYYY-MM-DD"},
+    "commission": {"type": ["string", "number"]},
+    **{name: {"type": ["string", "boolean"], "description": "Y/N or true/false"} for name in INDICATORS},
+    "trading_market": {"type": "string", "enum": ["S1", "P1"]},
+    "remuneration": {"type": "string", "enum": ["C", "M", "N", ""]},
+    "test": {"type": ["string", "boolean"]},
+    "allow_duplicate": {"type": ["string", "boolean"]},
+    "original_control_number": {"type": "string", "description": "CANCEL, CORRECT, REVERSE: the report acted on"},
+}
+_ERROR = {"type": "object", "properties": {"code": _STR, "field": {"type": ["string", "null"]}, "message": _STR},
+          "required": ["code", "message"]}
+_RESULT = {"type": "object", "properties": {
+    "action": _STR, "client_ref": {"type": ["string", "null"]}, "status": {"type": "string", "enum": ["ACCEPTED", "REJECTED"]},
+    "control_number": {"type": ["string", "null"]}, "seq": {"type": ["integer", "null"]},
+    "timeliness": {"type": ["string", "null"]}, "modifier3": {"type": ["string", "null"]},
+    "warning": {"type": ["string", "null"]}, "repeated": {"type": "boolean"},
+    "reject": {"oneOf": [{"type": "null"}, {"type": "object", "properties": {
+        "code": {"type": "string", "enum": sorted(REJECT_CODES)}, "field": _STR, "message": _STR}}]}},
+    "required": ["action", "status"]}
+
+
+def _resp(description: str, schema: dict | None = None, media: str = "application/json") -> dict:
+    out: dict[str, Any] = {"description": description}
+    if schema is not None:
+        out["content"] = {media: {"schema": schema}}
+    return out
+
+
+_AUTH_ERRORS = {
+    "401": _resp("login and password missing or not accepted", _ERROR),
+    "403": _resp("no client certificate, or not allowed", _ERROR),
+    "404": _resp("no such record (or another firm's)", _ERROR),
+    "400": _resp("malformed request", _ERROR),
+    "413": _resp("the body is larger than 64 KiB", _ERROR),
+    "415": _resp("wrong content type", _ERROR),
+}
+_CN = {"name": "control_number", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1}}
+
+
+def _act_op(action: str, body_required: bool) -> dict:
+    return {"post": {
+        "summary": f"{action.capitalize()} one of your firm's reports", "operationId": action.lower(),
+        "security": [{"certificate_and_password": []}], "parameters": [_CN],
+        "requestBody": {"required": body_required, "content": {"application/json": {"schema": {
+            "type": "object", "properties": {k: v for k, v in _REPORT_FIELDS.items() if k not in (
+                "action", "original_control_number")}, "additionalProperties": False}}}},
+        "responses": {"200": _resp("accepted", _RESULT), "422": _resp("rejected: see reject.code", _RESULT),
+                      **_AUTH_ERRORS}}}
+
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {"title": "bondtape REST API", "version": "1",
+             "description": "Trade reporting and public time and sales. Firms' calls need TLS with the user's client "
+                            "certificate and the login and password (HTTP Basic). Reject codes: docs/reject-codes.md."},
+    "components": {"securitySchemes": {"certificate_and_password": {
+        "type": "http", "scheme": "basic", "description": "with the user's TLS client certificate"}}},
+    "paths": {
+        "/api/v1/reports": {
+            "post": {
+                "summary": "Report trades (or cancel/correct/reverse by action)", "operationId": "report",
+                "security": [{"certificate_and_password": []}],
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {"oneOf": [
+                    {"type": "object", "properties": _REPORT_FIELDS, "additionalProperties": False},
+                    {"type": "object", "properties": {"reports": {"type": "array", "minItems": 1, "maxItems": MAX_BATCH,
+                                                                  "items": {"type": "object", "properties": _REPORT_FIELDS,
+                                                                            "additionalProperties": False}}},
+                     "required": ["reports"], "additionalProperties": False}]}}}},
+                "responses": {"200": _resp("accepted (one report), or the results of a batch", {"oneOf": [
+                    _RESULT, {"type": "object", "properties": {"accepted": {"type": "integer"},
+                                                               "rejected": {"type": "integer"},
+                                                               "results": {"type": "array", "items": _RESULT}}}]}),
+                              "422": _resp("rejected (one report): see reject.code", _RESULT), **_AUTH_ERRORS},
+            },
+            "get": {
+                "summary": "Your firm's reports, newest first", "operationId": "list_reports",
+                "security": [{"certificate_and_password": []}],
+                "parameters": [
+                    {"name": "date_from", "in": "query", "schema": {"type": "string", "format": "date"}},
+                    {"name": "date_to", "in": "query", "schema": {"type": "string", "format": "date"}},
+                    {"name": "cusip", "in": "query", "schema": _STR},
+                    {"name": "client_ref", "in": "query", "schema": _STR},
+                    {"name": "status", "in": "query", "schema": {"type": "string", "enum": list(STATUSES)}},
+                    {"name": "late", "in": "query", "schema": {"type": "string", "enum": ["true", "false"]}},
+                    {"name": "as_of", "in": "query", "schema": {"type": "string", "enum": ["true", "false"]}},
+                    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+                    {"name": "after", "in": "query", "schema": {"type": "string"}},
+                ],
+                "responses": {"200": _resp("reports", {"type": "object"}), **_AUTH_ERRORS},
+            },
+        },
+        "/api/v1/reports/{control_number}": {"get": {
+            "summary": "One of your firm's reports, with its history", "operationId": "get_report",
+            "security": [{"certificate_and_password": []}], "parameters": [_CN],
+            "responses": {"200": _resp("the report and its history", {"type": "object"}), **_AUTH_ERRORS}}},
+        "/api/v1/reports/{control_number}/cancel": _act_op("CANCEL", False),
+        "/api/v1/reports/{control_number}/reverse": _act_op("REVERSE", False),
+        "/api/v1/reports/{control_number}/correct": _act_op("CORRECT", True),
+        "/api/v1/bulk": {"post": {
+            "summary": "A bulk file in, its results file out", "operationId": "bulk",
+            "security": [{"certificate_and_password": []}],
+            "requestBody": {"required": True, "content": {"text/csv": {"schema": {"type": "string"}}}},
+            "responses": {"200": _resp("the results file: each line's control number or reject", {"type": "string"},
+                                       "text/csv"), **_AUTH_ERRORS}}},
+        "/api/v1/time-and-sales": {"get": {
+            "summary": "Public time and sales of a security (capped as disseminated)", "operationId": "time_and_sales",
+            "parameters": [
+                {"name": "cusip", "in": "query", "required": True, "schema": _STR},
+                {"name": "date_from", "in": "query", "schema": {"type": "string", "format": "date"}},
+                {"name": "date_to", "in": "query", "schema": {"type": "string", "format": "date"}},
+                {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+            ],
+            "responses": {"200": _resp("trades, newest first", {"type": "object"}),
+                          "400": _resp("malformed request", _ERROR), "404": _resp("unknown security", _ERROR)}}},
+        "/api/v1/securities": {"get": {
+            "summary": "Reference data: TRACE-eligible securities on a date", "operationId": "securities",
+            "security": [{"certificate_and_password": []}],
+            "parameters": [{"name": "date", "in": "query", "schema": {"type": "string", "format": "date"}},
+                           {"name": "cusip", "in": "query", "schema": _STR}],
+            "responses": {"200": _resp("securities", {"type": "object"}), **_AUTH_ERRORS}}},
+    },
+}
+
+ROUTES = [
+    route("/openapi.json", openapi, rule="public"),
+    route("/api/v1/reports", post_reports, rule="trade.report", methods=["POST"], auth="certificate"),
+    route("/api/v1/reports", get_reports, rule="trade.view", auth="certificate"),
+    route("/api/v1/reports/{control_number:int}", get_report, rule="trade.view", resource=report_mpid,
+          auth="certificate"),
+    route("/api/v1/reports/{control_number:int}/cancel", post_cancel, rule="trade.act", methods=["POST"],
+          resource=report_mpid, auth="certificate"),
+    route("/api/v1/reports/{control_number:int}/reverse", post_reverse, rule="trade.act", methods=["POST"],
+          resource=report_mpid, auth="certificate"),
+    route("/api/v1/reports/{control_number:int}/correct", post_correct, rule="trade.act", methods=["POST"],
+          resource=report_mpid, auth="certificate"),
+    route("/api/v1/bulk", post_bulk, rule="trade.report", methods=["POST"], auth="certificate"),
+    route("/api/v1/time-and-sales", get_time_and_sales, rule="public"),
+    route("/api/v1/securities", get_securities, rule="download.reference", auth="certificate"),
+]
