@@ -66,21 +66,19 @@ def parse_fields(body: bytes) -> tuple[list[tuple[int, str]], FieldError | None]
     """
     out: list[tuple[int, str]] = []
     error: FieldError | None = None
-    parts = body.split(SOH)
-    if parts and parts[-1] == b"":
+    parts = body.decode("latin-1").split("\x01")
+    if parts and parts[-1] == "":
         parts.pop()
+    append = out.append
     for part in parts:
-        eq = part.find(b"=")
-        tag_text = part[:eq] if eq > 0 else b""
-        if not tag_text.isdigit() or len(tag_text) > 9 or tag_text[0:1] == b"0":
-            error = error or FieldError(0, None, f"invalid tag number {bytes(tag_text or part)[:12]!r}")
+        tag_text, eq, value = part.partition("=")
+        if eq and value and tag_text.isdigit() and tag_text.isascii() and len(tag_text) <= 9 and tag_text[0] != "0":
+            append((int(tag_text), value))
             continue
-        tag = int(tag_text)
-        value = part[eq + 1:]
-        if not value:
-            error = error or FieldError(4, tag, f"tag {tag} has no value")  # Tag specified without a value
-            continue
-        out.append((tag, value.decode("latin-1")))
+        if not eq or not tag_text.isascii() or not tag_text.isdigit() or len(tag_text) > 9 or tag_text[0] == "0":
+            error = error or FieldError(0, None, f"invalid tag number {(tag_text or part)[:12]!r}")
+        else:
+            error = error or FieldError(4, int(tag_text), f"tag {int(tag_text)} has no value")  # Tag specified without a value
     return out, error
 
 
@@ -164,16 +162,19 @@ def utc_timestamp(us: int) -> str:
 
 def parse_utc_timestamp(text: str) -> dt.datetime:
     """YYYYMMDD-HH:MM:SS[.sss[sss]] in UTC; raises ValueError."""
-    if len(text) < 17 or text[8] != "-":
+    if len(text) < 17 or text[8] != "-" or text[11] != ":" or text[14] != ":" or not text.isascii():
         raise ValueError(text)
-    base = dt.datetime.strptime(text[:17], "%Y%m%d-%H:%M:%S")
+    digits = text[:8] + text[9:11] + text[12:14] + text[15:17]
+    if not digits.isdigit():
+        raise ValueError(text)
     frac = text[17:]
     micro = 0
     if frac:
         if frac[0] != "." or not frac[1:].isdigit() or len(frac) - 1 not in (3, 6, 9):
             raise ValueError(text)
         micro = int(frac[1:7].ljust(6, "0"))
-    return base.replace(microsecond=micro, tzinfo=dt.timezone.utc)
+    return dt.datetime(int(digits[:4]), int(digits[4:6]), int(digits[6:8]), int(digits[8:10]), int(digits[10:12]),
+                       int(digits[12:14]), micro, tzinfo=dt.timezone.utc)
 
 
 def encode(msg_type: str, sender: str, target: str, seq: int, sending_time: str,

@@ -19,6 +19,7 @@ import asyncio
 import logging
 import ssl as ssl_module
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -207,7 +208,7 @@ async def start_fix_server(
 class _Slot:
     """One thing for the writer to do, in order."""
 
-    __slots__ = ("kind", "msg_type", "body", "app", "future", "report", "ref_seq", "in_seq", "args")
+    __slots__ = ("kind", "msg_type", "body", "app", "future", "report", "ref_seq", "in_seq", "args", "command")
 
     def __init__(self, kind: str, in_seq: int, msg_type: str = "", body: list | None = None, app: bool = False,
                  future: Any = None, report: mapping.TradeReport | None = None, ref_seq: int = 0, args: tuple = ()):
@@ -220,6 +221,7 @@ class _Slot:
         self.report = report
         self.ref_seq = ref_seq
         self.args = args
+        self.command: Any = None  # a report not yet handed to the engine
 
 
 class Connection:
@@ -246,10 +248,11 @@ class Connection:
         self.last_sent = time.monotonic()
         self.test_request_at: float | None = None
         self.gap_high: int | None = None  # a ResendRequest is out until next_in passes this
-        self.last_future: asyncio.Future | None = None
+        self.last_future: Future | None = None  # of the last report sent to the engine
         self._writer_task: asyncio.Task | None = None
         self._close_queued = False
         self._writer_ok = False
+        self._unsubmitted: list[_Slot] = []
 
     # -- life -----------------------------------------------------------------------------
     async def run(self) -> None:
@@ -270,6 +273,8 @@ class Connection:
                     await self._on_message(item)
                     if self.closing:
                         break
+                # All the reports of one read go to the engine together: one group commit.
+                self._submit_pending()
         except (ConnectionError, ssl_module.SSLError, asyncio.IncompleteReadError, OSError) as exc:
             log.info("FIX %s: connection lost: %s", self.peer, exc)
         except asyncio.CancelledError:
@@ -360,7 +365,7 @@ class Connection:
 
     # -- output ---------------------------------------------------------------------------
     async def _send(self, msg_type: str, body: list[tuple[int, Any]], app: bool = False) -> None:
-        await self.out.put(_Slot("msg", self.next_in, msg_type, body, app))
+        await self._put(_Slot("msg", self.next_in, msg_type, body, app))
 
     async def _reject(self, ref_seq: int, ref_type: str | None, reason: int, tag: int | None, text: str) -> None:
         body: list[tuple[int, Any]] = [(45, ref_seq)]
@@ -404,6 +409,12 @@ class Connection:
             chunks: list[bytes] = []
             rows: list[dict] = []
             in_seq = 0
+            self._submit_pending()  # (the reader hands them over after each read; this is a safety net)
+            # The engine answers in submission order: waiting for the last report of the
+            # batch (one wake-up) covers the ones before it.
+            last = next((s.future for s in reversed(slots) if s.kind == "ar" and s.future is not None), None)
+            if last is not None and not last.done():
+                await asyncio.wait([asyncio.wrap_future(last)])
             for slot in slots:
                 if slot.kind == "close":
                     await self._flush(chunks, rows, in_seq)
@@ -438,7 +449,9 @@ class Connection:
         if slot.future is None:
             return "AR", mapping.ack_body(report, None, report.reject), True
         try:
-            result: Result = await slot.future
+            if not slot.future.done():
+                await asyncio.wrap_future(slot.future)
+            result: Result = slot.future.result()
         except Exception as exc:
             unavailable = isinstance(exc, EngineUnavailable)
             if not unavailable:
@@ -598,7 +611,7 @@ class Connection:
         if b < 1 or (e != 0 and e < b):
             await self._reject(seq, "2", 5, 7, "BeginSeqNo (7) must be at least 1 and not after EndSeqNo (16)")
             return
-        await self.out.put(_Slot("resend", self.next_in, args=(b, e)))
+        await self._put(_Slot("resend", self.next_in, args=(b, e)))
 
     async def _sequence_reset(self, seq: int, first: dict[int, str], gap_fill: bool) -> None:
         new_text = first.get(36, "")
@@ -646,20 +659,36 @@ class Connection:
                 command = parse_command(fields, channel="fix")
             except Rejected as exc:
                 report.reject = exc.reject
-        future = None
+        slot = _Slot("ar", self.next_in, report=report, ref_seq=seq)
         if command is not None:
+            slot.command = command
+            self._unsubmitted.append(slot)
+        await self._put(slot)
+
+    def _submit_pending(self) -> None:
+        """Hand the reports read so far to the engine, in order."""
+        for slot in self._unsubmitted:
             try:
-                future = asyncio.wrap_future(self.server.sequencer.submit(command))
+                slot.future = self.server.sequencer.submit(slot.command)
             except EngineUnavailable as exc:
-                future = asyncio.get_running_loop().create_future()
-                future.set_exception(exc)
-            self.last_future = future
-        await self.out.put(_Slot("ar", self.next_in, report=report, future=future, ref_seq=seq))
+                slot.future = Future()
+                slot.future.set_exception(exc)
+            slot.command = None
+            self.last_future = slot.future
+        self._unsubmitted.clear()
+
+    async def _put(self, slot: _Slot) -> None:
+        if self.out.full():
+            self._submit_pending()  # the writer is about to wait on them
+            await self.out.put(slot)
+        else:
+            self.out.put_nowait(slot)
 
     async def _resolve_ref(self, mpid: str, ref: str) -> str:
         """TradeReportRefID (572): one of the firm's own TradeReportIDs, else a control number."""
+        self._submit_pending()
         if self.last_future is not None and not self.last_future.done():
-            await asyncio.wait([self.last_future])
+            await asyncio.wait([asyncio.wrap_future(self.last_future)])
         found = await asyncio.to_thread(_lookup_client_ref, self.server.db, mpid, ref)
         return str(found) if found is not None else ref
 
