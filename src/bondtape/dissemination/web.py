@@ -112,9 +112,13 @@ class _Stream:
         self.queue: asyncio.Queue[FeedMessage | None] = asyncio.Queue()
         self.sub = None
         self.overflow = False
+        self._filled = False
 
     async def _fill_start(self) -> None:
         # a data set without a position starts after the last stored message
+        if self._filled:
+            return
+        self._filled = True
         missing = [ds for ds in self.data_sets if ds not in self.start]
         if missing:
             status = await run_in_threadpool(feed_status, self.publisher.db)
@@ -182,8 +186,9 @@ def feed_routes(publisher: Publisher, *, entitled: Entitled | None = None) -> li
             await websocket.accept()
             await websocket.close(code=4400, reason=f"{exc.code}: {exc.message}"[:120])
             return
-        await websocket.accept()
         stream = _Stream(publisher, want.data_sets, want.start)
+        await stream._fill_start()  # "live from now" means from the accepted handshake
+        await websocket.accept()
 
         async def pump() -> None:
             async for m in stream:
@@ -214,6 +219,7 @@ def feed_routes(publisher: Publisher, *, entitled: Entitled | None = None) -> li
         except FeedError as exc:
             return _error(exc)
         stream = _Stream(publisher, want.data_sets, want.start)
+        await stream._fill_start()
 
         async def events():
             last: dict[str, tuple[str, int]] = {}
