@@ -57,6 +57,25 @@ EXPECTED_ROUTES = {
     ("POST", "/reports/{control_number:int}/reverse"): {"trader"},
     ("GET", "/reports/{control_number:int}/correct"): {"trader"},
     ("POST", "/reports/{control_number:int}/correct"): {"trader"},
+    # market data (routes_market)
+    ("GET", "/market"): EVERYONE,
+    ("GET", "/market/security"): EVERYONE,
+    # operator pages (routes_operator)
+    ("GET", "/operator"): {"operator"},
+    ("GET", "/operator/firms"): {"operator"},
+    ("GET", "/operator/users"): {"operator"},
+    ("POST", "/operator/users/{user_id:int}/{action}"): set(),  # sample path has no user id: the router answers 404
+    ("GET", "/operator/securities"): {"operator"},
+    ("GET", "/operator/halts"): {"operator"},
+    ("POST", "/operator/halts/{action}"): {"operator"},
+    # Historic data, ad-hoc requests, invoices (routes_data)
+    ("GET", "/data"): SIGNED_IN,
+    ("GET", "/data/requests"): SIGNED_IN,
+    ("POST", "/data/requests"): SIGNED_IN,
+    ("GET", "/data/requests/extract.csv"): SIGNED_IN,
+    ("GET", "/operator/requests"): {"operator"},
+    ("POST", "/operator/requests/{action}"): {"operator"},
+    ("GET", "/invoices"): {"operator", "firm_admin"},
     # REST API (web/api.py)
     ("GET", "/openapi.json"): EVERYONE,
     ("GET", "/api/v1/time-and-sales"): EVERYONE,

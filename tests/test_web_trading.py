@@ -112,3 +112,25 @@ def test_viewer_sees_but_cannot_act_and_other_firm_gets_404(world):
     assert o.get(f"/reports/{cn}/history").status_code == 404
     assert o.post(f"/reports/{cn}/cancel", csrf_from="/journal").status_code == 404
     assert f">{cn}<" not in o.get("/journal").text
+
+
+def test_market_pages_show_the_feed_capped(world):
+    c = signed_in(world, world.trader)
+    cn = control_number(report(c, quantity="7500000"))  # investment grade: disseminated as 5MM+
+    report(c, cusip=HY, quantity="1500000", price="98.5")  # high yield: 1MM+
+    svc = world.app.state.services
+    with world.db.connect() as conn:
+        seq = conn.execute(sa.select(sa.func.max(trade_reports.c.seq))).scalar()
+    assert svc.publisher.wait_for(seq)
+    anon = world.client()
+    page = anon.get(f"/market/security?cusip={IG}")
+    assert page.status_code == 200
+    assert ">5MM+<" in page.text and ">101.25<" in page.text and "DLRA" not in page.text and str(cn) not in page.text
+    assert "<polyline" in page.text
+    assert ">1MM+<" in anon.get("/market/security?q=BORE4054321").text
+    live = anon.get(f"/market/security?cusip={IG}&fragment=1")
+    assert live.text.startswith('<span hidden data-feed-version=') and "<html" not in live.text
+    market = anon.get("/market").text
+    assert 'id="aggregates"' in market and "ACME4012345" in market and "9,000,000" not in market
+    assert anon.get("/market/security?q=NOSUCH").status_code == 404
+    assert anon.get("/market?date=junk").status_code == 400
