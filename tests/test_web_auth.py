@@ -320,3 +320,14 @@ def test_org_admin_may_not_order_roles_its_kind_cannot_have(world):
     r = c.post("/orders", {"username": "eve", "full_name": "Eve", "email": "eve@x.test", "role_operator_admin": "on"},
                csrf_from="/orders")
     assert r.status_code == 400 and "USER_ROLES" in r.text
+
+
+def test_state_changing_requests_are_audited_with_user_and_address(world):
+    c = world.client()
+    c.login(world.admin)
+    c.post("/orders", {"username": "frank", "full_name": "Frank", "email": "frank@x.test", "role_viewer": "on"},
+           csrf_from="/orders")
+    with world.db.connect() as conn:
+        [entry] = audit.search(conn, action="request", actor="dlra-admin")
+    assert entry.target == "/orders" and entry.source == "testclient"
+    assert entry.detail == {"method": "POST", "route": "/orders", "status": 303}

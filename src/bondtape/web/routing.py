@@ -222,6 +222,10 @@ def _handle_sync(request: Request, r: GuardedRoute, form: dict[str, str]) -> Res
                 return _error_response(r, 403, "FORBIDDEN_" + decision.reason.upper(),
                                        f"not allowed: {decision.reason.replace('_', ' ')}")
             response = r.handler(ctx)
+            if request.method != "GET" and ctx.actor is not None and r.rule != "public":
+                # every state-changing request of a signed-in user: who, what, when, from where
+                ctx.audit("request", target=request.url.path[:200],
+                          detail={"method": request.method, "route": r.path, "status": response.status_code})
         except NotFound as exc:
             return _error_response(r, 404, "NOT_FOUND", str(exc) or "no such record")
         except AccessError as exc:
