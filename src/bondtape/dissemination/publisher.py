@@ -78,6 +78,30 @@ class FeedMessage:
         return cls(r.data_set, r.feed_date, r.msg_seq, r.msg_type, r.body, r.pub_order, r.journal_seq, r.cusip)
 
 
+def _feed_writer(db: SAEngine) -> SAEngine:
+    """The connection the publisher writes with.
+
+    On SQLite it is a second engine on the same file with ``synchronous=NORMAL``: the feed
+    tables are a projection that the publisher rebuilds from the durable journal, so its
+    commits need not wait for the disk (WAL keeps them atomic; after a power loss the
+    publisher resumes from the position that survived, in the same transactions). The
+    journal's own commits keep ``synchronous=FULL``. PostgreSQL uses the engine as given.
+    """
+    if db.dialect.name != "sqlite" or db.url.database in (None, "", ":memory:"):
+        return db
+    from bondtape.db import connect
+
+    writer = connect(db.url.render_as_string(hide_password=False), migrate_schema=False)
+
+    @sa.event.listens_for(writer, "connect")
+    def _normal(dbapi_connection, _record) -> None:  # after bondtape.db's pragmas
+        cur = dbapi_connection.cursor()
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+
+    return writer
+
+
 def read_messages(conn: Connection, data_set: str, start: tuple[str, int] = ("", 1), *,
                   until: tuple[str, int] | None = None, limit: int | None = None) -> list[FeedMessage]:
     """Stored messages of ``data_set`` from position ``start`` = (date, seq) on, in order."""
@@ -139,6 +163,10 @@ class _Batch:
     days: set[tuple[str, str]] = field(default_factory=set)
     actions: list[dict[str, Any]] = field(default_factory=list)
     flushed_messages: int = 0
+    blocks: dict[int, dict[str, Any]] = field(default_factory=dict)  # public blocks made in this batch
+
+
+_RECOVER = object()  # queued when an inline apply failed
 
 
 class _Conflict(RuntimeError):
@@ -151,6 +179,7 @@ class Publisher:
     def __init__(self, db: SAEngine, rulebook: Rulebook | None = None, clock: Callable[[], int] = now_us,
                  chunk: int = 5000):
         self.db = db
+        self._writer = _feed_writer(db)
         self.rulebook = rulebook or default_rulebook()
         self.clock = clock
         self.chunk = chunk
@@ -163,6 +192,7 @@ class Publisher:
         self._stopping = False
         self.errors = 0
         self.poll_interval: float | None = None
+        self.inline = True
         self._load()
 
     # -- state -------------------------------------------------------------------------
@@ -186,11 +216,14 @@ class Publisher:
         self.delivered = self.position  # journal events whose messages subscribers have been given
 
     # -- running -----------------------------------------------------------------------
-    def start(self, engine: Any | None = None, *, poll_interval: float | None = None) -> "Publisher":
-        """Catch up from the journal, then follow it in a thread: live from ``engine`` (its
-        listeners) in the same process, and/or by reading the journal every
-        ``poll_interval`` seconds (a publisher in another process than the engine)."""
+    def start(self, engine: Any | None = None, *, poll_interval: float | None = None,
+              inline: bool = True) -> "Publisher":
+        """Catch up from the journal, then follow it: live from ``engine`` (its listeners) in
+        the same process (``inline``: in the engine's thread; else queued to the publisher's
+        thread), and/or by reading the journal every ``poll_interval`` seconds (a publisher
+        in another process than the engine)."""
         self.poll_interval = poll_interval
+        self.inline = inline
         if engine is not None:
             self._engine = engine
             engine.listeners.append(self._on_events)
@@ -209,14 +242,31 @@ class Publisher:
             self._thread.join(timeout)
             self._thread = None
 
+    def close(self) -> None:
+        """Stop following and release the publisher's own connections."""
+        self.stop()
+        if self._writer is not self.db:
+            self._writer.dispose()
+
     def __enter__(self) -> "Publisher":
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.stop()
+        self.close()
 
-    def _on_events(self, events: list[Event]) -> None:  # engine listener: never raises, never blocks
-        self._queue.put(events)
+    def _on_events(self, events: list[Event]) -> None:
+        """The engine listener: never raises. Inline (the default) the events are applied in
+        the engine's thread right after its commit: the feed's own writes then never wait
+        on the engine's for the database (SQLite has one writer at a time)."""
+        if not self.inline:
+            self._queue.put(events)
+            return
+        try:
+            self.apply_live(events)
+        except Exception:  # the journal keeps the events: the publisher's thread catches up
+            self.errors += 1
+            log.exception("feed publisher failed; catching up from the journal")
+            self._queue.put(_RECOVER)
 
     def _run(self) -> None:
         while True:
@@ -232,6 +282,9 @@ class Publisher:
                 continue
             if item is None:
                 return
+            if item is _RECOVER:
+                self._recover()
+                continue
             events = list(item)
             while True:  # take whatever else is waiting: one transaction for all of it
                 try:
@@ -307,14 +360,22 @@ class Publisher:
         """Apply events and already-recorded actions in one transaction, then fan out."""
         saved = self._snapshot_state()
         try:
-            with self.db.begin() as conn:
+            with self._writer.begin() as conn:
                 b = _Batch(conn)
                 self._preload(b, [e.ref_control_number for e in events if e.ref_control_number])
                 pending = sorted(actions, key=lambda a: a["id"])
+                # Messages of journal events are a pure function of the (durable) journal: each
+                # is handed out as soon as it is made, before our own writes; a crash before the
+                # commit regenerates the same bytes, and subscribers drop positions they have seen.
+                delivered_early = not actions
+                sent = 0
                 for ev in events:
                     while pending and pending[0]["after_journal_seq"] < ev.seq:
                         self._apply_action(b, pending.pop(0))
                     self._apply(b, ev)
+                    if delivered_early and len(b.messages) > sent:
+                        self._fan_out(b.messages[sent:])
+                        sent = len(b.messages)
                 for a in pending:
                     self._apply_action(b, a)
                 self._flush(b)
@@ -324,7 +385,8 @@ class Publisher:
         except BaseException:
             self._restore_state(saved)
             raise
-        self._fan_out(b.messages)
+        if not delivered_early:  # operator actions are delivered once they are durable
+            self._fan_out(b.messages)
         self.delivered = self.position
         return b.messages
 
@@ -418,7 +480,7 @@ class Publisher:
         if kind == "NEW":
             row = self._report_row(b, ev, date, rules)
             if row["withheld"] is None:
-                msg = self._emit(b, row["data_set"], date, "TRADE", {"cusip": row["cusip"], "trade": json.loads(row["block"])},
+                msg = self._emit(b, row["data_set"], date, "TRADE", {"cusip": row["cusip"], "trade": b.blocks[ev.control_number]},
                                  ev.seq, row["cusip"])
                 row["msg_date"], row["msg_seq"] = msg.date, msg.seq
             return
@@ -447,7 +509,7 @@ class Publisher:
             if shown and new_shown and same_feed:
                 msg = self._emit(b, row["data_set"], date, "CORRECTION",
                                  {"cusip": row["cusip"], "original": ref, "original_trade": json.loads(original["block"]),
-                                  "trade": json.loads(row["block"])}, ev.seq, row["cusip"])
+                                  "trade": b.blocks[ev.control_number]}, ev.seq, row["cusip"])
             else:
                 msg = None
                 if shown:  # the public must drop the original: the corrected terms are withheld or elsewhere
@@ -455,7 +517,7 @@ class Publisher:
                                {"cusip": original["cusip"], "original": ref, "trade": json.loads(original["block"]),
                                 "reported_at": reported_at}, ev.seq, original["cusip"])
                 if new_shown:  # first dissemination of these terms
-                    msg = self._emit(b, row["data_set"], date, "TRADE", {"cusip": row["cusip"], "trade": json.loads(row["block"])},
+                    msg = self._emit(b, row["data_set"], date, "TRADE", {"cusip": row["cusip"], "trade": b.blocks[ev.control_number]},
                                      ev.seq, row["cusip"])
             if msg is not None:
                 row["msg_date"], row["msg_seq"] = msg.date, msg.seq
@@ -463,13 +525,16 @@ class Publisher:
     def _report_row(self, b: _Batch, ev: Event, date: str, rules: Any) -> dict[str, Any]:
         p = ev.payload
         withheld = p.get("withheld")
+        block = R.trade_block(p, ev.recorded_us, rules) if withheld is None else None
+        if block is not None:
+            b.blocks[ev.control_number] = block
         row = {
             "control_number": ev.control_number, "journal_seq": ev.seq, "data_set": p["data_set"], "feed_date": date,
             "cusip": p["cusip"], "symbol": p["symbol"], "grade": p["grade"], "quantity_c": p["quantity_c"],
             "price_u": p["price_u"], "yield_u": p.get("yield_u"), "execution_us": p["execution_us"],
             "counted": R.counts_in_aggregates(withheld), "sets_last_sale": withheld is None and R.sets_last_sale(p),
             "withheld": withheld, "msg_date": None, "msg_seq": None,
-            "block": R.encode(R.trade_block(p, ev.recorded_us, rules)) if withheld is None else None,
+            "block": R.encode(block) if block is not None else None,
             "status": "ACTIVE",
         }
         b.reports[ev.control_number] = row
@@ -538,7 +603,7 @@ class Publisher:
                    "operator": operator}
             saved = self._snapshot_state()
             try:
-                with self.db.begin() as conn:
+                with self._writer.begin() as conn:
                     b = _Batch(conn)
                     b.actions.append(row)
                     self._flush(b)  # the action is recorded with the messages it causes
@@ -608,7 +673,9 @@ class Publisher:
         first to send), then live, with no gap and no repeat. Without a start position for
         a data set, only messages published from now on are sent."""
         sub = Subscription(self, deliver, [ds for ds in data_sets if ds in DATA_SETS])
-        with self._fanout:
+        # Registered between two batches: a batch handed out before this is already stored
+        # (its commit follows its fan-out under the same lock), a later one is buffered.
+        with self._lock, self._fanout:
             self._subscriptions.append(sub)
         try:
             for ds in sorted(sub.data_sets):
@@ -658,7 +725,7 @@ class Publisher:
         """Drop the derived feed tables and publish again from the journal and the recorded
         operator actions. Returns the number of messages; they equal the ones published live."""
         with self._lock:
-            with self.db.begin() as conn:
+            with self._writer.begin() as conn:
                 for t in FEED_TABLES:
                     if t is not feed_position:
                         conn.execute(t.delete())
