@@ -22,6 +22,7 @@ _SUBCOMMANDS = [
     ("bondtape.dissemination.cli", "COMMANDS"),
     ("bondtape.historic.cli", "COMMANDS"),
     ("bondtape.access.cli", "COMMANDS"),
+    ("bondtape.serve", "COMMANDS"),
 ]
 
 DB_HELP = f"Database URL (SQLite or PostgreSQL). Default: ${ENV_VAR}, else sqlite:///bondtape.db"

@@ -236,11 +236,20 @@ def simulate(start: dt.datetime, days: int, trades_per_day: int, seed: int, n_se
               show_default=True, help="Folder for the demo database and files.")
 @click.option("--days", default=10, show_default=True)
 @click.option("--trades-per-day", default=2000, show_default=True)
-def demo(directory: Path, days: int, trades_per_day: int) -> None:
-    """Build a demo market on SQLite and show around it."""
+@click.option("--serve/--no-serve", default=True, show_default=True,
+              help="Start the website, REST API, feed and FIX gateway (Ctrl-C stops them).")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="The website (HTTP).")
+@click.option("--tls-port", type=click.IntRange(0, 65535), default=8443, show_default=True,
+              help="HTTPS with client certificates: REST API, downloads.")
+@click.option("--fix-port", type=click.IntRange(0, 65535), default=9878, show_default=True, help="The FIX gateway.")
+def demo(directory: Path, days: int, trades_per_day: int, serve: bool, host: str, port: int, tls_port: int,
+         fix_port: int) -> None:
+    """Build a demo market on SQLite, users to sign in as, and serve the website on it."""
     from bondtape.demo import run_demo
 
-    run_demo(directory, days=days, trades_per_day=trades_per_day, console=console)
+    run_demo(directory, days=days, trades_per_day=trades_per_day, console=console, serve=serve, host=host, port=port,
+             tls_port=tls_port, fix_port=fix_port)
 
 
 COMMANDS = [securities, firms, report, journal, simulate, demo]
