@@ -8,6 +8,7 @@ garbled and skipped (FIX: a garbled message is ignored, not rejected).
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass, field
 
 SOH = b"\x01"
@@ -59,14 +60,21 @@ def checksum(data: bytes) -> int:
     return sum(data) % 256
 
 
+_FIELD = re.compile(r"([1-9][0-9]{0,8})=([^\x01]+)\x01")
+
+
 def parse_fields(body: bytes) -> tuple[list[tuple[int, str]], FieldError | None]:
     """``tag=value<SOH>`` pairs, and the first bad field as a :class:`FieldError` (373 reason).
 
     Parsing goes on past a bad field so that the header (MsgSeqNum) can still be read.
     """
+    text = body.decode("latin-1")
+    found = _FIELD.findall(text)
+    if sum(len(t) + len(v) + 2 for t, v in found) == len(text):  # every field well formed
+        return [(int(t), v) for t, v in found], None
     out: list[tuple[int, str]] = []
     error: FieldError | None = None
-    parts = body.decode("latin-1").split("\x01")
+    parts = text.split("\x01")
     if parts and parts[-1] == "":
         parts.pop()
     append = out.append

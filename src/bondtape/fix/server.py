@@ -518,9 +518,7 @@ class Connection:
             return
         if self.state != "ACTIVE":
             return
-        first: dict[int, str] = {}
-        for t, v in m.fields:
-            first.setdefault(t, v)
+        first: dict[int, str] = dict(reversed(m.fields))  # the first occurrence of each tag
         if m.begin_string != codec.BEGIN_STRING:
             await self._logout_and_close(f"BeginString (8) {m.begin_string!r} is not accepted: FIX.4.4")
             return
@@ -720,9 +718,7 @@ class Connection:
         self._queue_close()
 
     async def _on_logon(self, m: codec.RawMessage) -> None:
-        first: dict[int, str] = {}
-        for t, v in m.fields:
-            first.setdefault(t, v)
+        first: dict[int, str] = dict(reversed(m.fields))  # the first occurrence of each tag
         if m.begin_string != codec.BEGIN_STRING or first.get(35) != "A" or m.error is not None:
             log.info("FIX %s: first message is not a FIX.4.4 Logon; disconnecting", self.peer)
             self.state = "CLOSED"
