@@ -415,6 +415,14 @@ def test_parallel_reading_gives_the_same_invoices(firm_month, subscribers):
     assert build_invoices(db, "2010-04", workers=3) == serial
     with db.connect() as conn:
         assert build_invoices(conn, "2010-04") == serial
+    for inv in serial[0]:  # one organisation's invoice alone is the same invoice
+        org_id = inv.organisation.id
+        assert build_invoices(db, "2010-04", org_id=org_id)[0] == [inv]
+        with db.connect() as conn:
+            assert build_invoices(conn, "2010-04", org_id=org_id)[0] == [inv]
+    with pytest.raises(FeeError) as err:
+        build_invoices(db, "2010-04", org_id=9999)
+    assert err.value.code == "ORG_UNKNOWN"
 
 
 def test_json_and_csv_survive_awkward_text():

@@ -186,7 +186,8 @@ def _cn_key(cn: str) -> tuple[int, str]:
     return (len(cn), cn)
 
 
-def _report_rows(conn: Connection, first: dt.date, last: dt.date, schedule: Schedule) -> list[Any]:
+def _report_rows(conn: Connection, first: dt.date, last: dt.date, schedule: Schedule,
+                 mpid: str | None = None) -> list[Any]:
     """Production reports received from ``first`` to ``last``, grouped by MPID, tier and flags,
     with their control numbers (comma-joined). One pass over the covering index
     ix_fees_trade_reports_month (named for SQLite, whose planner may otherwise prefer a
@@ -203,8 +204,12 @@ def _report_rows(conn: Connection, first: dt.date, last: dt.date, schedule: Sche
                count(*), sum(quantity_c), {concat}
         FROM trade_reports {hint}
         WHERE report_date >= :first AND report_date <= :last AND NOT is_test
+              {"AND reporting_mpid = :mpid" if mpid is not None else ""}
         GROUP BY 1, 2, 3, 4""")
-    return conn.execute(sql, {"first": first.isoformat(), "last": last.isoformat()}).all()
+    params = {"first": first.isoformat(), "last": last.isoformat()}
+    if mpid is not None:
+        params["mpid"] = mpid
+    return conn.execute(sql, params).all()
 
 
 def _report_groups(chunks: Iterable[list[Any]]) -> list[ReportGroup]:
@@ -247,15 +252,23 @@ def _parallel_report_groups(db: Engine, month: str, schedule: Schedule, workers:
 
 
 def collect(conn: Connection, month: str, schedule: Schedule,
-            report_groups: list[ReportGroup] | None = None) -> MonthInputs:
-    """Read the facts that bill ``month`` (YYYY-MM); ``report_groups`` if already read."""
+            report_groups: list[ReportGroup] | None = None, org_id: int | None = None) -> MonthInputs:
+    """Read the facts that bill ``month`` (YYYY-MM); ``report_groups`` if already read.
+    With ``org_id``, only what bills that organisation."""
     first, last = month_bounds(month)
     start_us, end_us = month_us(month)
     orgs = {r.id: Organisation(r.id, r.name, r.kind, r.mpid, r.email) for r in conn.execute(
         sa.select(organisations.c.id, organisations.c.name, organisations.c.kind, organisations.c.mpid,
                   organisations.c.email))}
 
-    groups = report_groups if report_groups is not None else _report_groups([_report_rows(conn, first, last, schedule)])
+    if org_id is not None:
+        if org_id not in orgs:
+            raise FeeError("ORG_UNKNOWN", "organisation", f"no organisation {org_id}")
+        mpid = orgs[org_id].mpid
+        orgs = {k: v for k, v in orgs.items() if k == org_id or (mpid and v.mpid == mpid)}
+    only_mpid = (orgs[org_id].mpid or "") if org_id is not None else None
+    groups = report_groups if report_groups is not None else _report_groups(
+        [_report_rows(conn, first, last, schedule, only_mpid)])
     groups.sort(key=lambda g: (g.mpid, g.tier, g.correction, g.late_as_of))
 
     # Cancel / correct / reverse: journal events received in the month on production reports.
@@ -264,7 +277,8 @@ def collect(conn: Connection, month: str, schedule: Schedule,
         sa.select(j.event_type, j.mpid, j.control_number, j.seq)
         .select_from(journal.join(trade_reports, trade_reports.c.control_number == j.ref_control_number))
         .where(sa.text("journal.event_type <> 'NEW'"), j.event_type.in_(ACTIONS),
-               j.recorded_us >= start_us, j.recorded_us < end_us, trade_reports.c.is_test == sa.false())
+               j.recorded_us >= start_us, j.recorded_us < end_us, trade_reports.c.is_test == sa.false(),
+               *([j.mpid == only_mpid] if only_mpid is not None else []))
         .order_by(j.seq)
     )]
 
@@ -274,6 +288,7 @@ def collect(conn: Connection, month: str, schedule: Schedule,
     for r in conn.execute(
         sa.select(u.id, u.org_id, u.username, u.web_access, u.web_data_sets, u.activated_us)
         .where(u.web_access.in_(("LEVEL_I", "LEVEL_II")), u.activated_us.isnot(None), u.activated_us < end_us,
+               *([u.org_id == org_id] if org_id is not None else []),
                sa.or_(u.deactivated_us.is_(None), u.deactivated_us >= start_us))
         .order_by(u.org_id, u.activated_us, u.id)
     ):
@@ -284,7 +299,7 @@ def collect(conn: Connection, month: str, schedule: Schedule,
     subs = [Subscription(r.id, r.org_id, r.product, r.data_set, r.quantity, r.start_date, r.end_date)
             for r in conn.execute(
                 sa.select(fee_subscriptions).where(
-                    s.start_date <= last.isoformat(),
+                    s.start_date <= last.isoformat(), *([s.org_id == org_id] if org_id is not None else []),
                     sa.or_(s.end_date.is_(None), s.end_date >= first.isoformat()))
                 .order_by(s.org_id, s.id))]
 
@@ -292,7 +307,8 @@ def collect(conn: Connection, month: str, schedule: Schedule,
     orders = [HistoricOrder(r.id, r.org_id, r.product, r.data_set, r.year, r.recipient, r.cusips, r.media_cost_c,
                             r.delivery_cost_c, r.amount_c, r.description, r.order_date)
               for r in conn.execute(sa.select(historic_orders).where(
-                  h.order_date >= first.isoformat(), h.order_date <= last.isoformat()).order_by(h.org_id, h.id))]
+                  h.order_date >= first.isoformat(), h.order_date <= last.isoformat(),
+                  *([h.org_id == org_id] if org_id is not None else [])).order_by(h.org_id, h.id))]
     prior: dict[tuple[int, str, str, int], int] = {}
     keys = {(o.org_id, o.recipient, o.data_set, o.year) for o in orders if o.product == "REDISTRIBUTION"}
     if keys:
@@ -597,20 +613,22 @@ def price(inputs: MonthInputs, schedule: Schedule) -> tuple[list[Invoice], list[
 
 
 def build_invoices(db: Engine | Connection, month: str, schedules: ScheduleBook | None = None,
-                   workers: int | None = None) -> tuple[list[Invoice], list[Unbilled], Schedule]:
+                   workers: int | None = None, org_id: int | None = None
+                   ) -> tuple[list[Invoice], list[Unbilled], Schedule]:
     """Collect and price ``month`` (YYYY-MM): (invoices, unbilled MPIDs, the schedule used).
 
     Given an Engine, the month's reports are read by ``workers`` connections at once
     (default: up to 4, one per CPU), each over a run of days; bill a month once it has
-    closed, so that every connection sees the same reports.
+    closed, so that every connection sees the same reports. With ``org_id``, only that
+    organisation's invoice is built (reading only its reports).
     """
     schedule = (schedules or default_schedules()).for_month(month)
     if isinstance(db, Connection):
-        inputs = collect(db, month, schedule)
+        inputs = collect(db, month, schedule, org_id=org_id)
     else:
         workers = min(4, os.cpu_count() or 1) if workers is None else workers
-        groups = _parallel_report_groups(db, month, schedule, workers)
+        groups = None if org_id is not None else _parallel_report_groups(db, month, schedule, workers)
         with db.connect() as conn:
-            inputs = collect(conn, month, schedule, groups)
+            inputs = collect(conn, month, schedule, groups, org_id=org_id)
     invoices, unbilled = price(inputs, schedule)
     return invoices, unbilled, schedule
