@@ -53,6 +53,19 @@ def test_logon_answer_and_sequence_numbers_on_disk(srv, client, market):
     again.close()
 
 
+def test_logon_with_a_gap_is_answered_then_a_resend_is_asked(srv):
+    c = RawClient(srv.port)
+    c.seq = 5  # the firm thinks it sent 1..4 already
+    logon = c.logon()
+    assert logon.msg_type == "A"
+    rr = c.read_type("2")
+    assert (rr.first(7), rr.first(16)) == ("1", "0")
+    c.send("4", [(123, "Y"), (36, 6)], seq=1, poss_dup=True, orig_sending_time=codec.utc_timestamp(0))
+    c.send("1", [(112, "filled")], seq=6)
+    assert c.read_type("0").first(112) == "filled"
+    c.close()
+
+
 def test_garbled_messages_are_ignored(client, market):
     good = client.message("1", [(112, "T1")], seq=2)
     bad_sum = good[:-4] + (b"000" if good[-4:-1] != b"000" else b"001") + b"\x01"
@@ -258,3 +271,24 @@ def test_tls(market, tmp_path):
         plain.close()
     finally:
         server.stop()
+
+
+def test_cli_serve(market, db_url):
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    add_users(market, ("alice", "DLRA"))
+    proc = subprocess.Popen([sys.executable, "-m", "bondtape", "fix", "serve", "--db", db_url, "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        found = re.search(r"on 127\.0\.0\.1:(\d+)", line)
+        assert found, (line, proc.stderr.read() if proc.poll() is not None else "")
+        c = RawClient(int(found.group(1)))
+        assert c.logon().msg_type == "A"
+        c.close()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(15)
