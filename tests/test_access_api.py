@@ -69,3 +69,18 @@ def test_audit_trail_is_append_only(db):
             conn.execute(audit_log.delete())
     with db.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(audit_log)).scalar_one() >= 2
+
+
+def test_password_spraying_from_one_address_is_throttled(db):
+    org, _ = _firm_trader(db)
+    policy = LockoutPolicy(max_failures=5, lock_minutes=30, max_failures_per_source=8, source_window_minutes=15)
+    for i in range(8):  # one guess each at many user names: no single user reaches its lockout
+        assert authenticate_password(db, f"user{i}", "Winter2026!!", now_us=T0 + i, source="10.0.0.9", lockout=policy) is None
+    # the address is refused now, even with a right password; another address is not
+    assert authenticate_password(db, "alice", PW, now_us=T0 + 100, source="10.0.0.9", lockout=policy) is None
+    assert authenticate_password(db, "alice", PW, now_us=T0 + 101, source="10.0.0.10", lockout=policy) is not None
+    with db.connect() as conn:
+        assert audit.search(conn, actor="alice", outcome="denied")[0].detail == {"reason": "source_throttled"}
+    # once the failures have aged out of the window, the address may try again
+    later = T0 + 16 * 60_000_000
+    assert authenticate_password(db, "alice", PW, now_us=later, source="10.0.0.9", lockout=policy) is not None

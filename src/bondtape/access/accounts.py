@@ -198,7 +198,7 @@ def unlock(conn: Connection, user_id: int, *, actor: AuthenticatedUser | None, a
 @dataclass(frozen=True)
 class PasswordCheck:
     user: object | None  # the users row when the password matched an active, unlocked user
-    reason: str | None  # None, or: unknown_user, not_active, locked, bad_password
+    reason: str | None  # None, or: unknown_user, not_active, locked, bad_password, throttled
 
 
 def _state(conn: Connection, user_id: int):
@@ -238,9 +238,28 @@ def register_success(conn: Connection, user_id: int) -> None:
                  .values(failed_count=0, locked_until_us=None))
 
 
+def source_throttled(conn: Connection, source: str, *, now_us: int, lockout: LockoutPolicy) -> bool:
+    from bondtape.access.schema import audit_log
+
+    since = now_us - lockout.source_window_minutes * MINUTE_US
+    failures = conn.execute(
+        sa.select(sa.func.count()).select_from(audit_log)
+        .where(audit_log.c.source == source[:64], audit_log.c.at_us >= since, audit_log.c.outcome == "failed")
+    ).scalar_one()
+    return failures >= lockout.max_failures_per_source
+
+
 def password_step(conn: Connection, username: str, password: str, *, now_us: int, source: str | None,
                   lockout: LockoutPolicy, action: str = "login") -> PasswordCheck:
-    """Check a user name and password with lockout; audits every failure (never the password)."""
+    """Check a user name and password with lockout; audits every failure (never the password).
+
+    Besides the per-user lockout, an address with too many failed logins (over any user
+    names: password spraying) within the window is refused until its failures age out.
+    """
+    if source and source_throttled(conn, source, now_us=now_us, lockout=lockout):
+        audit.record(conn, f"{action}.failed", at_us=now_us, outcome="denied", actor=(username or "")[:64],
+                     source=source, detail={"reason": "source_throttled"})
+        return PasswordCheck(None, "throttled")
     row = user_by_name(conn, username) if username and len(username) <= 64 else None
     if row is None:
         verify_password(None, password)  # same cost as a real check

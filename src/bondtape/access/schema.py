@@ -183,6 +183,7 @@ audit_log = sa.Table(
     sa.Column("detail", sa.Text),  # JSON, never a secret
     sa.Index("ix_audit_at", "at_us"),
     sa.Index("ix_audit_actor", "actor", "at_us"),
+    sa.Index("ix_audit_source", "source", "at_us"),
 )
 
 _SQLITE_AUDIT_GUARDS = [
@@ -209,3 +210,11 @@ def _create_security(conn: sa.Connection) -> None:
     guards = _SQLITE_AUDIT_GUARDS if conn.dialect.name == "sqlite" else _POSTGRES_AUDIT_GUARDS
     for statement in guards:
         conn.exec_driver_sql(statement)
+
+
+@migration("0012_audit_source_index")
+def _audit_source_index(conn: sa.Connection) -> None:
+    # databases made by 0011 before the index was declared on the table
+    for index in audit_log.indexes:
+        if index.name == "ix_audit_source":
+            index.create(conn, checkfirst=True)

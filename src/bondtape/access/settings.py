@@ -17,6 +17,8 @@ MINUTE_US = 60_000_000
 class LockoutPolicy:
     max_failures: int = 5  # consecutive failed logins (password or second factor)
     lock_minutes: int = 30  # then refused, even with the right password, for this long
+    max_failures_per_source: int = 50  # failed logins from one address (any user names) ...
+    source_window_minutes: int = 15  # ... within this window: that address is refused for a while
 
 
 @dataclass(frozen=True)

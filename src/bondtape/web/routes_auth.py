@@ -53,6 +53,8 @@ def login(ctx: Ctx):
     check = accounts.password_step(ctx.conn, username, password, now_us=ctx.now_us, source=ctx.source, lockout=lockout,
                                    action="login")
     if check.user is None:
+        if check.reason == "throttled":
+            return fail("Too many failed sign-ins from your address: try again later.", 429)
         if check.reason == "locked":
             return fail("Too many failed attempts: this user is locked for a while. Contact your administrator.", 423)
         return fail("Sign-in failed: check the user name, password and code.")

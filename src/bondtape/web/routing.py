@@ -166,6 +166,8 @@ def _certificate_actor(ctx: Ctx, r: GuardedRoute) -> tuple[AuthenticatedUser | N
     pw = accounts.password_step(ctx.conn, creds[0], creds[1], now_us=ctx.now_us, source=ctx.source,
                                 lockout=state.settings.lockout, action="api.login")
     if pw.user is None:
+        if pw.reason == "throttled":
+            return None, _error_response(r, 429, "THROTTLED", "too many failed logins from your address; try later")
         code = "LOCKED" if pw.reason == "locked" else "LOGIN_FAILED"
         return None, _error_response(r, 401, code, "too many failed attempts; try later" if code == "LOCKED"
                                      else "login or password not accepted")
