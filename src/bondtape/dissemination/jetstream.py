@@ -17,6 +17,7 @@ import nats
 from nats.js.api import StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
+from bondtape.dissemination.handoff import LoopHandoff
 from bondtape.dissemination.publisher import DATA_SETS, FeedMessage, Publisher
 
 __all__ = ["JetStreamPublisher"]
@@ -37,12 +38,11 @@ class JetStreamPublisher:
         self.enqueued = 0
         self._loop = asyncio.new_event_loop()
         self._thread: threading.Thread | None = None
-        self._queue: asyncio.Queue | None = None
+        self._handoff: LoopHandoff | None = None
         self._sub = None
         self._nc = None
         self._started = threading.Event()
         self._error: BaseException | None = None
-        self._done: asyncio.Future | None = None
 
     def subject(self, data_set: str) -> str:
         return f"{self.prefix}.{data_set}"
@@ -80,18 +80,15 @@ class JetStreamPublisher:
         start = {}
         for ds in self.data_sets:
             start[ds] = await self._resume_position(ds)
-        self._queue = asyncio.Queue()
-        self._done = self._loop.create_future()
+        self._handoff = LoopHandoff(self._loop)
         self._pump_task = self._loop.create_task(self._pump())
-        loop = self._loop
-        queue = self._queue
 
         def deliver(m: FeedMessage) -> None:
             self.enqueued += 1
-            loop.call_soon_threadsafe(queue.put_nowait, m)
+            self._handoff.put(m)
 
-        # subscribe() replays the stored part from this thread's executor so the loop keeps running
-        self._sub = await loop.run_in_executor(None, self.publisher.subscribe, deliver, self.data_sets, start)
+        # subscribe() replays the stored part from an executor thread so the loop keeps running
+        self._sub = await self._loop.run_in_executor(None, self.publisher.subscribe, deliver, self.data_sets, start)
 
     async def _resume_position(self, ds: str) -> tuple[str, int]:
         try:
@@ -102,36 +99,38 @@ class JetStreamPublisher:
         return (body["date"], body["seq"] + 1)
 
     async def _pump(self) -> None:
-        assert self._queue is not None
         while True:
-            m = await self._queue.get()
-            if m is None:
-                break
-            batch = [m]
-            while len(batch) < self.max_in_flight and not self._queue.empty():
-                nxt = self._queue.get_nowait()
-                if nxt is None:
-                    self._queue.put_nowait(None)
-                    break
-                batch.append(nxt)
-            # publishes are sent in order on one connection; their acks are awaited together
-            while True:
-                try:
-                    await asyncio.gather(*[
-                        self._js.publish(self.subject(x.data_set), x.body.encode(),
-                                         headers={"Nats-Msg-Id": f"{x.data_set}:{x.date}:{x.seq}"})
-                        for x in batch])
-                    break
-                except Exception as exc:  # server away: retry the batch (duplicates are dropped by Msg-Id)
-                    log.warning("JetStream publish failed (%s); retrying", exc)
-                    await asyncio.sleep(0.2)
-            self.published += len(batch)
-        if self._done is not None and not self._done.done():
-            self._done.set_result(None)
+            batch = await self._handoff.get_batch()
+            stop = None in batch
+            batch = [m for m in batch if m is not None]
+            for i in range(0, len(batch), self.max_in_flight):
+                await self._publish(batch[i:i + self.max_in_flight])
+            if stop:
+                return
+
+    async def _publish(self, batch: list[FeedMessage]) -> None:
+        """Publish in order without waiting in between, then wait for the acks; what was not
+        acknowledged is sent again (JetStream drops repeats by Nats-Msg-Id)."""
+        while batch:
+            try:
+                acks = [await self._js.publish_async(self.subject(x.data_set), x.body.encode(),
+                                                     headers={"Nats-Msg-Id": f"{x.data_set}:{x.date}:{x.seq}"})
+                        for x in batch]
+                results = await asyncio.gather(*acks, return_exceptions=True)
+            except Exception as exc:  # connection trouble before all were sent
+                log.warning("JetStream publish failed (%s); retrying", exc)
+                await asyncio.sleep(0.2)
+                continue
+            failed = [x for x, r in zip(batch, results) if isinstance(r, BaseException)]
+            self.published += len(batch) - len(failed)
+            if failed:
+                log.warning("JetStream did not acknowledge %d messages; retrying", len(failed))
+                await asyncio.sleep(0.2)
+            batch = failed
 
     async def _close(self) -> None:
-        if self._queue is not None:
-            self._queue.put_nowait(None)
+        if self._handoff is not None:
+            self._handoff.put(None)
             try:
                 await asyncio.wait_for(self._pump_task, 10)
             except asyncio.TimeoutError:

@@ -28,6 +28,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from bondtape.dissemination.handoff import LoopHandoff
 from bondtape.dissemination.publisher import DATA_SETS, FeedError, FeedMessage, Publisher, read_messages
 from bondtape.dissemination.query import feed_status, snapshot_lines, time_and_sales
 
@@ -109,7 +110,6 @@ class _Stream:
         self.publisher = publisher
         self.data_sets = data_sets
         self.start = dict(start)
-        self.queue: asyncio.Queue[FeedMessage | None] = asyncio.Queue()
         self.sub = None
         self.overflow = False
         self._filled = False
@@ -141,27 +141,16 @@ class _Stream:
                     positions[ds] = (batch[-1].date, batch[-1].seq + 1)
                 if len(batch) < REPLAY_CHUNK:
                     break
-        loop = asyncio.get_running_loop()
-
-        def put(m: FeedMessage) -> None:
-            if self.queue.qsize() >= QUEUE_LIMIT:
-                self.overflow = True
-                self.queue.put_nowait(None)
-                if self.sub is not None:
-                    self.sub.close()
-            elif not self.overflow:
-                self.queue.put_nowait(m)
-
-        def deliver(m: FeedMessage) -> None:
-            loop.call_soon_threadsafe(put, m)
-
-        self.sub = await run_in_threadpool(self.publisher.subscribe, deliver, self.data_sets, positions)
+        handoff = LoopHandoff(asyncio.get_running_loop(), limit=QUEUE_LIMIT)
+        self.sub = await run_in_threadpool(self.publisher.subscribe, handoff.put, self.data_sets, positions)
         try:
             while True:
-                m = await self.queue.get()
-                if m is None:
+                batch = await handoff.get_batch()
+                if not batch:
+                    self.overflow = True
                     return  # too slow: the client reconnects from its last position
-                yield m
+                for m in batch:
+                    yield m
         finally:
             self.close()
 
