@@ -30,3 +30,12 @@ def test_every_indicator_tag_is_documented_with_its_field():
 def test_session_reject_reasons_are_documented():
     for reason in (0, 1, 4, 5, 6, 9, 11, 13, 15, 16):
         assert re.search(rf"^\| {reason} \| ", DOC, re.M), reason
+
+
+def test_public_names():
+    import bondtape.fix as fix
+
+    assert sorted(fix.__all__) == ["DEFAULT_COMP_ID", "FixServer", "LogonRefused", "Principal",
+                                   "access_authenticator", "start_fix_server", "tls_context"]
+    for name in fix.__all__:
+        assert getattr(fix, name) is not None
