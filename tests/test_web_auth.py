@@ -331,3 +331,32 @@ def test_state_changing_requests_are_audited_with_user_and_address(world):
         [entry] = audit.search(conn, action="request", actor="dlra-admin")
     assert entry.target == "/orders" and entry.source == "testclient"
     assert entry.detail == {"method": "POST", "route": "/orders", "status": 303}
+
+
+def test_disabling_a_user_ends_their_session(world):
+    c = world.client()
+    c.login(world.trader)
+    assert c.get("/account").status_code == 200
+    with world.db.begin() as conn:  # however the status changes, the session no longer works
+        conn.execute(users.update().where(users.c.id == world.trader.id).values(status="DISABLED"))
+    r = c.get("/account")
+    assert r.status_code == 303 and r.headers["location"].startswith("/login")
+    with world.db.begin() as conn:
+        conn.execute(users.update().where(users.c.id == world.trader.id).values(status="ACTIVE"))
+    assert c.get("/account").status_code == 303  # the ended session stays ended
+
+
+def test_basic_credentials_parser_never_fails():
+    from hypothesis import given, settings, strategies as st
+    from starlette.requests import Request
+
+    from bondtape.web.routing import _basic_credentials
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.binary(max_size=200))
+    def check(raw):
+        scope = {"type": "http", "headers": [(b"authorization", b"Basic " + raw)]}
+        result = _basic_credentials(Request(scope))
+        assert result is None or isinstance(result, tuple)
+
+    check()

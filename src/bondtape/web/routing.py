@@ -134,7 +134,7 @@ def _basic_credentials(request: Request) -> tuple[str, str] | None:
         return None
     try:
         username, _, password = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8").partition(":")
-    except (binascii.Error, UnicodeDecodeError):
+    except (binascii.Error, ValueError, UnicodeDecodeError):  # not base64, not ASCII, not UTF-8
         return None
     return username, password
 

@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from bondtape.access.crypto import new_token, sha256_hex
-from bondtape.access.schema import web_sessions
+from bondtape.access.schema import users, web_sessions
 from bondtape.access.settings import MINUTE_US, AccessSettings
 
 SESSION_COOKIE = "bt_session"
@@ -38,15 +38,17 @@ def start(conn: Connection, user_id: int, *, method: str, now_us: int, settings:
 
 
 def resume(conn: Connection, token: str | None, *, now_us: int, settings: AccessSettings) -> Session | None:
-    """The live session for this cookie, touched; None when unknown, ended, idle or too old."""
+    """The live session for this cookie, touched; None when unknown, ended, idle, too old, or
+    when its user is no longer ACTIVE (disabled by any route or command)."""
     if not token or len(token) > 100:
         return None
     digest = sha256_hex(token)
-    row = conn.execute(sa.select(web_sessions).where(web_sessions.c.token_sha256 == digest)).first()
+    row = conn.execute(sa.select(web_sessions, users.c.status).join(users, users.c.id == web_sessions.c.user_id)
+                       .where(web_sessions.c.token_sha256 == digest)).first()
     if row is None or row.ended_us is not None:
         return None
     idle_limit = row.last_seen_us + settings.session_idle_minutes * MINUTE_US
-    if now_us >= row.expires_us or now_us >= idle_limit:
+    if now_us >= row.expires_us or now_us >= idle_limit or row.status != "ACTIVE":
         conn.execute(web_sessions.update().where(web_sessions.c.token_sha256 == digest).values(ended_us=now_us))
         return None
     conn.execute(web_sessions.update().where(web_sessions.c.token_sha256 == digest).values(last_seen_us=now_us))
