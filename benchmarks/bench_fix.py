@@ -9,6 +9,8 @@ ack read: each ack is sent only after the report is journaled and the session's 
 durable (SQLite, synchronous=FULL). The baseline, measured in the same run on the same
 bytes, is a bare parse-and-ack loop (framing, AE mapping, parse_command, AR encoding; no
 engine, no database, no network): ``ratio_to_parse_loop`` is the full path's rate over it.
+``engine_alone_reports_per_s`` is Engine.submit on the same reports without FIX, for scale:
+the gateway, the engine and the session store share one process (and its GIL).
 """
 from __future__ import annotations
 
@@ -184,6 +186,33 @@ def parse_loop(messages: list[bytes]) -> float:
     return out / elapsed
 
 
+def engine_alone(directory: Path, messages: list[bytes]) -> float:
+    """Reports per second of Engine.submit alone (batches of 1000) on the same reports: the
+    part of the full path that is not FIX. Parsing is done before the clock starts."""
+    import datetime as dt
+
+    from bondtape.clock import MARKET_TZ, to_us
+    from bondtape.db import connect
+    from bondtape.engine import Engine
+    from bondtape.fix import codec, mapping
+    from bondtape.reporting.commands import parse_command
+
+    url = f"sqlite:///{directory / 'engine.db'}"
+    _prepare(url)
+    db = connect(url)
+    report_time = to_us(dt.datetime(2024, 3, 4, 10, 5, tzinfo=MARKET_TZ))
+    engine = Engine(db, clock=lambda: report_time)
+    commands = [parse_command(mapping.read_trade_report(m).fields, channel="fix")
+                for m in codec.Framer().feed(b"".join(messages))]
+    start = time.perf_counter()
+    for i in range(0, len(commands), 1000):
+        results = engine.submit(commands[i:i + 1000])
+        assert all(r.accepted for r in results)
+    elapsed = time.perf_counter() - start
+    db.dispose()
+    return len(commands) / elapsed
+
+
 def main(argv: list[str]) -> dict:
     parser = argparse.ArgumentParser(prog="bench fix")
     parser.add_argument("--reports", type=int, default=20000, help="reports per run (four sessions share them)")
@@ -191,7 +220,9 @@ def main(argv: list[str]) -> dict:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(dir=args.db_dir) as tmp:
         directory = Path(tmp)
-        baseline = parse_loop(report_messages("BENCH0", "DLRA", args.reports, 2, "BENCH0-"))
+        messages = report_messages("BENCH0", "DLRA", args.reports, 2, "BENCH0-")
+        baseline = parse_loop(messages)
+        engine_rate = engine_alone(directory, messages)
         one = run_gateway(directory, "one", 1, args.reports)
         four = run_gateway(directory, "four", 4, args.reports // 4)
     return {
@@ -202,6 +233,7 @@ def main(argv: list[str]) -> dict:
         "parse_loop_reports_per_s": round(baseline),
         "ratio_to_parse_loop": {"one_session": round(one["reports_per_s"] / baseline, 3),
                                 "four_sessions": round(four["reports_per_s"] / baseline, 3)},
+        "engine_alone_reports_per_s": round(engine_rate),
         "goal_one_session_reports_per_s": 10000,
         "database": "SQLite (WAL, synchronous=FULL), temporary file",
         "cpus": os.cpu_count(),
