@@ -360,3 +360,33 @@ def test_basic_credentials_parser_never_fails():
         assert result is None or isinstance(result, tuple)
 
     check()
+
+
+def test_existing_user_enrolls_mfa_with_the_current_password(world):
+    """Seed R5: active users without MFA are invited to enroll; the link asks for their
+    current password, not a new one."""
+    import pyotp
+
+    from bondtape.access import accounts
+
+    legacy = world.user("legacy-user", world.firm, "viewer", mfa=False)
+    assert world.client().login(legacy, code="").status_code == 401  # MFA only: no way in yet
+    with world.db.begin() as conn:
+        assert [u.username for u in accounts.users_needing_mfa(conn)] == ["legacy-user"]
+        token = accounts.issue_invitation(conn, legacy.id, actor=None, now_us=world.clock.t, source="test", hours=72)
+    c = world.client()
+    link = f"/enroll/{token}"
+    assert "confirm your current password" in c.get(link).text
+    r = c.http.post(link, data={"csrf_token": c.csrf(link), "password": "not my password at all"})
+    assert r.status_code == 400 and "PASSWORD_WRONG" in r.text
+    r = c.http.post(link, data={"csrf_token": c.csrf(link), "password": legacy.password})
+    assert r.status_code == 303
+    page = c.get(link + "/authenticator")
+    secret = re.search(r'<code class="secret">([A-Z2-7 ]+)</code>', page.text).group(1).replace(" ", "")
+    r = c.http.post(link + "/confirm", data={"csrf_token": CSRF_RE.search(page.text).group(1),
+                                             "code": pyotp.TOTP(secret).at(world.clock.t // 1_000_000)})
+    assert r.status_code == 200 and "recovery codes" in r.text
+    world.clock.advance(31)
+    assert world.client().login(legacy, code=pyotp.TOTP(secret).at(world.clock.t // 1_000_000)).status_code == 303
+    with world.db.begin() as conn:
+        assert accounts.users_needing_mfa(conn) == []
