@@ -404,8 +404,9 @@ def main(argv: list[str]) -> dict:
     ap.add_argument("--nats", default=os.environ.get("BONDTAPE_TEST_NATS_URL"))
     ap.add_argument("--only", choices=["in_process", "websocket", "nats"], default=None)
     args = ap.parse_args(argv)
-    out: dict = {"benchmark": "dissemination", "database": "SQLite WAL, synchronous=FULL",
-                 "cores": os.cpu_count(), "goal": {"in_process_p99_ms": 5, "websocket_p99_ms": 20, "rate": 2000}}
+    out: dict = {"benchmark": "dissemination", "database": "SQLite WAL, synchronous=FULL (journal)",
+                 "cores": os.cpu_count(), "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+                 "goal": {"in_process_p99_ms": 5, "websocket_p99_ms": 20, "rate": 2000}}
     with tempfile.TemporaryDirectory(prefix="bt-bench-") as folder:
         market = Market(Path(folder))
         try:
@@ -420,6 +421,7 @@ def main(argv: list[str]) -> dict:
                     out["nats"] = {"skipped": "no NATS server: set BONDTAPE_TEST_NATS_URL or --nats"}
         finally:
             market.close()
+    out["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     for k in ("in_process", "websocket", "nats"):
         if isinstance(out.get(k), dict) and "p99_ms" in out[k]:
             out.setdefault("p50_ms", {})[k] = out[k]["p50_ms"]
