@@ -42,6 +42,22 @@ def ensure_environment() -> None:
     STAMP.write_text(wanted)
 
 
+def ensure_chromium() -> None:
+    """The browser tests drive Debian's chromium (never a downloaded browser). Install it
+    when it is missing and we are root (CI on a fresh machine); otherwise those tests skip."""
+    if Path("/usr/bin/chromium").exists() or os.name == "nt" or os.geteuid() != 0:
+        return
+    if not Path("/usr/bin/apt-get").exists():
+        return
+    print("dev.py: installing chromium (apt-get) for the browser tests", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    quiet = {"stdout": subprocess.DEVNULL, "env": env}
+    if subprocess.call(["apt-get", "update"], **quiet) == 0:
+        subprocess.call(["apt-get", "install", "-y", "--no-install-recommends", "chromium"], **quiet)
+    if not Path("/usr/bin/chromium").exists():
+        print("dev.py: chromium could not be installed; the browser tests will skip", flush=True)
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in {"demo", "test", "install"}:
         print(__doc__)
@@ -52,6 +68,7 @@ def main(argv: list[str]) -> int:
         return 0
     if command == "demo":
         return subprocess.call([str(BIN / "bondtape"), "demo", *rest])
+    ensure_chromium()
     return subprocess.call([_python(), "-m", "pytest", *rest], cwd=ROOT)
 
 

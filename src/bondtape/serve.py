@@ -185,7 +185,7 @@ def run_serve(db: SAEngine, settings, *, host: str = "127.0.0.1", port: int = 80
 
 import click  # noqa: E402
 
-from bondtape.cli import db_option, open_db  # noqa: E402
+from bondtape.db import ENV_VAR  # noqa: E402
 
 
 @click.command("serve")
@@ -199,7 +199,8 @@ from bondtape.cli import db_option, open_db  # noqa: E402
 @click.option("--ca-dir", type=click.Path(file_okay=False, path_type=Path), envvar="BONDTAPE_CA_DIR", default=None,
               help="The certificate authority of client certificates (bondtape certs init).")
 @click.option("--fix-port", type=click.IntRange(0, 65535), default=None, help="Also run the FIX 4.4 gateway here.")
-@db_option
+@click.option("--db", "db_url", envvar=ENV_VAR, default=None, metavar="URL",
+              help=f"Database URL (SQLite or PostgreSQL). Default: ${ENV_VAR}, else sqlite:///bondtape.db")
 def serve_command(host, port, tls_port, tls_cert, tls_key, ca_dir, fix_port, db_url) -> None:
     """Run the website, REST API, feed and FIX gateway in one process.
 
@@ -209,6 +210,7 @@ def serve_command(host, port, tls_port, tls_cert, tls_key, ca_dir, fix_port, db_
     service require.
     """
     from bondtape.access.settings import AccessSettings
+    from bondtape.cli import open_db  # not at import: bondtape.cli imports this module
 
     overrides = {"cookie_secure": False}  # the website is served over plain HTTP on --port too
     if ca_dir is not None:
