@@ -390,3 +390,17 @@ def test_existing_user_enrolls_mfa_with_the_current_password(world):
     assert world.client().login(legacy, code=pyotp.TOTP(secret).at(world.clock.t // 1_000_000)).status_code == 303
     with world.db.begin() as conn:
         assert accounts.users_needing_mfa(conn) == []
+
+
+def test_abandoned_re_enrollment_keeps_the_current_authenticator(world):
+    """A new invitation for an enrolled user: until step 2 completes, the old device works."""
+    from bondtape.access import accounts
+
+    with world.db.begin() as conn:
+        token = accounts.issue_invitation(conn, world.trader.id, actor=None, now_us=world.clock.t, source="t", hours=72)
+    c = world.client()
+    link = f"/enroll/{token}"
+    assert c.http.post(link, data={"csrf_token": c.csrf(link), "password": world.trader.password}).status_code == 303
+    assert c.get(link + "/authenticator").status_code == 200  # new QR shown, not confirmed
+    world.clock.advance(31)
+    assert world.client().login(world.trader).status_code == 303  # the old authenticator still signs in

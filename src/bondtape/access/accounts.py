@@ -457,8 +457,10 @@ def begin_enrollment(conn: Connection, master_key: bytes, token: str, password: 
         values = {"password_hash": hash_password(password)}
         conn.execute(login_state.update().where(login_state.c.user_id == user.id).values(password_changed_us=now_us))
     secret = new_totp_secret()
-    values["totp_secret"] = encrypt_totp_secret(master_key, user.id, secret)
-    conn.execute(users.update().where(users.c.id == user.id).values(**values))
+    if values:
+        conn.execute(users.update().where(users.c.id == user.id).values(**values))
+    conn.execute(invitations.update().where(invitations.c.id == inv.id)
+                 .values(pending_totp_secret=encrypt_totp_secret(master_key, user.id, secret)))
     audit.record(conn, "enroll.password", at_us=now_us, actor_user_id=user.id, actor=user.username, org_id=user.org_id,
                  source=source)
     return secret
@@ -467,9 +469,15 @@ def begin_enrollment(conn: Connection, master_key: bytes, token: str, password: 
 def pending_secret(conn: Connection, master_key: bytes, token: str, *, now_us: int) -> tuple[str, str]:
     """(username, base32 secret) of an enrollment in progress, to redraw its QR code."""
     inv, user = invitation(conn, token, now_us=now_us)
-    if not user.totp_secret:
+    if not inv.pending_totp_secret:
         raise AccessError("ENROLL_ORDER", "set your password first", "token")
-    return user.username, decrypt_totp_secret(master_key, user.id, user.totp_secret)
+    return user.username, decrypt_totp_secret(master_key, user.id, inv.pending_totp_secret)
+
+
+@dataclass(frozen=True)
+class _PendingAuthenticator:
+    id: int
+    totp_secret: str
 
 
 def complete_enrollment(conn: Connection, master_key: bytes, token: str, code: str, *, now_us: int,
@@ -477,9 +485,10 @@ def complete_enrollment(conn: Connection, master_key: bytes, token: str, code: s
     """Step 2: the user proves the authenticator works; the account becomes ACTIVE, the link
     is spent, and ten recovery codes are returned (shown once)."""
     inv, user = invitation(conn, token, now_us=now_us, source=source)
-    if not user.totp_secret or not user.password_hash:
+    if not inv.pending_totp_secret or not user.password_hash:
         raise AccessError("ENROLL_ORDER", "set your password first", "token")
-    if not verify_totp(conn, master_key, user, code, now_us=now_us):
+    candidate = _PendingAuthenticator(user.id, inv.pending_totp_secret)
+    if not verify_totp(conn, master_key, candidate, code, now_us=now_us):
         register_failure(conn, user, now_us=now_us, lockout=lockout, source=source, action="enroll.failed",
                          reason="bad_totp")
         raise AccessError("TOTP_WRONG", "the six-digit code did not match; check the time on your device", "code")
@@ -487,7 +496,8 @@ def complete_enrollment(conn: Connection, master_key: bytes, token: str, code: s
                          .values(used_us=now_us))
     if spent.rowcount != 1:
         raise AccessError("INVITATION_USED", "this enrollment link was already used", "token")
-    conn.execute(users.update().where(users.c.id == user.id).values(status="ACTIVE", activated_us=user.activated_us or now_us))
+    conn.execute(users.update().where(users.c.id == user.id).values(
+        status="ACTIVE", activated_us=user.activated_us or now_us, totp_secret=inv.pending_totp_secret))
     conn.execute(login_state.update().where(login_state.c.user_id == user.id).values(mfa_enrolled_us=now_us))
     register_success(conn, user.id)
     codes = new_recovery_codes(conn, user.id, now_us=now_us)

@@ -79,6 +79,9 @@ invitations = sa.Table(
     sa.Column("used_us", sa.BigInteger),
     sa.Column("revoked_us", sa.BigInteger),
     sa.Column("created_by", sa.Integer),  # users.id of the operator
+    # the authenticator being enrolled (encrypted like users.totp_secret); it replaces the
+    # user's secret only when the enrollment completes, so an abandoned one breaks nothing
+    sa.Column("pending_totp_secret", sa.String(64)),
 )
 
 order_forms = sa.Table(
@@ -218,3 +221,10 @@ def _audit_source_index(conn: sa.Connection) -> None:
     for index in audit_log.indexes:
         if index.name == "ix_audit_source":
             index.create(conn, checkfirst=True)
+
+
+@migration("0013_invitation_pending_secret")
+def _pending_secret(conn: sa.Connection) -> None:
+    columns = {c["name"] for c in sa.inspect(conn).get_columns("invitations")}
+    if "pending_totp_secret" not in columns:
+        conn.exec_driver_sql("ALTER TABLE invitations ADD COLUMN pending_totp_secret VARCHAR(64)")
