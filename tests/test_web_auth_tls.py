@@ -217,3 +217,30 @@ def test_certificate_period_refuses_mfa_alone(tls):
     with client(tls, "dlra-trader") as c:
         tls.clock.advance(31)
         assert _site_login(c, tls.trader).status_code == 303  # the certificate and password
+
+
+def test_remembered_credentials_never_outlive_a_change(tls):
+    """Repeated requests skip the argon2 verification of an identical (certificate, login,
+    password), but a changed password, a lock or a disabled user applies at once."""
+    from bondtape.access import accounts
+    from bondtape.access.crypto import hash_password
+    from bondtape.access.schema import login_state, users
+
+    with client(tls, "vendor-sub") as c:
+        assert c.get(tls.today_file, headers=basic(tls.sub)).status_code == 200
+        assert c.get(tls.today_file, headers=basic(tls.sub)).status_code == 200  # remembered
+        assert c.get(tls.today_file, headers=basic(tls.sub, "a wrong password!!")).status_code == 401
+        with tls.db.begin() as conn:
+            conn.execute(login_state.update().where(login_state.c.user_id == tls.sub.id)
+                         .values(locked_until_us=tls.clock.t + 60_000_000))
+        assert c.get(tls.today_file, headers=basic(tls.sub)).status_code == 401
+        with tls.db.begin() as conn:
+            accounts.unlock(conn, tls.sub.id, actor=None, at_us=tls.clock.t)
+            conn.execute(users.update().where(users.c.id == tls.sub.id)
+                         .values(password_hash=hash_password("the new password 2026")))
+        assert c.get(tls.today_file, headers=basic(tls.sub)).status_code == 401  # the old password
+        assert c.get(tls.today_file, headers=basic(tls.sub, "the new password 2026")).status_code == 200
+        with tls.db.begin() as conn:
+            accounts.set_user_status(conn, tls.sub.id, "DISABLED", actor=None, at_us=tls.clock.t)
+        r = c.get(tls.today_file, headers=basic(tls.sub, "the new password 2026"))
+        assert r.status_code == 403 and r.json()["code"] == "CERT_USER_NOT_ACTIVE"

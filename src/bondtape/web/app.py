@@ -19,6 +19,7 @@ from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 
 from bondtape.access.ca import CA_CERT
+from bondtape.access.credential_cache import CredentialCache
 from bondtape.access.mail import mailer_for
 from bondtape.access.policy import AccessPolicy, load_policy
 from bondtape.access.settings import AccessSettings
@@ -94,6 +95,7 @@ def create_app(
     app.state.clock = clock
     app.state.policy = policy or load_policy(settings.policy_file)
     app.state.templates = templates()
+    app.state.credential_cache = CredentialCache()
     app.state.mailer = mailer if mailer is not None else (
         mailer_for(settings) if (settings.smtp_host or settings.outbox_dir) else None)
     ca_path = settings.ca_dir / CA_CERT if settings.ca_dir else None

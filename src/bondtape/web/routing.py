@@ -139,6 +139,20 @@ def _basic_credentials(request: Request) -> tuple[str, str] | None:
     return username, password
 
 
+def _recalled_user(ctx: Ctx, serial: str, creds: tuple[str, str]):
+    """The user row, when this exact (certificate, login, password) was verified moments ago
+    and nothing about the user has changed since (see access.credential_cache)."""
+    hit = ctx.state.credential_cache.recall(serial, creds[0], creds[1], now_us=ctx.now_us)
+    if hit is None:
+        return None
+    user = accounts.user_by_id(ctx.conn, hit[0])
+    if (user is None or user.status != "ACTIVE" or user.password_hash != hit[1]
+            or accounts.is_locked(ctx.conn, user.id, ctx.now_us)
+            or accounts.source_throttled(ctx.conn, ctx.source, now_us=ctx.now_us, lockout=ctx.settings.lockout)):
+        return None
+    return user
+
+
 def _certificate_actor(ctx: Ctx, r: GuardedRoute) -> tuple[AuthenticatedUser | None, Response | None]:
     """Certificate AND login AND password: both must name the same active user."""
     state = ctx.state
@@ -163,20 +177,26 @@ def _certificate_actor(ctx: Ctx, r: GuardedRoute) -> tuple[AuthenticatedUser | N
         audit.record(ctx.conn, "api.login.failed", at_us=ctx.now_us, outcome="denied", actor_user_id=check.user_id,
                      target=f"cert:{check.serial}", source=ctx.source, detail={"reason": "no_password"})
         return None, _error_response(r, 401, "LOGIN_REQUIRED", "send your login and password (HTTP Basic) with the certificate")
-    pw = accounts.password_step(ctx.conn, creds[0], creds[1], now_us=ctx.now_us, source=ctx.source,
-                                lockout=state.settings.lockout, action="api.login")
-    if pw.user is None:
-        if pw.reason == "throttled":
-            return None, _error_response(r, 429, "THROTTLED", "too many failed logins from your address; try later")
-        code = "LOCKED" if pw.reason == "locked" else "LOGIN_FAILED"
-        return None, _error_response(r, 401, code, "too many failed attempts; try later" if code == "LOCKED"
-                                     else "login or password not accepted")
-    if pw.user.id != check.user_id:
-        accounts.register_failure(ctx.conn, pw.user, now_us=ctx.now_us, lockout=state.settings.lockout, source=ctx.source,
+    user = _recalled_user(ctx, check.serial, creds)
+    if user is None:
+        pw = accounts.password_step(ctx.conn, creds[0], creds[1], now_us=ctx.now_us, source=ctx.source,
+                                    lockout=state.settings.lockout, action="api.login")
+        if pw.user is None:
+            if pw.reason == "throttled":
+                return None, _error_response(r, 429, "THROTTLED", "too many failed logins from your address; try later")
+            code = "LOCKED" if pw.reason == "locked" else "LOGIN_FAILED"
+            return None, _error_response(r, 401, code, "too many failed attempts; try later" if code == "LOCKED"
+                                         else "login or password not accepted")
+        user = pw.user
+        if user.id == check.user_id:
+            state.credential_cache.remember(check.serial, creds[0], creds[1], user_id=user.id,
+                                            password_hash=user.password_hash, now_us=ctx.now_us)
+    if user.id != check.user_id:
+        accounts.register_failure(ctx.conn, user, now_us=ctx.now_us, lockout=state.settings.lockout, source=ctx.source,
                                   action="api.login.failed", reason="certificate_of_another_user")
         return None, _error_response(r, 403, "CERT_USER_MISMATCH", "the client certificate belongs to another user")
-    accounts.register_success(ctx.conn, pw.user.id)
-    actor = accounts.authenticated(ctx.conn, pw.user.id, "certificate+password")
+    accounts.register_success(ctx.conn, user.id)
+    actor = accounts.authenticated(ctx.conn, user.id, "certificate+password")
     audit.record(ctx.conn, "cert.use", at_us=ctx.now_us, actor_user_id=actor.user_id, actor=actor.username,
                  org_id=actor.org_id, target=f"cert:{check.serial}", source=ctx.source,
                  detail={"path": ctx.request.url.path})
