@@ -312,3 +312,16 @@ def test_messages_are_stored_with_their_source_event(feed):
     with pub.db.connect() as conn:
         rows = conn.execute(sa.select(feed_messages.c.msg_type, feed_messages.c.journal_seq)).all()
     assert ("TRADE", r.seq) in [tuple(x) for x in rows]
+
+
+def test_publisher_in_another_process_follows_the_journal_by_polling(market):
+    engine = Engine(market)  # no listener: the publisher only reads the journal
+    pub = Publisher(market).start(poll_interval=0.01)
+    try:
+        got = []
+        pub.subscribe(got.append, ["CORP"])
+        [r] = engine.submit([new(ref="p")])
+        assert pub.wait_for(r.seq)
+        assert [m.seq for m in got] == [1, 2]
+    finally:
+        pub.close()
