@@ -677,6 +677,9 @@ class Publisher:
         # (its commit follows its fan-out under the same lock), a later one is buffered.
         with self._lock, self._fanout:
             self._subscriptions.append(sub)
+        for ds, (date, seq) in (start or {}).items():
+            if ds in sub.data_sets:
+                sub.last[ds] = (date, seq - 1)  # nothing before the start, even if it races in
         try:
             for ds in sorted(sub.data_sets):
                 if start and ds in start:
