@@ -55,9 +55,16 @@ def _body(ctx: Ctx) -> bytes:
         raise ApiError(415, "CONTENT_TYPE", "send the request body as application/json (or text/csv for /bulk)") from None
 
 
+def _raw_json(ctx: Ctx) -> tuple[str, bytes]:
+    return ctx.request.headers.get("content-type", "").split(";")[0].strip().lower(), _body(ctx)
+
+
 def _json(ctx: Ctx, *, required: bool = True) -> Any:
-    ctype = ctx.request.headers.get("content-type", "").split(";")[0].strip().lower()
-    raw = _body(ctx)
+    ctype, raw = _raw_json(ctx)
+    return _decode(ctype, raw, required=required)
+
+
+def _decode(ctype: str, raw: bytes, *, required: bool) -> Any:
     if not raw.strip():
         if required:
             raise ApiError(400, "BODY_REQUIRED", "a JSON object is required")
@@ -105,15 +112,25 @@ def _command_or_reject(ctx: Ctx, fields: dict[str, str]):
         return _rejected(action, fields.get("client_ref"), exc.reject)
 
 
-def _run(ctx: Ctx, prepared: list, *, single: bool) -> AfterCommit:
+def _run(ctx: Ctx, prepare, *, single: bool | None = None) -> AfterCommit:
+    """Parse and submit after the request's access check has committed: ``prepare()``
+    returns the commands (or ready rejects), or (commands, single); nothing here holds
+    the database."""
     def work() -> Response:
+        is_single = single
+        try:
+            prepared = prepare()
+            if is_single is None:
+                prepared, is_single = prepared
+        except ApiError as exc:
+            return _error(exc)
         commands = [p for p in prepared if not isinstance(p, Result)]
         try:
             results = iter(submit(ctx.state, commands)) if commands else iter(())
         except EngineUnavailable as exc:
             return JSONResponse({"code": "ENGINE_UNAVAILABLE", "field": None, "message": str(exc)}, status_code=503)
         out = [p if isinstance(p, Result) else next(results) for p in prepared]
-        if single:
+        if is_single:
             return JSONResponse(out[0].as_dict(), status_code=200 if out[0].accepted else 422)
         return JSONResponse({"accepted": sum(r.accepted for r in out), "rejected": sum(not r.accepted for r in out),
                              "results": [r.as_dict() for r in out]})
@@ -139,14 +156,18 @@ def _guarded(fn):
 @_guarded
 def post_reports(ctx: Ctx):
     """One report (an object of fields) or many (``{"reports": [...]}``, at most 500)."""
-    body = _json(ctx)
-    if isinstance(body, dict) and "reports" in body:
-        items = body["reports"]
-        if set(body) != {"reports"} or not isinstance(items, list) or not 1 <= len(items) <= MAX_BATCH:
-            raise ApiError(400, "BATCH_INVALID", f"reports is a list of 1 to {MAX_BATCH} report objects", "reports")
-        prepared = [_command_or_reject(ctx, _text_fields(item, f"reports[{i}]")) for i, item in enumerate(items)]
-        return _run(ctx, prepared, single=False)
-    return _run(ctx, [_command_or_reject(ctx, _text_fields(body, "the body"))], single=True)
+    ctype, raw = _raw_json(ctx)
+
+    def prepare():
+        body = _decode(ctype, raw, required=True)
+        if isinstance(body, dict) and "reports" in body:
+            items = body["reports"]
+            if set(body) != {"reports"} or not isinstance(items, list) or not 1 <= len(items) <= MAX_BATCH:
+                raise ApiError(400, "BATCH_INVALID", f"reports is a list of 1 to {MAX_BATCH} report objects", "reports")
+            return [_command_or_reject(ctx, _text_fields(item, f"reports[{i}]")) for i, item in enumerate(items)], False
+        return [_command_or_reject(ctx, _text_fields(body, "the body"))], True
+
+    return _run(ctx, prepare)
 
 
 def _act(ctx: Ctx, action: str):
@@ -155,7 +176,7 @@ def _act(ctx: Ctx, action: str):
     if fields.get("action", action).upper() != action:
         raise ApiError(400, "FIELD_INVALID", f"this call is a {action}; leave action out", "action")
     fields.update(action=action, original_control_number=str(ctx.report.control_number))
-    return _run(ctx, [_command_or_reject(ctx, fields)], single=True)
+    return _run(ctx, lambda: [_command_or_reject(ctx, fields)], single=True)
 
 
 @_guarded
@@ -270,20 +291,23 @@ def post_bulk(ctx: Ctx):
         text = _body(ctx).decode("utf-8-sig")
     except UnicodeDecodeError:
         raise ApiError(400, "FILE_INVALID", "the bulk file must be UTF-8 text") from None
-    reader = csv.DictReader(io.StringIO(text))
-    if not reader.fieldnames or "reporting_mpid" not in reader.fieldnames:
-        raise ApiError(400, "FILE_INVALID", "the first line names the columns, reporting_mpid among them")
-    for n, row in enumerate(reader, start=2):
-        mpid = (row.get("reporting_mpid") or "").strip().upper()
-        if mpid and mpid != ctx.actor.mpid:
-            raise ApiError(400, "FILE_INVALID", f"line {n}: reporting_mpid {mpid} is not your firm's MPID "
-                           f"{ctx.actor.mpid}; nothing was submitted", "reporting_mpid")
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        if not reader.fieldnames or "reporting_mpid" not in reader.fieldnames:
+            raise ApiError(400, "FILE_INVALID", "the first line names the columns, reporting_mpid among them")
+        for n, row in enumerate(reader, start=2):
+            mpid = str(row.get("reporting_mpid") or "").strip().upper()
+            if mpid and mpid != ctx.actor.mpid:
+                raise ApiError(400, "FILE_INVALID", f"line {n}: reporting_mpid {mpid} is not your firm's MPID "
+                               f"{ctx.actor.mpid}; nothing was submitted", "reporting_mpid")
+    except csv.Error as exc:
+        raise ApiError(400, "FILE_INVALID", f"the bulk file is not CSV: {exc}") from None
     ctx.audit("report.bulk", target=f"mpid:{ctx.actor.mpid}", detail={"bytes": len(text)})
 
     def work() -> Response:
         out = io.StringIO()
         try:
-            run_bulk(services(ctx.state).engine, io.StringIO(text), out)
+            run_bulk(services(ctx.state).engine, io.StringIO(text, newline=""), out)
         except EngineUnavailable as exc:
             return JSONResponse({"code": "ENGINE_UNAVAILABLE", "field": None, "message": str(exc)}, status_code=503)
         name = f"results-{market_date(ctx.now_us).isoformat()}.csv"
