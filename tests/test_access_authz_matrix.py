@@ -87,6 +87,10 @@ EXPECTED_ROUTES = {
     ("POST", "/api/v1/reports/{control_number:int}/correct"): {"trader", "other_trader"},
     ("POST", "/api/v1/bulk"): {"trader", "other_trader"},
     ("GET", "/api/v1/securities"): FIRM_A | {"other_trader", "subscriber"},
+    # operations (routes_ops): health public, metrics the operator (or a scrape token)
+    ("GET", "/healthz"): EVERYONE,
+    ("GET", "/readyz"): EVERYONE,
+    ("GET", "/metrics"): {"operator"},
 }
 
 # action -> [(resource, who may)]

@@ -28,6 +28,9 @@ FEED_LAG = Gauge("bondtape_feed_subscriber_lag_messages", "Messages published bu
                  ["subscriber"], registry=REGISTRY)
 DEPENDENCY_UP = Gauge("bondtape_dependency_up", "1 when a dependency answers its health check, else 0",
                       ["dependency"], registry=REGISTRY)
+INTAKE_UNAVAILABLE = Counter("bondtape_intake_unavailable_total",
+                             "Commands answered with the retryable 'unavailable' error (nothing journaled)",
+                             ["channel"], registry=REGISTRY)
 
 
 def record_results(results: Iterable[Any], channel: str, started: float | None = None) -> None:

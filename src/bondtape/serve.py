@@ -40,7 +40,8 @@ class Services:
 
     def close(self) -> None:
         self.sequencer.close()
-        self.publisher.stop()
+        if self.publisher is not None:
+            self.publisher.stop()
 
 
 _LOCK = threading.Lock()
@@ -59,12 +60,17 @@ def services(state: Any) -> Services:
     return found
 
 
-def start_services(db: SAEngine, *, clock: Callable[[], int] = now_us) -> Services:
+def start_services(db: SAEngine, *, clock: Callable[[], int] = now_us, follow: bool = True,
+                   poll_interval: float | None = None) -> Services:
+    """``follow=False``: the publisher is not started (another process of the deployment
+    runs the feed); ``poll_interval``: it also reads the journal that often (other writers)."""
     from bondtape.dissemination.publisher import Publisher
     from bondtape.engine import Engine, Sequencer
 
     engine = Engine(db, clock=clock)
-    publisher = Publisher(db, clock=clock).start(engine)
+    publisher = Publisher(db, clock=clock)
+    if follow:
+        publisher.start(engine, poll_interval=poll_interval)
     return Services(db, engine, Sequencer(engine), publisher)
 
 
@@ -92,13 +98,17 @@ def feed_entitlements(app) -> Callable[[Any], Iterable[str]]:
 
 
 def build_app(db: SAEngine | str | None, settings, *, clock: Callable[[], int] = now_us, policy=None, mailer=None,
-              feed: bool = True):
+              feed: bool = True, follow_journal: bool = True, feed_poll_interval: float | None = None):
     """The website and REST API (``create_app``), with the shared services attached and
-    the feed's WebSocket/SSE routes mounted (their entitlement from the session)."""
+    the feed's WebSocket/SSE routes mounted (their entitlement from the session).
+    ``follow_journal``/``feed_poll_interval``: see :func:`start_services` (bondtape.production)."""
     from bondtape.dissemination.web import feed_routes
     from bondtape.web.app import create_app
 
     app = create_app(db, settings, clock=clock, policy=policy, mailer=mailer)
+    if not follow_journal or feed_poll_interval is not None:
+        app.state.services = start_services(app.state.db, clock=clock, follow=follow_journal,
+                                            poll_interval=feed_poll_interval)
     svc = services(app.state)
     if feed:
         app.router.routes[0:0] = feed_routes(svc.publisher, entitled=feed_entitlements(app))
@@ -201,7 +211,14 @@ from bondtape.db import ENV_VAR  # noqa: E402
 @click.option("--fix-port", type=click.IntRange(0, 65535), default=None, help="Also run the FIX 4.4 gateway here.")
 @click.option("--db", "db_url", envvar=ENV_VAR, default=None, metavar="URL",
               help=f"Database URL (SQLite or PostgreSQL). Default: ${ENV_VAR}, else sqlite:///bondtape.db")
-def serve_command(host, port, tls_port, tls_cert, tls_key, ca_dir, fix_port, db_url) -> None:
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              envvar="BONDTAPE_CONFIG", default=None, help="Production settings, TOML (docs/deploy.md).")
+@click.option("--workers", type=click.IntRange(1, 64), default=None,
+              help="Web worker processes sharing one PostgreSQL database (docs/deploy.md).")
+@click.option("--nats-url", default=None, metavar="URL", help="Also publish the feed to NATS JetStream here.")
+@click.pass_context
+def serve_command(ctx, host, port, tls_port, tls_cert, tls_key, ca_dir, fix_port, db_url, config_file, workers,
+                  nats_url) -> None:
     """Run the website, REST API, feed and FIX gateway in one process.
 
     SQLite by default, PostgreSQL by --db URL. Needs BONDTAPE_SECRET_KEY (it encrypts the
@@ -212,6 +229,10 @@ def serve_command(host, port, tls_port, tls_cert, tls_key, ca_dir, fix_port, db_
     from bondtape.access.settings import AccessSettings
     from bondtape.cli import open_db  # not at import: bondtape.cli imports this module
 
+    if config_file or workers or nats_url:  # production: config file, workers, metrics, JSON logs
+        from bondtape.production.cli import serve_production
+
+        return serve_production(ctx, config_file)
     overrides = {"cookie_secure": False}  # the website is served over plain HTTP on --port too
     if ca_dir is not None:
         overrides["ca_dir"] = ca_dir
