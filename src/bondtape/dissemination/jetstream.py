@@ -8,6 +8,7 @@ everything stored after it is published first, then the live feed, with no gap.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import threading
@@ -27,13 +28,13 @@ log = logging.getLogger("bondtape.feed.nats")
 
 class JetStreamPublisher:
     def __init__(self, publisher: Publisher, url: str, *, stream: str = "BONDTAPE_FEED",
-                 prefix: str = "bondtape.feed", data_sets: tuple[str, ...] = DATA_SETS, max_in_flight: int = 256):
+                 prefix: str = "bondtape.feed", data_sets: tuple[str, ...] = DATA_SETS):
         self.publisher = publisher
         self.url = url
         self.stream = stream
         self.prefix = prefix
         self.data_sets = data_sets
-        self.max_in_flight = max_in_flight
+        self.ack_timeout = 5.0
         self.published = 0
         self.enqueued = 0
         self._loop = asyncio.new_event_loop()
@@ -99,34 +100,71 @@ class JetStreamPublisher:
         return (body["date"], body["seq"] + 1)
 
     async def _pump(self) -> None:
-        while True:
-            batch = await self._handoff.get_batch()
-            stop = None in batch
-            batch = [m for m in batch if m is not None]
-            for i in range(0, len(batch), self.max_in_flight):
-                await self._publish(batch[i:i + self.max_in_flight])
-            if stop:
-                return
+        """Send each message as soon as it arrives; acknowledgements are checked by
+        :meth:`_acks` meanwhile, so a send never waits for the acks of earlier ones."""
+        self._unacked: collections.deque = collections.deque()
+        self._ack_ready = asyncio.Event()
+        self._sending = asyncio.Event()
+        self._sending.set()
+        acks = asyncio.get_running_loop().create_task(self._acks())
+        try:
+            while True:
+                batch = await self._handoff.get_batch()
+                for m in batch:
+                    if m is None:
+                        while self._unacked:
+                            await asyncio.sleep(0.001)
+                        return
+                    await self._sending.wait()  # paused while a failure is repaired
+                    await self._send(m)
+        finally:
+            acks.cancel()
 
-    async def _publish(self, batch: list[FeedMessage]) -> None:
-        """Publish in order without waiting in between, then wait for the acks; what was not
-        acknowledged is sent again (JetStream drops repeats by Nats-Msg-Id)."""
-        while batch:
+    async def _send(self, m: FeedMessage) -> None:
+        while True:
             try:
-                acks = [await self._js.publish_async(self.subject(x.data_set), x.body.encode(),
-                                                     headers={"Nats-Msg-Id": f"{x.data_set}:{x.date}:{x.seq}"})
-                        for x in batch]
-                results = await asyncio.gather(*acks, return_exceptions=True)
-            except Exception as exc:  # connection trouble before all were sent
+                fut = await self._js.publish_async(self.subject(m.data_set), m.body.encode(),
+                                                   headers={"Nats-Msg-Id": f"{m.data_set}:{m.date}:{m.seq}"})
+                break
+            except Exception as exc:  # connection trouble: wait and send again
                 log.warning("JetStream publish failed (%s); retrying", exc)
                 await asyncio.sleep(0.2)
+        self._unacked.append((m, fut))
+        self._ack_ready.set()
+
+    async def _acks(self) -> None:
+        while True:
+            if not self._unacked:
+                self._ack_ready.clear()
+                await self._ack_ready.wait()
                 continue
-            failed = [x for x, r in zip(batch, results) if isinstance(r, BaseException)]
-            self.published += len(batch) - len(failed)
-            if failed:
-                log.warning("JetStream did not acknowledge %d messages; retrying", len(failed))
-                await asyncio.sleep(0.2)
-            batch = failed
+            m, fut = self._unacked[0]
+            try:
+                await asyncio.wait_for(fut, self.ack_timeout)
+                self._unacked.popleft()
+                self.published += 1
+            except Exception as exc:
+                log.warning("JetStream did not acknowledge %s:%s:%s (%s); resending from there", m.data_set, m.date, m.seq, exc)
+                await self._repair()
+
+    async def _repair(self) -> None:
+        """Resend, in order, everything not acknowledged (JetStream drops repeats by Msg-Id)."""
+        self._sending.clear()
+        try:
+            pending = [m for m, _ in self._unacked]
+            self._unacked.clear()
+            for m in pending:
+                while True:
+                    try:
+                        await self._js.publish(self.subject(m.data_set), m.body.encode(), timeout=self.ack_timeout,
+                                               headers={"Nats-Msg-Id": f"{m.data_set}:{m.date}:{m.seq}"})
+                        self.published += 1
+                        break
+                    except Exception as exc:
+                        log.warning("JetStream resend failed (%s); retrying", exc)
+                        await asyncio.sleep(0.2)
+        finally:
+            self._sending.set()
 
     async def _close(self) -> None:
         if self._handoff is not None:
