@@ -113,7 +113,8 @@ class FixServer:
         self.ssl = ssl
         self.logon_timeout = logon_timeout
         self.max_heartbeat = max_heartbeat
-        self.store = store.StoreWriter(db)
+        lock = getattr(sequencer.engine, "_lock", None) if db.dialect.name == "sqlite" else None
+        self.store = store.StoreWriter(db, write_lock=lock)
         self.live: dict[int, Connection] = {}  # session id -> logged-on connection
         self.connections: set[Connection] = set()
         self._owns_sequencer = owns_sequencer

@@ -86,9 +86,13 @@ def reset_session(conn: Connection, session_id: int, now_us: int) -> None:
 class StoreWriter:
     """One thread that runs queued writes, many per transaction (group commit)."""
 
-    def __init__(self, db: Engine, max_batch: int = 500):
+    def __init__(self, db: Engine, max_batch: int = 500, write_lock: threading.Lock | None = None):
         self.db = db
         self.max_batch = max_batch
+        # SQLite has one writer at a time, and a writer that finds the database locked
+        # sleeps and polls: sharing the engine's lock queues our commits between its
+        # batches instead (PostgreSQL needs no lock: the tables are different).
+        self.write_lock = write_lock
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="bondtape-fix-store", daemon=True)
         self._thread.start()
@@ -115,9 +119,14 @@ class StoreWriter:
                     break
                 batch.append(nxt)
             try:
-                with self.db.begin() as conn:
-                    for write, _ in batch:
-                        write(conn)
+                if self.write_lock is not None:
+                    with self.write_lock, self.db.begin() as conn:
+                        for write, _ in batch:
+                            write(conn)
+                else:
+                    with self.db.begin() as conn:
+                        for write, _ in batch:
+                            write(conn)
             except Exception as exc:  # every waiter learns of it; nothing of the batch was kept
                 log.error("FIX session store write failed: %s", exc)
                 for _, fut in batch:
