@@ -55,8 +55,8 @@ def generate(path: Path, reports: int, orgs: int) -> None:
           trading_market, merger_transfer, remuneration, locked_in, agu, is_test, as_of, late, modifier3,
           disseminated, duplicate_of, terms_key, status, closed_seq, closed_us, successor_control_number)
         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < :reports)
-        SELECT 1000000000 + i, i, :base + (((i * 7919) % 30) * 86400 + 50000) * 1000000,
-          printf('2010-04-%02d', 1 + (i * 7919) % 30), 1000000000 + i, '2010-04-01',
+        SELECT 1000000000 + i, i, :base + (((i / 7) % 30) * 86400 + 50000) * 1000000,
+          printf('2010-04-%02d', 1 + (i / 7) % 30), 1000000000 + i, '2010-04-01',
           CASE WHEN (i / 11) % 200 = 7 THEN 1000000000 + i - 1 END, printf('F%03d', (i * 104729) % :orgs), NULL, 'BULK',
           '111111111', 'SYM', 'CORP', 'IG', 0, 'S', 'P', 'C', 'C',
           CASE (i / 1000) % 4 WHEN 0 THEN 1 + (i * 2654435761) % 20000000
