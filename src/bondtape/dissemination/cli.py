@@ -62,7 +62,7 @@ def feed_publish(db_url: str | None) -> None:
 def feed_replay(from_seq: int, to_seq: int | None, data_set: str | None, date: str | None, catch_up: bool,
                 db_url: str | None) -> None:
     """Print published messages as JSON lines, exactly as the live feed carries them."""
-    from bondtape.dissemination.publisher import DATA_SETS, read_messages
+    from bondtape.dissemination.publisher import DATA_SETS
 
     if date is not None:
         try:

@@ -12,7 +12,6 @@ import collections
 import json
 import logging
 import threading
-from typing import Any
 
 import nats
 from nats.js.api import StorageType, StreamConfig

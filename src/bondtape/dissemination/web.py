@@ -17,10 +17,8 @@ closes with 4400), and a subscription carries only entitled data sets.
 from __future__ import annotations
 
 import asyncio
-import json
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
-import sqlalchemy as sa
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection, Request
