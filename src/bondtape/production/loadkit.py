@@ -355,14 +355,17 @@ class ServerProcess:
         self.log_path = Path(log_path or Path(dep.folder) / "serve.log")
         self.proc = None
         self.addresses: dict[str, str] = {}
+        self.ports: dict[str, int] = {}  # kept for a restart on the same ports
 
     def _config(self) -> Path:
-        lines = ["[serve]", f'database_url = "{self.dep.url}"', 'host = "127.0.0.1"', "port = 0", "tls_port = 0",
+        port = self.ports.get
+        lines = ["[serve]", f'database_url = "{self.dep.url}"', 'host = "127.0.0.1"', f"port = {port('http', 0)}",
+                 f"tls_port = {port('https', 0)}",
                  f'tls_cert = "{self.dep.server_cert}"', f'tls_key = "{self.dep.server_key}"',
                  f'ca_dir = "{self.dep.ca_dir}"', f"workers = {self.workers}", 'metrics_token = "scrape-token"',
                  "shutdown_timeout = 10"]
         if self.fix:
-            lines.append("fix_port = 0")
+            lines.append(f"fix_port = {port('fix', 0)}")
         if self.nats_url:
             lines.append(f'nats_url = "{self.nats_url}"')
         for k, v in self.extra.items():
@@ -379,7 +382,7 @@ class ServerProcess:
         env.update(self.dep.env())
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "bondtape", "serve", "--config", str(self._config())],
-                                     env=env, stdout=log, stderr=subprocess.PIPE)
+                                     env=env, stdout=log, stderr=subprocess.PIPE, start_new_session=True)
         log.close()
         os.set_blocking(self.proc.stderr.fileno(), False)
         deadline = time.monotonic() + timeout
@@ -400,6 +403,7 @@ class ServerProcess:
                         if name in ("http", "https", "fix"):
                             self.addresses[name] = value.strip()
                     if wanted <= set(self.addresses):
+                        self.ports = {k: int(v.rsplit(":", 1)[1]) for k, v in self.addresses.items()}
                         self._drain()
                         return self.addresses
                 time.sleep(0.02)
@@ -438,6 +442,12 @@ class ServerProcess:
         return self.proc.wait(timeout)
 
     def kill(self) -> None:
+        """SIGKILL to the server and every worker it started (its process group)."""
+        import signal
+
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             self.proc.wait(10)
