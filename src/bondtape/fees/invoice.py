@@ -14,6 +14,7 @@ import datetime as dt
 import os
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from itertools import chain
 from dataclasses import dataclass, field
 from decimal import Decimal, localcontext
 from typing import Any, Iterable
@@ -186,6 +187,16 @@ def _cn_key(cn: str) -> tuple[int, str]:
     return (len(cn), cn)
 
 
+def _sorted_cns(lists: Iterable[list[str]]) -> list[str]:
+    """Control numbers (decimal strings) of several groups, in numeric order."""
+    merged = list(chain.from_iterable(lists))
+    if len(set(map(len, merged))) <= 1:
+        merged.sort()  # all of one length: text order is numeric order
+    else:
+        merged.sort(key=_cn_key)
+    return merged
+
+
 def _report_rows(conn: Connection, first: dt.date, last: dt.date, schedule: Schedule,
                  mpid: str | None = None) -> list[Any]:
     """Production reports received from ``first`` to ``last``, grouped by MPID, tier and flags,
@@ -225,12 +236,7 @@ def _report_groups(chunks: Iterable[list[Any]]) -> list[ReportGroup]:
                 g.count += int(r[4])
                 g.par_c += int(r[5])
                 g.control_numbers.extend(cns)
-    for g in merged.values():
-        if len(set(map(len, g.control_numbers))) == 1:
-            g.control_numbers.sort()
-        else:
-            g.control_numbers.sort(key=_cn_key)
-    return list(merged.values())
+    return list(merged.values())  # control numbers are sorted per invoice line (_sorted_cns)
 
 
 def _parallel_report_groups(db: Engine, month: str, schedule: Schedule, workers: int) -> list[ReportGroup] | None:
@@ -372,11 +378,8 @@ def _reporting_lines(out: _Lines, groups: list[ReportGroup], actions: list[Actio
                 continue
         by_tier[g.tier].append(g)
 
-    def cns(gs: Iterable[ReportGroup]) -> list[str]:
-        merged = [cn for g in gs for cn in g.control_numbers]
-        if len(list(gs)) > 1:
-            merged.sort(key=_cn_key)
-        return merged
+    def cns(gs: list[ReportGroup]) -> list[str]:
+        return _sorted_cns(g.control_numbers for g in gs)
 
     t1_par = f"${sch.tier1_max_par:,.0f}"
     t3_par = f"${sch.tier3_min_par:,.0f}"
