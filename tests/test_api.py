@@ -61,7 +61,7 @@ def test_report_and_act_on_it(world):
     assert [x["control_number"] for x in listed] == [new_cn]
 
 
-@pytest.mark.parametrize("fields,code,field", [
+REJECTS = [
     ({"cusip": IG[:8] + str((int(IG[8]) + 1) % 10)}, "CUSIP_CHECK_DIGIT", "cusip"),
     ({"cusip": "ZZZZZZZZ9"}, "CUSIP_CHECK_DIGIT", "cusip"),
     ({"quantity": "-5"}, "QUANTITY_INVALID", "quantity"),
@@ -70,13 +70,16 @@ def test_report_and_act_on_it(world):
     ({"execution_time": "2027-01-01T10:00:00"}, "EXECUTION_IN_FUTURE", "execution_time"),
     ({"contra": "DLRA"}, "CONTRA_IS_REPORTER", "contra"),
     ({"reporting_mpid": "DLRB"}, "FIELD_INVALID", "reporting_mpid"),
-])
-def test_rejects_carry_the_codes_of_every_channel(world, fields, code, field):
+]
+
+
+def test_rejects_carry_the_codes_of_every_channel(world):
     c = api_client(world, world.trader)
-    r = c.post("/api/v1/reports", json=trade(**fields))
-    assert r.status_code == 422, r.text
-    reject = r.json()["reject"]
-    assert (reject["code"], reject["field"]) == (code, field) and code in REJECT_CODES
+    for fields, code, field in REJECTS:
+        r = c.post("/api/v1/reports", json=trade(**fields))
+        assert r.status_code == 422, r.text
+        reject = r.json()["reject"]
+        assert (reject["code"], reject["field"]) == (code, field) and code in REJECT_CODES
 
 
 def test_batch_bulk_and_malformed_bodies(world):
