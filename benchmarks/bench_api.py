@@ -150,6 +150,25 @@ def run(reports: int, batch: int, concurrency: int, single: int) -> dict:
         engine_s = time.perf_counter() - t0
         base_db.dispose()
 
+        # the engine with the feed publisher following it, as in `bondtape serve`: the HTTP
+        # layer's own cost is the gap between this and the HTTP rate
+        from bondtape.dissemination.publisher import Publisher
+
+        feed_db = connect(f"sqlite:///{tmp / 'feed.db'}")
+        _reference(feed_db)
+        feed_engine = Engine(feed_db, clock=lambda: clock_us)
+        publisher = Publisher(feed_db, clock=lambda: clock_us).start(feed_engine)
+        t0 = time.perf_counter()
+        with_feed, last_seq = 0, 0
+        for i in range(0, len(commands), batch):
+            results = feed_engine.submit(commands[i:i + batch])
+            with_feed += sum(r.accepted for r in results)
+            last_seq = max([last_seq] + [r.seq for r in results if r.seq])
+        publisher.wait_for(last_seq, timeout=600)
+        feed_s = time.perf_counter() - t0
+        publisher.stop()
+        feed_db.dispose()
+
         db = connect(f"sqlite:///{tmp / 'api.db'}")
         _reference(db)
         settings = AccessSettings(secret_key=os.urandom(32), ca_dir=tmp / "ca", cookie_secure=False)
@@ -184,6 +203,8 @@ def run(reports: int, batch: int, concurrency: int, single: int) -> dict:
         "accepted_http": accepted, "accepted_engine": done,
         "reports_per_s": round(http_rate), "engine_reports_per_s": round(engine_rate),
         "ratio_to_engine": round(http_rate / engine_rate, 3),
+        "engine_with_feed_reports_per_s": round(with_feed / feed_s),
+        "ratio_to_engine_with_feed": round(http_rate / (with_feed / feed_s), 3),
         "requests_per_s": round(len(work) / http_s, 1),
         "single_report_requests": single, "single_accepted": single_ok,
         "single_reports_per_s": round(single_ok / single_s, 1) if single else None,
