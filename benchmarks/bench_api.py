@@ -8,9 +8,10 @@ same kind of database with the same reports, same run.
 The server is ``bondtape.serve.build_app`` under uvicorn (one process, one event loop) on
 127.0.0.1 with a fresh SQLite file; the clients run in a separate process, each on one
 kept-alive TLS connection, posting ``{"reports": [...]}`` batches of B reports. Every
-request carries the certificate and the password, and the password is checked (argon2id)
-on every request, so a batch of reports per request is how a firm's program gets volume
-through; ``single_reports_per_s`` is one report per request, measured too.
+request carries the certificate and the password (checked with argon2id, then remembered
+briefly by the access layer), and each request is at least one engine transaction, so a
+batch of reports per request is how a firm's program gets volume through;
+``single_reports_per_s`` is one report per request, measured too.
 """
 from __future__ import annotations
 
@@ -208,7 +209,8 @@ def run(reports: int, batch: int, concurrency: int, single: int) -> dict:
         "requests_per_s": round(len(work) / http_s, 1),
         "single_report_requests": single, "single_accepted": single_ok,
         "single_reports_per_s": round(single_ok / single_s, 1) if single else None,
-        "transport": "HTTPS, client certificate + HTTP Basic (argon2id checked per request), JSON; "
+        "transport": "HTTPS, client certificate + HTTP Basic on every request (argon2id, then the access layer's "
+                     "per-process memory of verified credentials), JSON; "
                      "uvicorn, one process; clients in another process, one kept-alive connection each",
         "database": "SQLite (WAL), fresh file", "cpus": os.cpu_count(),
     }
