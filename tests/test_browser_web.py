@@ -151,13 +151,21 @@ def test_enroll_sign_in_report_correct_and_see_it_capped(site, tmp_path):
     assert page.locator("#chart svg polyline").count() == 1
     page.screenshot(path=str(shots / "security.png"), full_page=True)
 
+    # the page follows the feed: a new trade appears without reloading
+    from bondtape.reporting.commands import parse_command
+    result = svc.sequencer(parse_command({"reporting_mpid": "DLRA", "cusip": IG, "side": "B", "capacity": "P",
+                                          "contra": "C", "quantity": "40000", "price": "99.875",
+                                          "execution_time": "2026-06-01T09:59:00"}, channel="api"))
+    assert result.accepted and svc.publisher.wait_for(result.seq)
+    sync_api.expect(page.locator("#time-and-sales")).to_contain_text("99.875", timeout=15_000)
+
     # a permitted file: the firm's own journal as CSV
     page.goto(f"{site.base}/journal")
     with page.expect_download() as info:
         page.click("text=Download CSV")
     path = info.value.path()
     lines = Path(path).read_text().splitlines()
-    assert lines[0].startswith("control_number,status") and {line.split(",")[0] for line in lines[1:]} == {first, second}
+    assert lines[0].startswith("control_number,status") and {line.split(",")[0] for line in lines[1:]} == {first, second, str(result.control_number)}
     page.screenshot(path=str(shots / "journal.png"), full_page=True)
     # and one that is not: another firm's report is answered as if it did not exist
     assert page.goto(f"{site.base}/reports/999999999/history").status == 404
