@@ -138,9 +138,12 @@ class Background:
         return self.run.answers
 
 
-def _orders(dep, n: int, seconds: float, speed: float = 30.0, seed: int = 11):
-    """n REST reports spread over ``seconds`` of wall time at ``speed`` x real time."""
-    return trading_day(dep, trades=n, seed=seed, hours=seconds * speed / 3600, fix_share=0.0)
+SPEED = 30.0  # times real time
+
+
+def _orders(dep, n: int, seconds: float, seed: int = 11):
+    """n REST reports spread over ``seconds`` of wall time when replayed at SPEED."""
+    return trading_day(dep, trades=n, seed=seed, hours=seconds * SPEED / 3600, fix_share=0.0)
 
 
 def _check_journal(db, answers) -> dict[str, int]:
@@ -206,14 +209,14 @@ def service_db(tmp_path_factory):
 @pytest.mark.timeout(240)
 def test_sigkill_of_the_server_during_load_loses_nothing_acknowledged(service_db, tmp_path):
     url, pg = service_db
-    dep = provision(url, tmp_path / "dep")
+    dep = provision(url, tmp_path / "dep", dealers=2, securities=10)
     server = ServerProcess(dep, workers=2 if pg else 1, fix=False)
     server.start()
     db = connect(url, migrate_schema=False)
     try:
-        run = LoadRun(dep, server.https_url, None, deadline_s=60)
-        load = Background(run, _orders(dep, 240, seconds=8))
-        load.wait_answers(60)
+        run = LoadRun(dep, server.https_url, None, speed=SPEED, deadline_s=60)
+        load = Background(run, _orders(dep, 150, seconds=4))
+        load.wait_answers(40)
         server.kill()  # SIGKILL: the supervisor and every worker, mid-request
         killed_at = len(run.answers)
         with db.connect() as conn:  # what the feed had published when the server died
@@ -222,8 +225,8 @@ def test_sigkill_of_the_server_during_load_loses_nothing_acknowledged(service_db
         server.start()  # same ports; the clients retry the same client_ref meanwhile
         answers = load.join()
         assert run.connection_errors > 0, "the kill was not noticed by the clients"
-        assert killed_at < len(answers) == 240
-        assert Counter(a.status for a in answers) == {"ACCEPTED": 240}
+        assert killed_at < len(answers) == 150
+        assert Counter(a.status for a in answers) == {"ACCEPTED": 150}
         _check_journal(db, answers)
         _wait_feed_caught_up(db)
         _check_feed(db)
@@ -240,14 +243,14 @@ def test_sigkill_of_the_server_during_load_loses_nothing_acknowledged(service_db
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_postgres_restart_at_the_service_answers_503_and_recovers(private_pg, tmp_path):
-    dep = provision(private_pg.url, tmp_path / "dep")
+    dep = provision(private_pg.url, tmp_path / "dep", dealers=2, securities=10)
     server = ServerProcess(dep, workers=2, fix=False)
     server.start()
     http = server.addresses["http"]
     try:
-        run = LoadRun(dep, server.https_url, None, deadline_s=90)
-        load = Background(run, _orders(dep, 240, seconds=10))
-        load.wait_answers(50)
+        run = LoadRun(dep, server.https_url, None, speed=SPEED, deadline_s=90)
+        load = Background(run, _orders(dep, 150, seconds=5))
+        load.wait_answers(40)
         private_pg.stop("fast")
         deadline = time.monotonic() + 20
         while not run.unavailable and time.monotonic() < deadline:
@@ -262,7 +265,7 @@ def test_postgres_restart_at_the_service_answers_503_and_recovers(private_pg, tm
         assert server.proc.poll() is None  # the same server process all along
         assert run.unavailable, "no 503 was seen while PostgreSQL was down"
         assert set(run.unavailable) <= {"SERVICE_UNAVAILABLE|1", "ENGINE_UNAVAILABLE|1"}, set(run.unavailable)
-        assert Counter(a.status for a in answers) == {"ACCEPTED": 240}
+        assert Counter(a.status for a in answers) == {"ACCEPTED": 150}
         assert httpx.get(http + "/readyz", timeout=5).status_code == 200
         db = connect(private_pg.url, migrate_schema=False)
         try:
@@ -305,7 +308,7 @@ async def _stream_messages(url: str) -> list[tuple[str, str, int]]:
 @pytest.mark.timeout(240)
 def test_nats_stopped_during_load_the_feed_catches_up_without_gap_or_duplicate(service_db, private_nats, tmp_path):
     url, pg = service_db
-    dep = provision(url, tmp_path / "dep")
+    dep = provision(url, tmp_path / "dep", dealers=2, securities=10)
     server = ServerProcess(dep, workers=2 if pg else 1, fix=False, nats_url=private_nats.url)
     server.start()
     http = server.addresses["http"]
@@ -316,15 +319,15 @@ def test_nats_stopped_during_load_the_feed_catches_up_without_gap_or_duplicate(s
             # with two workers /readyz may be answered by one without the bus: ask again
             assert time.monotonic() < deadline, "the bus never came up"
             time.sleep(0.05)
-        run = LoadRun(dep, server.https_url, None, deadline_s=60)
-        load = Background(run, _orders(dep, 240, seconds=8))
-        load.wait_answers(60)
+        run = LoadRun(dep, server.https_url, None, speed=SPEED, deadline_s=60)
+        load = Background(run, _orders(dep, 150, seconds=4))
+        load.wait_answers(40)
         private_nats.stop()
         during = len(run.answers)
-        load.wait_answers(during + 60)  # intake and the journal go on without the bus
+        load.wait_answers(during + 40)  # intake and the journal go on without the bus
         private_nats.start()  # same port, same store
         answers = load.join()
-        assert Counter(a.status for a in answers) == {"ACCEPTED": 240}
+        assert Counter(a.status for a in answers) == {"ACCEPTED": 150}
         _check_journal(db, answers)
         _wait_feed_caught_up(db)
         days = _check_feed(db)

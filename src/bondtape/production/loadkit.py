@@ -164,6 +164,7 @@ class LoadRun:
     answers: list[Answer] = field(default_factory=list)
     unavailable: list[str] = field(default_factory=list)  # codes of 503 answers seen
     connection_errors: int = 0
+    connections: int = 8  # keep-alive HTTPS connections per trader (each new one costs a login check)
 
     def _ssl(self, trader: Trader) -> ssl.SSLContext:
         ctx = ssl.create_default_context(cafile=str(Path(self.dep.ca_dir) / "ca-cert.pem"))
@@ -174,7 +175,7 @@ class LoadRun:
         import httpx
 
         clients = [httpx.AsyncClient(base_url=self.https_url, verify=self._ssl(t), auth=(t.username, t.password),
-                                     timeout=30.0, limits=httpx.Limits(max_connections=concurrency))
+                                     timeout=30.0, limits=httpx.Limits(max_connections=self.connections))
                    for t in self.dep.traders]
         fix = [FixSession(self, i, t) for i, t in enumerate(self.dep.traders)] if self.fix_port else []
         try:
