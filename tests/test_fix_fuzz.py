@@ -13,9 +13,9 @@ from bondtape.fix import codec, mapping
 from bondtape.fix.server import LogonRefused, Principal
 from bondtape.reporting.codes import REJECT_CODES, Rejected
 from bondtape.reporting.commands import parse_command
-from tests.test_fix_helpers import RawClient, ServerThread, journal_count, report_body
+from tests.test_fix_helpers import RawClient, ServerThread, journal_count, lite_market, report_body  # noqa: F401
 
-FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 # -- the framer and the field parser ---------------------------------------------------------
 
@@ -92,8 +92,8 @@ def _authenticate(username: str, password: str, source: str) -> Principal:
 
 
 @pytest.fixture
-def fuzz_server(market):
-    server = ServerThread(market, authenticator=_authenticate)
+def fuzz_server(lite_market):
+    server = ServerThread(lite_market, authenticator=_authenticate)
     yield server
     server.stop()
 
@@ -117,21 +117,21 @@ def _still_serving(server) -> None:
 
 @given(data=st.binary(min_size=1, max_size=600), logged_on=st.booleans())
 @FUZZ
-def test_random_bytes(fuzz_server, market, data, logged_on):
-    before = journal_count(market)
+def test_random_bytes(fuzz_server, lite_market, data, logged_on):
+    before = journal_count(lite_market)
     c = _logged_on(fuzz_server) if logged_on else RawClient(fuzz_server.port, sender="FZRAW")
     try:
         c.raw(data)
     except OSError:
         pass
     c.close()
-    assert journal_count(market) == before
+    assert journal_count(lite_market) == before
     _still_serving(fuzz_server)
 
 
 @given(position=st.integers(0, 10_000), byte=st.integers(0, 255))
 @FUZZ
-def test_a_corrupted_report_is_ignored(fuzz_server, market, position, byte):
+def test_a_corrupted_report_is_ignored(fuzz_server, lite_market, position, byte):
     """One byte changed after BodyLength: the CheckSum no longer matches, so the report is
     garbled: ignored, not answered, not counted; the same MsgSeqNum is expected next."""
     c = _logged_on(fuzz_server)
@@ -146,17 +146,17 @@ def test_a_corrupted_report_is_ignored(fuzz_server, market, position, byte):
     first = c.read()
     assert first is not None and first.msg_type == "0" and first.first(112) == "next"
     c.close()
-    assert journal_count(market) == 0
+    assert journal_count(lite_market) == 0
 
 
 @given(cut=st.integers(1, 10_000))
 @FUZZ
-def test_a_truncated_report_is_never_journaled(fuzz_server, market, cut):
+def test_a_truncated_report_is_never_journaled(fuzz_server, lite_market, cut):
     c = _logged_on(fuzz_server)
     msg = c.message("AE", report_body("TRUNC"), seq=2)
     c.raw(msg[: 1 + cut % (len(msg) - 1)])
     c.close()
-    assert journal_count(market) == 0
+    assert journal_count(lite_market) == 0
     _still_serving(fuzz_server)
 
 
@@ -166,7 +166,7 @@ _hostile_tags = st.sampled_from([571, 487, 572, 22, 32, 31, 54, 60, 64, 453, 448
 
 @given(st.lists(st.tuples(_hostile_tags, _ae_values), max_size=15), st.sampled_from(["AE", "AE", "D", "ZZ", "4", "2", "1"]))
 @FUZZ
-def test_well_framed_hostile_messages_get_the_fix_answer(fuzz_server, market, fields, msg_type):
+def test_well_framed_hostile_messages_get_the_fix_answer(fuzz_server, lite_market, fields, msg_type):
     """No CUSIP and nothing to act on: nothing can be journaled. Each message is answered
     by the rules: Reject (35=3), a rejecting AR, a BusinessMessageReject, a gap fill's
     silence, a resend, a heartbeat, or a logout for a broken header."""
@@ -186,7 +186,7 @@ def test_well_framed_hostile_messages_get_the_fix_answer(fuzz_server, market, fi
             c.send("4", [(123, "Y"), (36, 3)], seq=int(m.first(7)), poss_dup=True, orig_sending_time=now)
             c.send("1", [(112, "probe")], seq=3, poss_dup=True, orig_sending_time=now)
     c.close()
-    assert journal_count(market) == 0
+    assert journal_count(lite_market) == 0
     kinds = {m.msg_type for m in answers}
     assert kinds <= {"3", "AR", "j", "0", "2", "4", "5"}, kinds
     for m in answers:

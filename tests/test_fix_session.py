@@ -12,16 +12,34 @@ import sqlalchemy as sa
 from bondtape.fix import codec
 from bondtape.fix.schema import fix_messages, fix_sessions
 from tests.conftest import make_cusip
-from tests.test_fix_helpers import RawClient, ServerThread, add_users, journal_count, report_body
+from tests.test_fix_helpers import (  # noqa: F401 - lite_market is a fixture
+    RawClient, ServerThread, add_users, journal_count, lite_market, report_body)
 
 
 @pytest.fixture
 def srv(market):
-    add_users(market, ("alice", "DLRA"), ("bob", "DLRB"))
-    add_users(market, ("victor", "DLRC"), roles=("viewer",))
+    add_users(market, ("alice", "DLRA"))
     server = ServerThread(market)
     yield server
     server.stop()
+
+
+@pytest.fixture
+def lite_srv(lite_market):
+    add_users(lite_market, ("alice", "DLRA"), ("bob", "DLRB"))
+    add_users(lite_market, ("victor", "DLRC"), roles=("viewer",))
+    server = ServerThread(lite_market)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def lite_client(lite_srv):
+    c = RawClient(lite_srv.port)
+    logon = c.logon()
+    assert logon is not None and logon.msg_type == "A"
+    yield c
+    c.close()
 
 
 @pytest.fixture
@@ -53,8 +71,8 @@ def test_logon_answer_and_sequence_numbers_on_disk(srv, client, market):
     again.close()
 
 
-def test_logon_with_a_gap_is_answered_then_a_resend_is_asked(srv):
-    c = RawClient(srv.port)
+def test_logon_with_a_gap_is_answered_then_a_resend_is_asked(lite_srv):
+    c = RawClient(lite_srv.port)
     c.seq = 5  # the firm thinks it sent 1..4 already
     logon = c.logon()
     assert logon.msg_type == "A"
@@ -66,20 +84,20 @@ def test_logon_with_a_gap_is_answered_then_a_resend_is_asked(srv):
     c.close()
 
 
-def test_garbled_messages_are_ignored(client, market):
-    good = client.message("1", [(112, "T1")], seq=2)
+def test_garbled_messages_are_ignored(lite_client, lite_market):
+    good = lite_client.message("1", [(112, "T1")], seq=2)
     bad_sum = good[:-4] + (b"000" if good[-4:-1] != b"000" else b"001") + b"\x01"
     length = good.split(b"\x01")[1]  # 9=NN
     bad_length = good.replace(length, b"9=%d" % (int(length[2:]) - 10), 1)  # too short
-    client.raw(bad_sum + bad_length + b"garbage\x01\x01=junk")
-    client.raw(good)  # seq 2 is still expected: the garbled ones did not count
-    hb = client.read()
+    lite_client.raw(bad_sum + bad_length + b"garbage\x01\x01=junk")
+    lite_client.raw(good)  # seq 2 is still expected: the garbled ones did not count
+    hb = lite_client.read()
     assert hb.msg_type == "0" and hb.first(112) == "T1"
-    assert journal_count(market) == 0
+    assert journal_count(lite_market) == 0
 
 
-def test_first_message_must_be_logon(srv):
-    c = RawClient(srv.port)
+def test_first_message_must_be_logon(lite_srv):
+    c = RawClient(lite_srv.port)
     c.send("AE", report_body("R1"))
     assert c.closed()
     c.close()
@@ -91,38 +109,38 @@ def test_first_message_must_be_logon(srv):
     ([(571, "R1"), (453, 3), (448, "DLRA"), (447, "C"), (452, 1)], "16", "453"),  # NumInGroup wrong
     ([(571, "R1"), (447, "C")], "15", "447"),  # group field outside its group
 ])
-def test_structural_problems_get_a_session_reject(client, market, body, reason, tag):
-    client.send("AE", body)
-    rej = client.read_type("3")
+def test_structural_problems_get_a_session_reject(lite_client, lite_market, body, reason, tag):
+    lite_client.send("AE", body)
+    rej = lite_client.read_type("3")
     assert (rej.first(373), rej.first(371), rej.first(45), rej.first(372)) == (reason, tag, "2", "AE")
-    client.send("1", [(112, "next")])  # the rejected message counted: seq 3 is next
-    assert client.read_type("0").first(112) == "next"
-    assert journal_count(market) == 0
+    lite_client.send("1", [(112, "next")])  # the rejected message counted: seq 3 is next
+    assert lite_client.read_type("0").first(112) == "next"
+    assert journal_count(lite_market) == 0
 
 
-def test_bad_fields_get_a_session_reject(client):
-    msg = client.message("1", [(112, "X")], seq=2)
+def test_bad_fields_get_a_session_reject(lite_client):
+    msg = lite_client.message("1", [(112, "X")], seq=2)
     msg = msg.replace(b"112=X", b"abc=X")
     data = msg[: msg.rindex(b"10=")]
-    client.raw(data + f"10={codec.checksum(data):03d}\x01".encode())
-    rej = client.read_type("3")
+    lite_client.raw(data + f"10={codec.checksum(data):03d}\x01".encode())
+    rej = lite_client.read_type("3")
     assert rej.first(373) == "0" and rej.first(45) == "2"
 
 
-def test_message_types(client):
-    client.send("ZZ", [(1, "x")])
-    rej = client.read_type("3")
+def test_message_types(lite_client):
+    lite_client.send("ZZ", [(1, "x")])
+    rej = lite_client.read_type("3")
     assert rej.first(373) == "11"
-    client.send("D", [(11, "order")])
-    bmr = client.read_type("j")
+    lite_client.send("D", [(11, "order")])
+    bmr = lite_client.read_type("j")
     assert bmr.first(380) == "3" and bmr.first(372) == "D"
 
 
-def test_sequence_too_low_logs_out(client):
-    client.send("1", [(112, "x")], seq=1)
-    logout = client.read_type("5")
+def test_sequence_too_low_logs_out(lite_client):
+    lite_client.send("1", [(112, "x")], seq=1)
+    logout = lite_client.read_type("5")
     assert "MsgSeqNum too low" in logout.first(58)
-    assert client.closed()
+    assert lite_client.closed()
 
 
 def test_gap_is_filled_after_a_resend_request(client, market):
@@ -155,12 +173,12 @@ def test_resend_request_is_answered_from_the_store(client):
     assert r2.first(818) == second.first(818)
 
 
-def test_sequence_reset_reset(client):
-    client.send("4", [(36, 10)], seq=99)
-    client.send("1", [(112, "ten")], seq=10)
-    assert client.read_type("0").first(112) == "ten"
-    client.send("4", [(36, 3)], seq=11)  # backwards: rejected
-    assert client.read_type("3").first(373) == "5"
+def test_sequence_reset_reset(lite_client):
+    lite_client.send("4", [(36, 10)], seq=99)
+    lite_client.send("1", [(112, "ten")], seq=10)
+    assert lite_client.read_type("0").first(112) == "ten"
+    lite_client.send("4", [(36, 3)], seq=11)  # backwards: rejected
+    assert lite_client.read_type("3").first(373) == "5"
 
 
 def test_reset_seq_num_flag(srv, client, market):
@@ -175,7 +193,7 @@ def test_reset_seq_num_flag(srv, client, market):
     again.close()
 
 
-def test_logon_refusals(srv, client, market):
+def test_logon_refusals(lite_srv, lite_client, lite_market):
     def refused(c: RawClient, **kw) -> str:
         logout = c.logon(**kw)
         assert logout is not None and logout.msg_type == "5", logout
@@ -184,24 +202,24 @@ def test_logon_refusals(srv, client, market):
         c.close()
         return text
 
-    assert "logon refused" in refused(RawClient(srv.port, sender="FIRMZ"), password="wrong-password-123")
-    assert "already logged on" in refused(RawClient(srv.port))  # FIRMA is live
-    assert "another firm" in refused(RawClient(srv.port), username="bob")
-    assert "TargetCompID" in refused(RawClient(srv.port, sender="FIRMZ", target="NOTUS"))
-    assert "may not report" in refused(RawClient(srv.port, sender="FIRMV"), username="victor")
-    assert "HeartBtInt" in refused(RawClient(srv.port, sender="FIRMZ"), heartbeat=0)
-    assert journal_count(market) == 0
+    assert "logon refused" in refused(RawClient(lite_srv.port, sender="FIRMZ"), password="wrong-password-123")
+    assert "already logged on" in refused(RawClient(lite_srv.port))  # FIRMA is live
+    assert "another firm" in refused(RawClient(lite_srv.port), username="bob")
+    assert "TargetCompID" in refused(RawClient(lite_srv.port, sender="FIRMZ", target="NOTUS"))
+    assert "may not report" in refused(RawClient(lite_srv.port, sender="FIRMV"), username="victor")
+    assert "HeartBtInt" in refused(RawClient(lite_srv.port, sender="FIRMZ"), heartbeat=0)
+    assert journal_count(lite_market) == 0
 
 
-def test_compid_change_mid_session(client):
-    client.sender = "OTHER"
-    client.send("1", [(112, "x")])
-    assert client.read_type("3").first(373) == "9"
-    assert client.read_type("5") is not None
+def test_compid_change_mid_session(lite_client):
+    lite_client.sender = "OTHER"
+    lite_client.send("1", [(112, "x")])
+    assert lite_client.read_type("3").first(373) == "9"
+    assert lite_client.read_type("5") is not None
 
 
-def test_heartbeat_and_test_request(srv):
-    c = RawClient(srv.port)
+def test_heartbeat_and_test_request(lite_srv):
+    c = RawClient(lite_srv.port)
     c.logon(heartbeat=1)
     assert c.read(timeout=5).msg_type in ("0", "1")  # idle: a heartbeat, then a TestRequest
     tr = c.read_type("1", timeout=5)
@@ -213,20 +231,20 @@ def test_heartbeat_and_test_request(srv):
     c.close()
 
 
-def test_engine_unavailable_is_a_business_reject(srv, client, market):
-    srv.sequencer.close()
-    client.send("AE", report_body("R1"))
-    bmr = client.read_type("j")
+def test_engine_unavailable_is_a_business_reject(lite_srv, lite_client, lite_market):
+    lite_srv.sequencer.close()
+    lite_client.send("AE", report_body("R1"))
+    bmr = lite_client.read_type("j")
     assert bmr.first(380) == "4" and bmr.first(379) == "R1"
-    assert journal_count(market) == 0
+    assert journal_count(lite_market) == 0
 
 
-def test_reject_codes_match_other_channels(client):
-    client.send("AE", report_body("R1", cusip=make_cusip("12345678")[:8] + "0"))
-    ack = client.read_type("AR")
+def test_reject_codes_match_other_channels(lite_client):
+    lite_client.send("AE", report_body("R1", cusip=make_cusip("12345678")[:8] + "0"))
+    ack = lite_client.read_type("AR")
     assert ack.first(939) == "1" and ack.first(20012) in ("CUSIP_CHECK_DIGIT", "SECURITY_UNKNOWN")
-    client.send("AE", report_body("R2", extra=[(20004, "XX")]))
-    ack = client.read_type("AR")
+    lite_client.send("AE", report_body("R2", extra=[(20004, "XX")]))
+    ack = lite_client.read_type("AR")
     assert ack.first(20012) == "FIELD_INVALID" and ack.first(20013) == "trading_market"
     assert ack.first(58).startswith("FIELD_INVALID: trading_market 'XX' is not accepted")
 
@@ -252,12 +270,12 @@ def _self_signed(tmp_path):
     return cert_path, key_path
 
 
-def test_tls(market, tmp_path):
+def test_tls(lite_market, tmp_path):
     from bondtape.fix import tls_context
 
-    add_users(market, ("alice", "DLRA"))
+    add_users(lite_market, ("alice", "DLRA"))
     cert, key = _self_signed(tmp_path)
-    server = ServerThread(market, ssl=tls_context(str(cert), str(key)))
+    server = ServerThread(lite_market, ssl=tls_context(str(cert), str(key)))
     try:
         ctx = ssl.create_default_context(cafile=str(cert))
         c = RawClient(server.port, tls=ctx)
