@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     from tests.servers import PrivateNats, PrivatePostgres, nats_unavailable_reason, postgres_unavailable_reason
 
     folder = Path(tempfile.mkdtemp(prefix="bondtape-load-"))
+    load_before = os.getloadavg()
     pg = nats = server = None
     try:
         if args.sqlite or postgres_unavailable_reason():
@@ -134,7 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
             "speed": args.speed, "day_trades": args.trades, "hours_replayed": round(hours, 3), "reports": n,
             "complete": complete, "offered_per_s": round(offered, 2),
             "replay": _summary(run.answers, replay_s),
-            "machine": {"cpus": os.cpu_count(), "load_average": os.getloadavg()},
+            "machine": {"cpus": os.cpu_count(), "load_average_before": load_before,
+                        "load_average_after": os.getloadavg()},
         }
         if args.capacity:
             burst = trading_day(dep, trades=args.capacity, seed=args.seed + 1, hours=0.0, fix_share=args.fix_share)
@@ -153,6 +155,8 @@ def main(argv: list[str] | None = None) -> dict:
             "load_generator_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         }
         result["graceful_stop_exit_code"] = server.stop(60)
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=2) + "\n")
         return result
     finally:
         if server is not None:
@@ -164,9 +168,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    out = main()
-    text = json.dumps(out, indent=2)
-    print(text)
-    argv = sys.argv[1:]
-    if "--out" in argv:
-        Path(argv[argv.index("--out") + 1]).write_text(text + "\n")
+    print(json.dumps(main(), indent=2))

@@ -258,9 +258,35 @@ def test_supervisor_starts_a_worker_again_after_it_dies(tmp_path):
                 ok += httpx.get(http + "/readyz", timeout=5).status_code == 200
             except httpx.TransportError:
                 time.sleep(0.05)
+        for _ in range(6):  # the feed lives in the primary, on its own port; the shared port says where
+            r = httpx.get(http + "/feed/status", timeout=5)
+            assert r.status_code == 421 and r.json()["code"] == "FEED_ON_FEED_PORT"
+        assert httpx.get(server.addresses["feed"] + "/feed/status", timeout=5).status_code == 200
         assert server.stop() == 0
         assert re.search(r"worker 1 exited with -9; starting it again", server.log_path.read_text())
     finally:
         if server is not None:
             server.kill()
         pg.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_load_benchmark_small(tmp_path):
+    """benchmarks/load.py end to end, kept small: three simulated minutes at 60x, SQLite."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("bondtape_load_bench", ROOT / "benchmarks" / "load.py")
+    load = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(load)
+    out = tmp_path / "load.json"
+    result = load.main(["--sqlite", "--hours", "0.05", "--speed", "60", "--capacity", "60", "--out", str(out)])
+    assert result["complete"] and result["reports"] == round(40_000 * 0.05 / 10.5)
+    assert result["replay"]["statuses"] == {"ACCEPTED": result["reports"]}
+    assert set(result["replay"]["latency_by_channel"]) == {"http", "fix"}
+    assert result["replay"]["latency"]["p99_ms"] >= result["replay"]["latency"]["p50_ms"] > 0
+    assert result["capacity"]["statuses"] == {"ACCEPTED": 60} and result["headroom"] > 0
+    assert result["memory"]["server_peak_rss_total_mib"] > 0
+    assert result["graceful_stop_exit_code"] == 0
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))

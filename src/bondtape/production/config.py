@@ -35,6 +35,7 @@ class ServeConfig:
     tls_key: Path | None = None
     ca_dir: Path | None = None
     fix_port: int | None = None
+    feed_port: int | None = None
     workers: int = 1
     metrics_token: str | None = None
     log_level: str = "info"
@@ -64,6 +65,7 @@ KEYS: dict[str, tuple[str, str]] = {
     "tls_key": ("BONDTAPE_TLS_KEY", "path"),
     "ca_dir": ("BONDTAPE_CA_DIR", "path"),
     "fix_port": ("BONDTAPE_FIX_PORT", "port"),
+    "feed_port": ("BONDTAPE_FEED_PORT", "port"),
     "workers": ("BONDTAPE_WORKERS", "workers"),
     "metrics_token": ("BONDTAPE_METRICS_TOKEN", "str"),
     "log_level": ("BONDTAPE_LOG_LEVEL", "level"),

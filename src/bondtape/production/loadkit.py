@@ -367,6 +367,8 @@ class ServerProcess:
                  "shutdown_timeout = 10"]
         if self.fix:
             lines.append(f"fix_port = {port('fix', 0)}")
+        if self.workers > 1:
+            lines.append(f"feed_port = {port('feed', 0)}")
         if self.nats_url:
             lines.append(f'nats_url = "{self.nats_url}"')
         for k, v in self.extra.items():
@@ -389,7 +391,7 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         buf = b""
         self.addresses = {}
-        wanted = {"http", "https"} | ({"fix"} if self.fix else set())
+        wanted = {"http", "https"} | ({"fix"} if self.fix else set()) | ({"feed"} if self.workers > 1 else set())
         with open(self.log_path, "ab") as out:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
@@ -401,7 +403,7 @@ class ServerProcess:
                     buf += chunk
                     for line in buf.decode(errors="replace").splitlines():
                         name, _, value = line.partition(": ")
-                        if name in ("http", "https", "fix"):
+                        if name in ("http", "https", "fix", "feed"):
                             self.addresses[name] = value.strip()
                     if wanted <= set(self.addresses):
                         self.ports = {k: int(v.rsplit(":", 1)[1]) for k, v in self.addresses.items()}

@@ -79,6 +79,33 @@ class Bus:
             self.js.stop(timeout)
 
 
+FEED_PATHS = ("/feed/", "/time-and-sales/")
+
+
+class FeedElsewhere:
+    """ASGI wrapper for the shared ports of a multi-worker deployment: the feed's routes
+    live in the primary worker, on ``feed_port``; here they answer 421 with a pointer."""
+
+    def __init__(self, app, feed_port: int | None):
+        self.app, self.feed_port = app, feed_port
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "") if scope["type"] in ("http", "websocket") else ""
+        if not path.startswith(FEED_PATHS):
+            return await self.app(scope, receive, send)
+        where = (f"port {self.feed_port} of this host" if self.feed_port is not None
+                 else "the primary worker only: configure feed_port")
+        if scope["type"] == "websocket":
+            await receive()  # websocket.connect
+            await send({"type": "websocket.close", "code": 4421, "reason": f"the feed is served on {where}"[:120]})
+            return
+        body = json.dumps({"code": "FEED_ON_FEED_PORT", "field": None,
+                           "message": f"with several workers the feed is served on {where}"}).encode()
+        await send({"type": "http.response.start", "status": 421,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
 def listening_socket(host: str, port: int) -> socket.socket:
     """A bound, listening TCP socket the workers share (inherited by each child process)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -126,6 +153,8 @@ def run_worker(cfg: ServeConfig, *, index: int = 0, sockets: dict[str, socket.so
     app.state.bus = bus
 
     sockets = dict(sockets or {})
+    if primary and multi and cfg.feed_port is not None:  # the primary's own port: the feed
+        sockets["feed"] = listening_socket(cfg.host, cfg.feed_port)
     if "http" not in sockets and cfg.port is not None:
         sockets["http"] = listening_socket(cfg.host, cfg.port)
     if "https" not in sockets and cfg.tls_port is not None:
@@ -139,7 +168,8 @@ def run_worker(cfg: ServeConfig, *, index: int = 0, sockets: dict[str, socket.so
             if not (cfg.tls_cert and cfg.tls_key and settings.ca_dir and (settings.ca_dir / CA_CERT).exists()):
                 raise ValueError("HTTPS needs tls_cert, tls_key and a certificate authority (bondtape certs init)")
             tls = {"cert": cfg.tls_cert, "key": cfg.tls_key, "ca": settings.ca_dir / CA_CERT}
-        config = _uvicorn_config(app, cfg.host, 0, tls)
+        served = FeedElsewhere(app, cfg.feed_port) if (multi and name != "feed") else app
+        config = _uvicorn_config(served, cfg.host, 0, tls)
         config.timeout_graceful_shutdown = cfg.shutdown_timeout
         server = uvicorn.Server(config)
         server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
@@ -166,7 +196,8 @@ def run_worker(cfg: ServeConfig, *, index: int = 0, sockets: dict[str, socket.so
                 if t.done():
                     raise t.exception() or RuntimeError("a server stopped while starting")
             await asyncio.sleep(0.02)
-        addresses = {name: f"{name}://{cfg.host}:{sock.getsockname()[1]}" for name, _, sock in servers}
+        addresses = {name: f"{'http' if name == 'feed' else name}://{cfg.host}:{sock.getsockname()[1]}"
+                     for name, _, sock in servers}
         if fix is not None:
             addresses["fix"] = f"{cfg.host}:{fix.port}"
         log.info("worker %d serving", index, extra={"worker": index, **addresses})
