@@ -42,20 +42,30 @@ def ensure_environment() -> None:
     STAMP.write_text(wanted)
 
 
-def ensure_chromium() -> None:
-    """The browser tests drive Debian's chromium (never a downloaded browser). Install it
-    when it is missing and we are root (CI on a fresh machine); otherwise those tests skip."""
-    if Path("/usr/bin/chromium").exists() or os.name == "nt" or os.geteuid() != 0:
+# Debian packages the tests use, each with a file that shows it is installed. The browser
+# tests drive Debian's chromium (never a downloaded browser); the FIX tests compile a
+# QuickFIX (C++) client as the independent FIX engine.
+SYSTEM_PACKAGES = {
+    "chromium": "/usr/bin/chromium",
+    "libquickfix-dev": "/usr/include/quickfix/Session.h",
+    "g++": "/usr/bin/g++",
+}
+
+
+def ensure_system_packages() -> None:
+    """Install the missing test packages with apt-get when we are root (CI on a fresh
+    machine); otherwise the tests that need them skip, saying why."""
+    missing = [name for name, marker in SYSTEM_PACKAGES.items() if not Path(marker).exists()]
+    if not missing or os.name == "nt" or os.geteuid() != 0 or not Path("/usr/bin/apt-get").exists():
         return
-    if not Path("/usr/bin/apt-get").exists():
-        return
-    print("dev.py: installing chromium (apt-get) for the browser tests", flush=True)
+    print(f"dev.py: installing {', '.join(missing)} (apt-get) for the tests", flush=True)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     quiet = {"stdout": subprocess.DEVNULL, "env": env}
     if subprocess.call(["apt-get", "update"], **quiet) == 0:
-        subprocess.call(["apt-get", "install", "-y", "--no-install-recommends", "chromium"], **quiet)
-    if not Path("/usr/bin/chromium").exists():
-        print("dev.py: chromium could not be installed; the browser tests will skip", flush=True)
+        subprocess.call(["apt-get", "install", "-y", "--no-install-recommends", *missing], **quiet)
+    for name in missing:
+        if not Path(SYSTEM_PACKAGES[name]).exists():
+            print(f"dev.py: {name} could not be installed; the tests that need it will skip", flush=True)
 
 
 def main(argv: list[str]) -> int:
@@ -68,7 +78,7 @@ def main(argv: list[str]) -> int:
         return 0
     if command == "demo":
         return subprocess.call([str(BIN / "bondtape"), "demo", *rest])
-    ensure_chromium()
+    ensure_system_packages()
     return subprocess.call([_python(), "-m", "pytest", *rest], cwd=ROOT)
 
 
