@@ -8,6 +8,7 @@ import socket
 import tempfile
 import time
 from dataclasses import replace
+from decimal import Decimal
 from pathlib import Path
 
 import httpx
@@ -290,3 +291,35 @@ def test_load_benchmark_small(tmp_path):
     assert result["memory"]["server_peak_rss_total_mib"] > 0
     assert result["graceful_stop_exit_code"] == 0
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+
+
+def test_feed_lag_per_subscriber(market, tmp_path):
+    """Each connected feed subscriber has its own lag series, gone when it goes."""
+    from bondtape.dissemination.publisher import Publisher
+    from bondtape.web.routes_ops import _subscriber_lags
+    from bondtape.observability import FEED_LAG
+
+    class State:
+        pass
+
+    state = State()
+    engine = Engine(market)
+    pub = Publisher(market).start(engine)
+    held = []
+    sub = pub.subscribe(held.append, ["CORP"])
+    try:
+        engine.submit([new(ref=f"lag{i}", quantity=Decimal(1000 + i)) for i in range(3)])
+        assert pub.wait_for(3)
+        _subscriber_lags(state, pub)
+        [(label, _)] = state._feed_subscriber_labels.values()
+        assert REGISTRY.get_sample_value("bondtape_feed_subscriber_lag_messages", {"subscriber": label}) == 0
+        assert held  # delivered: no lag
+        sub.last["CORP"] = (sub.last["CORP"][0], sub.last["CORP"][1] - 2)  # as if two were not yet sent
+        _subscriber_lags(state, pub)
+        assert REGISTRY.get_sample_value("bondtape_feed_subscriber_lag_messages", {"subscriber": label}) == 2
+        sub.close()
+        _subscriber_lags(state, pub)
+        assert REGISTRY.get_sample_value("bondtape_feed_subscriber_lag_messages", {"subscriber": label}) is None
+        assert FEED_LAG is not None
+    finally:
+        pub.stop()

@@ -126,6 +126,46 @@ def _set_gauges(state, db_ok: bool, head: int | None) -> None:
     pub = _publisher(state)
     if pub is not None and head is not None:
         FEED_LAG.labels("publisher").set(max(0, head - pub.position))  # journal events not yet on the feed
+    if pub is not None:
+        _subscriber_lags(state, pub)
+
+
+def subscriber_lag(pub, sub) -> int:
+    """Feed messages a subscriber (WebSocket, SSE) has not yet been sent: those published
+    after the last one handed to it, plus those waiting in its connection's queue."""
+    latest: dict[str, tuple[str, int]] = {}
+    for (ds, date), (last_seq, _closed) in list(pub.days.items()):
+        if ds not in latest or date > latest[ds][0]:
+            latest[ds] = (date, last_seq)
+    lag = 0
+    for ds, pos in list(sub.last.items()):
+        if ds not in latest or pos is None:
+            continue
+        date, last_seq = latest[ds]
+        lag += max(0, last_seq - pos[1]) if pos[0] == date else (last_seq if pos[0] < date else 0)
+    queue = getattr(getattr(sub.deliver, "__self__", None), "_items", None)
+    return lag + (len(queue) if queue is not None else 0)
+
+
+def _subscriber_lags(state, pub) -> None:
+    """One gauge series per connected subscriber (``subscriber-N``, N in order of
+    connection); a series is removed when its subscriber goes."""
+    from bondtape.observability import FEED_LAG
+
+    known: dict[int, tuple[str, Any]] = state.__dict__.setdefault("_feed_subscriber_labels", {})
+    counter = state.__dict__.setdefault("_feed_subscriber_counter", [0])
+    live = {id(sub): sub for sub in list(pub._subscriptions) if not sub.closed}
+    for key in [k for k in known if k not in live or known[k][1] is not live[k]]:
+        FEED_LAG.remove(known.pop(key)[0])
+    bus = getattr(state, "bus", None)
+    bus_sub = getattr(getattr(bus, "js", None), "_sub", None)
+    for key, sub in live.items():
+        if sub is bus_sub:
+            continue  # the bus has its own series ("nats")
+        if key not in known:
+            counter[0] += 1
+            known[key] = (f"subscriber-{counter[0]}", sub)
+        FEED_LAG.labels(known[key][0]).set(subscriber_lag(pub, sub))
 
 
 async def _metrics_response(state) -> Response:
