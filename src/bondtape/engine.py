@@ -123,6 +123,13 @@ class Engine:
         # (a crash between commit and call loses the call, never the event).
         self.listeners: list[Callable[[list[Event]], None]] = []
 
+    @property
+    def write_lock(self) -> threading.Lock:
+        """Held while a batch is processed and committed. On SQLite another writer in this
+        process (the FIX session store) takes it so its commits fall between batches instead
+        of waiting on the database's write lock."""
+        return self._lock
+
     # -- reference data -------------------------------------------------------------------
     def _refresh_reference(self, conn: Connection) -> None:
         mark = (

@@ -113,7 +113,7 @@ class FixServer:
         self.ssl = ssl
         self.logon_timeout = logon_timeout
         self.max_heartbeat = max_heartbeat
-        lock = getattr(sequencer.engine, "_lock", None) if db.dialect.name == "sqlite" else None
+        lock = sequencer.engine.write_lock if db.dialect.name == "sqlite" else None
         self.store = store.StoreWriter(db, write_lock=lock)
         self.live: dict[int, Connection] = {}  # session id -> logged-on connection
         self.connections: set[Connection] = set()
