@@ -323,3 +323,33 @@ def test_feed_lag_per_subscriber(market, tmp_path):
         assert FEED_LAG is not None
     finally:
         pub.stop()
+
+
+@pytest.mark.timeout(60)
+def test_bus_down_at_start_connects_when_nats_comes(market):
+    """A worker starts while NATS is down: intake goes on, the bridge connects later and
+    sends everything from the start of the feed."""
+    from bondtape.dissemination.publisher import Publisher
+    from bondtape.production.worker import Bus
+    from tests.servers import PrivateNats, nats_unavailable_reason
+
+    if nats_unavailable_reason():
+        pytest.skip(nats_unavailable_reason())
+    nats = PrivateNats(Path(tempfile.mkdtemp(prefix="bondtape-nats-")))
+    engine = Engine(market)
+    pub = Publisher(market).start(engine)
+    bus = Bus(pub, nats.url)  # nothing listens there yet
+    try:
+        assert bus.status()["status"] == "down"
+        results = engine.submit([new(ref=f"b{i}", quantity=Decimal(1000 + i)) for i in range(5)])
+        assert all(r.accepted for r in results)  # intake without the bus
+        nats.start()
+        deadline = time.monotonic() + 30
+        while bus.status()["status"] != "up" or bus.js.published < 5:
+            assert time.monotonic() < deadline, bus.status()
+            time.sleep(0.05)
+        assert bus.status()["lag_messages"] == 0
+    finally:
+        bus.close(5)
+        pub.stop()
+        nats.close()
