@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -120,7 +121,9 @@ def listening_socket(host: str, port: int) -> socket.socket:
 def _settings(cfg: ServeConfig):
     from bondtape.access.settings import AccessSettings
 
-    overrides: dict[str, Any] = {"cookie_secure": cfg.port is None}
+    overrides: dict[str, Any] = {}
+    if not os.environ.get("BONDTAPE_COOKIE_SECURE"):  # the website on plain HTTP `port` needs plain cookies
+        overrides["cookie_secure"] = cfg.port is None
     if cfg.ca_dir is not None:
         overrides["ca_dir"] = cfg.ca_dir
     return AccessSettings.from_env(**overrides)
