@@ -353,3 +353,18 @@ def test_bus_down_at_start_connects_when_nats_comes(market):
         bus.close(5)
         pub.stop()
         nats.close()
+
+
+def test_serve_command_reports_configuration_errors(tmp_path):
+    from click.testing import CliRunner
+
+    from bondtape.cli import cli
+
+    runner = CliRunner()
+    r = runner.invoke(cli, ["serve", "--workers", "2", "--db", f"sqlite:///{tmp_path}/x.db"],
+                      env={"BONDTAPE_SECRET_KEY": "00" * 32})
+    assert r.exit_code == 1 and "CONFIG_INVALID: workers: several workers need PostgreSQL" in r.output
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[serve]\nport = \"eighty\"\n")
+    r = runner.invoke(cli, ["serve", "--config", str(bad)], env={"BONDTAPE_SECRET_KEY": "00" * 32})
+    assert r.exit_code == 1 and "CONFIG_INVALID: port" in r.output and "Traceback" not in r.output
