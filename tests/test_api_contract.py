@@ -1,5 +1,6 @@
 """The OpenAPI description against the running app (schemathesis): for inputs generated
-from /openapi.json, no answer is a server error. Bounded: a few examples per operation.
+from /openapi.json, no answer is a server error, and each answer's status code, content type
+and body match the description. Bounded: a few examples per operation.
 
 Requests go in-process through the ASGI app with the trader's client certificate in the
 TLS scope (as uvicorn puts it) and HTTP Basic login and password, so the firm's calls get
@@ -20,6 +21,9 @@ from tests.conftest import et  # noqa: E402
 from tests.helpers import new  # noqa: E402
 
 NOW = et(2026, 6, 1, 10, 0, 0)
+# no server error; and every answer's status code, content type and body are as described
+CHECKS = [schemathesis.checks.not_a_server_error, schemathesis.checks.status_code_conformance,
+          schemathesis.checks.content_type_conformance, schemathesis.checks.response_schema_conformance]
 EXAMPLES = int(os.environ.get("BONDTAPE_CONTRACT_EXAMPLES", "12"))  # more for a deeper local run
 
 
@@ -50,7 +54,7 @@ def test_no_server_error_for_generated_input(api_schema):
         @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                   suppress_health_check=list(HealthCheck))
         def no_server_error(case):
-            response = case.call(headers={"Authorization": api_schema.auth_header})
+            response = case.call_and_validate(headers={"Authorization": api_schema.auth_header}, checks=CHECKS)
             assert response.status_code < 500, (case.method, case.formatted_path, case.body, response.text[:500])
             seen.append(response.status_code)
 
