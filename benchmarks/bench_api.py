@@ -35,8 +35,10 @@ def _market_instant() -> int:
     then fall in system hours whatever the wall clock says)."""
     from bondtape.clock import MARKET_TZ, to_us
 
+    from bondtape.rulebook import default_rulebook
+
     day = dt.date.today() - dt.timedelta(days=1)
-    while day.weekday() >= 5:
+    while not default_rulebook().at(day).calendar.is_business_day(day):
         day -= dt.timedelta(days=1)
     return to_us(dt.datetime(day.year, day.month, day.day, 10, 0, tzinfo=MARKET_TZ))
 

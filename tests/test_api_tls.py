@@ -17,8 +17,9 @@ def test_report_over_https_with_a_client_certificate(market, tmp_path):
     from bondtape.clock import MARKET_TZ, iso_market, to_us
 
     day = dt.date.today() - dt.timedelta(days=1)  # a recent weekday at 10:00 New York time: in system
-    while day.weekday() >= 5:                      # hours, and in the past, so that certificates issued
-        day -= dt.timedelta(days=1)                # then are valid for TLS's real clock too
+    from bondtape.rulebook import default_rulebook  # hours, and in the past, so that certificates issued
+    while not default_rulebook().at(day).calendar.is_business_day(day):  # then are valid for TLS too
+        day -= dt.timedelta(days=1)
     wall = to_us(dt.datetime(day.year, day.month, day.day, 10, 0, tzinfo=MARKET_TZ))
     w = api_world(market, tmp_path, wall)
     trader = w.user("a-trader", w.org("Dealer A", "FIRM", mpid="DLRA"), "trader")
