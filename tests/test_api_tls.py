@@ -15,10 +15,12 @@ def test_report_over_https_with_a_client_certificate(market, tmp_path):
     import datetime as dt
 
     from bondtape.clock import MARKET_TZ, iso_market, to_us
+    from bondtape.rulebook import default_rulebook
 
-    day = dt.date.today() - dt.timedelta(days=1)  # a recent weekday at 10:00 New York time: in system
-    from bondtape.rulebook import default_rulebook  # hours, and in the past, so that certificates issued
-    while not default_rulebook().at(day).calendar.is_business_day(day):  # then are valid for TLS too
+    # the app's clock: a recent business day at 10:00 New York time, in system hours and in the
+    # past, so that certificates issued then are also valid for TLS, which uses the real clock
+    day = dt.date.today() - dt.timedelta(days=1)
+    while not default_rulebook().at(day).calendar.is_business_day(day):
         day -= dt.timedelta(days=1)
     wall = to_us(dt.datetime(day.year, day.month, day.day, 10, 0, tzinfo=MARKET_TZ))
     w = api_world(market, tmp_path, wall)
