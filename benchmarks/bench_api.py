@@ -224,7 +224,7 @@ def run(reports: int, batch: int, concurrency: int, single: int) -> dict:
 def main(argv: list[str]) -> dict:
     ap = argparse.ArgumentParser(prog="run.py api")
     ap.add_argument("--reports", type=int, default=20_000)
-    ap.add_argument("--batch", type=int, default=200, help="reports per HTTP request (at most 500; 64 KiB a body)")
+    ap.add_argument("--batch", type=int, default=300, help="reports per HTTP request (at most 500; 64 KiB a body)")
     ap.add_argument("--concurrency", type=int, default=4, help="client connections, each in its own process")
     ap.add_argument("--single", type=int, default=200, help="one-report requests to time as well (0: none)")
     args = ap.parse_args(argv)
