@@ -141,9 +141,10 @@ class Background:
 SPEED = 30.0  # times real time
 
 
-def _orders(dep, n: int, seconds: float, seed: int = 11):
-    """n REST reports spread over ``seconds`` of wall time when replayed at SPEED."""
-    return trading_day(dep, trades=n, seed=seed, hours=seconds * SPEED / 3600, fix_share=0.0)
+def _orders(dep, n: int, seconds: float, seed: int = 11, fix_share: float = 0.0):
+    """n reports (REST, and FIX for ``fix_share`` of them) spread over ``seconds`` of wall
+    time when replayed at SPEED."""
+    return trading_day(dep, trades=n, seed=seed, hours=seconds * SPEED / 3600, fix_share=fix_share)
 
 
 def _check_journal(db, answers) -> dict[str, int]:
@@ -208,14 +209,15 @@ def service_db(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_sigkill_of_the_server_during_load_loses_nothing_acknowledged(service_db, tmp_path):
+    """REST and FIX clients resend what was not answered, with the same client_ref / 571."""
     url, pg = service_db
     dep = provision(url, tmp_path / "dep", dealers=2, securities=10)
-    server = ServerProcess(dep, workers=2 if pg else 1, fix=False)
+    server = ServerProcess(dep, workers=2 if pg else 1)
     server.start()
     db = connect(url, migrate_schema=False)
     try:
-        run = LoadRun(dep, server.https_url, None, speed=SPEED, deadline_s=60)
-        load = Background(run, _orders(dep, 150, seconds=4))
+        run = LoadRun(dep, server.https_url, server.fix_port, speed=SPEED, deadline_s=60)
+        load = Background(run, _orders(dep, 150, seconds=4, fix_share=0.5))
         load.wait_answers(40)
         server.kill()  # SIGKILL: the supervisor and every worker, mid-request
         killed_at = len(run.answers)
@@ -227,6 +229,7 @@ def test_sigkill_of_the_server_during_load_loses_nothing_acknowledged(service_db
         assert run.connection_errors > 0, "the kill was not noticed by the clients"
         assert killed_at < len(answers) == 150
         assert Counter(a.status for a in answers) == {"ACCEPTED": 150}
+        assert {a.channel for a in answers} == {"http", "fix"}  # REST and FIX clients both came back
         _check_journal(db, answers)
         _wait_feed_caught_up(db)
         _check_feed(db)
@@ -244,12 +247,12 @@ def test_sigkill_of_the_server_during_load_loses_nothing_acknowledged(service_db
 @pytest.mark.timeout(240)
 def test_postgres_restart_at_the_service_answers_503_and_recovers(private_pg, tmp_path):
     dep = provision(private_pg.url, tmp_path / "dep", dealers=2, securities=10)
-    server = ServerProcess(dep, workers=2, fix=False)
+    server = ServerProcess(dep, workers=2)
     server.start()
     http = server.addresses["http"]
     try:
-        run = LoadRun(dep, server.https_url, None, speed=SPEED, deadline_s=90)
-        load = Background(run, _orders(dep, 150, seconds=5))
+        run = LoadRun(dep, server.https_url, server.fix_port, speed=SPEED, deadline_s=90)
+        load = Background(run, _orders(dep, 150, seconds=5, fix_share=0.3))
         load.wait_answers(40)
         private_pg.stop("fast")
         deadline = time.monotonic() + 20
@@ -264,7 +267,11 @@ def test_postgres_restart_at_the_service_answers_503_and_recovers(private_pg, tm
         answers = load.join()
         assert server.proc.poll() is None  # the same server process all along
         assert run.unavailable, "no 503 was seen while PostgreSQL was down"
-        assert set(run.unavailable) <= {"SERVICE_UNAVAILABLE|1", "ENGINE_UNAVAILABLE|1"}, set(run.unavailable)
+        # HTTP: 503 + Retry-After; FIX: Business Message Reject "unavailable, resend" (or the session drops)
+        assert set(run.unavailable) <= {"SERVICE_UNAVAILABLE|1", "ENGINE_UNAVAILABLE|1",
+                                        "FIX_BUSINESS_REJECT_UNAVAILABLE"}, set(run.unavailable)
+        assert any(u.endswith("|1") for u in run.unavailable)
+        print("unavailable answers:", Counter(run.unavailable), "connection errors:", run.connection_errors)
         assert Counter(a.status for a in answers) == {"ACCEPTED": 150}
         assert httpx.get(http + "/readyz", timeout=5).status_code == 200
         db = connect(private_pg.url, migrate_schema=False)

@@ -242,7 +242,11 @@ class LoadRun:
 
 
 class FixSession:
-    """One FIX 4.4 session of a trader: Trade Capture Reports out, acks matched by 571."""
+    """One FIX 4.4 session of a trader: Trade Capture Reports out, acks matched by 571.
+
+    When the connection breaks (a server killed, restarted), the session logs on again
+    (ResetSeqNum) and sends the reports not yet answered again, with the same
+    TradeReportID (571): the engine answers a repeat with its first answer."""
 
     def __init__(self, run: LoadRun, index: int, trader: Trader):
         self.run, self.trader = run, trader
@@ -251,6 +255,8 @@ class FixSession:
         self.pending: dict[str, tuple[asyncio.Future, float]] = {}
         self.reader = self.writer = None
         self._task = None
+        self._reconnect = asyncio.Lock()
+        self.generation = 0
 
     def _encode(self, msg_type: str, body: list) -> bytes:
         from bondtape.fix import codec
@@ -260,9 +266,14 @@ class FixSession:
         self.seq += 1
         return data
 
+    @property
+    def connected(self) -> bool:
+        return self._task is not None and not self._task.done()
+
     async def open(self) -> None:
         from bondtape.fix import codec
 
+        self.seq = 1
         self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.run.fix_port)
         self.writer.write(self._encode("A", [(98, "0"), (108, "30"), (553, self.trader.username),
                                              (554, self.trader.password), (141, "Y")]))
@@ -271,14 +282,27 @@ class FixSession:
         while True:
             chunk = await asyncio.wait_for(self.reader.read(65536), 10)
             if not chunk:
-                raise RuntimeError(f"FIX logon of {self.trader.username} refused")
+                raise ConnectionError(f"FIX logon of {self.trader.username} refused")
             msgs = [m for m in framer.feed(chunk) if isinstance(m, codec.RawMessage)]
             if any(m.msg_type == "A" for m in msgs):
                 break
             if any(m.msg_type == "5" for m in msgs):
                 raise RuntimeError(f"FIX logon of {self.trader.username} refused: {msgs}")
         self.framer = framer
+        self.generation += 1
         self._task = asyncio.create_task(self._read())
+
+    async def _ensure(self, give_up: float) -> bool:
+        async with self._reconnect:
+            while not self.connected:
+                if time.perf_counter() > give_up:
+                    return False
+                try:
+                    await self.open()
+                except (OSError, asyncio.TimeoutError, ConnectionError):
+                    self.run.connection_errors += 1
+                    await asyncio.sleep(0.2)
+            return True
 
     async def _read(self) -> None:
         from bondtape.fix import codec
@@ -304,36 +328,62 @@ class FixSession:
                         answer = Answer(ref, "fix", "ACCEPTED", int(m.first(818)), time.perf_counter() - sent)
                     elif m.msg_type == "AR":
                         answer = Answer(ref, "fix", "REJECTED", None, time.perf_counter() - sent, m.first(751))
-                    else:
-                        answer = Answer(ref, "fix", "FAILED", None, time.perf_counter() - sent, "UNAVAILABLE")
-                    fut.set_result(answer)
+                    else:  # Business Message Reject: the engine is unavailable, resend later
+                        answer = Answer(ref, "fix", "RETRY", None, time.perf_counter() - sent, "UNAVAILABLE")
+                    if not fut.done():
+                        fut.set_result(answer)
+        except (OSError, ConnectionError):
+            pass
         finally:
             for ref, (fut, sent) in list(self.pending.items()):
                 if not fut.done():
-                    fut.set_result(Answer(ref, "fix", "FAILED", None, time.perf_counter() - sent, "CONNECTION"))
+                    fut.set_result(Answer(ref, "fix", "RETRY", None, time.perf_counter() - sent, "CONNECTION"))
             self.pending.clear()
 
     async def report(self, o: Order) -> None:
-        execution = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=o.delay_s)
-        body = [(571, o.ref), (487, "0"), (856, "0"), (48, o.cusip), (22, "1"), (32, str(o.quantity)),
-                (31, o.price), (60, execution.strftime("%Y%m%d-%H:%M:%S")), (552, "1"), (54, "1" if o.side == "B" else "2"),
-                (453, "2"), (448, self.trader.mpid), (447, "C"), (452, "1"), (448, "C"), (447, "C"), (452, "17"),
-                (528, "P")]
-        fut = asyncio.get_running_loop().create_future()
-        self.pending[o.ref] = (fut, time.perf_counter())
-        self.writer.write(self._encode("AE", body))
-        if self._task.done():
-            self.pending.pop(o.ref, None)
-            fut.set_result(Answer(o.ref, "fix", "FAILED", None, 0.0, "CONNECTION"))
-        self.run.answers.append(await fut)
+        sent = time.perf_counter()
+        give_up = sent + self.run.deadline_s
+        while True:
+            if not await self._ensure(give_up):
+                self.run.answers.append(Answer(o.ref, "fix", "FAILED", None, time.perf_counter() - sent, "CONNECTION"))
+                return
+            execution = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=o.delay_s)
+            body = [(571, o.ref), (487, "0"), (856, "0"), (48, o.cusip), (22, "1"), (32, str(o.quantity)),
+                    (31, o.price), (60, execution.strftime("%Y%m%d-%H:%M:%S")), (552, "1"),
+                    (54, "1" if o.side == "B" else "2"), (453, "2"), (448, self.trader.mpid), (447, "C"), (452, "1"),
+                    (448, "C"), (447, "C"), (452, "17"), (528, "P")]
+            fut = asyncio.get_running_loop().create_future()
+            self.pending[o.ref] = (fut, sent)
+            try:
+                self.writer.write(self._encode("AE", body))
+            except (OSError, ConnectionError, RuntimeError):
+                pass
+            if not self.connected:  # broke while we wrote: the reader has finished
+                self.pending.pop(o.ref, None)
+                if not fut.done():
+                    fut.set_result(Answer(o.ref, "fix", "RETRY", None, 0.0, "CONNECTION"))
+            answer = await fut
+            if answer.status != "RETRY":
+                answer.latency_s = time.perf_counter() - sent
+                self.run.answers.append(answer)
+                return
+            if answer.code == "CONNECTION":
+                self.run.connection_errors += 1
+            else:
+                self.run.unavailable.append("FIX_BUSINESS_REJECT_UNAVAILABLE")
+            if time.perf_counter() > give_up:
+                self.run.answers.append(Answer(o.ref, "fix", "FAILED", None, time.perf_counter() - sent, answer.code))
+                return
+            await asyncio.sleep(0.2)
 
     async def close(self) -> None:
         if self.writer is None:
             return
         try:
-            self.writer.write(self._encode("5", []))
-            await self.writer.drain()
-            await asyncio.wait_for(self._task, 5)
+            if self.connected:
+                self.writer.write(self._encode("5", []))
+                await self.writer.drain()
+                await asyncio.wait_for(self._task, 5)
         except (asyncio.TimeoutError, ConnectionError, OSError):
             pass
         self.writer.close()
