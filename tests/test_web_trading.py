@@ -133,6 +133,10 @@ def test_market_pages_show_the_feed_capped(world):
     assert ">1MM+<" in anon.get("/market/security?q=BORE4054321").text
     live = anon.get(f"/market/security?cusip={IG}&fragment=1")
     assert live.text.startswith('<span hidden data-feed-version=') and "<html" not in live.text
+    version = re.search(r'data-feed-version="([^"]*)"', live.text).group(1)
+    assert anon.get(f"/market/security?cusip={IG}&fragment=1&since={version}").status_code == 204
+    assert anon.get(f"/market?fragment=1&since={version}").status_code == 204
+    assert anon.get(f"/market/security?cusip={IG}&fragment=1&since=old").status_code == 200
     market = anon.get("/market").text
     assert 'id="aggregates"' in market and "ACME4012345" in market and "9,000,000" not in market
     assert anon.get("/market/security?q=NOSUCH").status_code == 404

@@ -12,6 +12,7 @@ from decimal import Decimal
 from typing import Any
 
 import sqlalchemy as sa
+from starlette.responses import Response
 
 from bondtape.access.model import AccessError
 from bondtape.dissemination import rules as R
@@ -83,7 +84,18 @@ def day_activity(ctx: Ctx, data_set: str, day: str) -> dict[str, Any]:
     return {"aggregates": aggregates, "by_trades": by_trades, "by_par": by_par}
 
 
+def _unchanged(ctx: Ctx) -> Response | None:
+    """The live refresh sends the version it shows: nothing to send while the feed has not moved."""
+    since = ctx.request.query_params.get("since")
+    if ctx.request.query_params.get("fragment") == "1" and since and since == _feed_version(ctx):
+        return Response(status_code=204)
+    return None
+
+
 def market_page(ctx: Ctx):
+    unchanged = _unchanged(ctx)
+    if unchanged is not None:
+        return unchanged
     ds = _data_set_param(ctx)
     day = _date_param(ctx) or _latest_day(ctx, ds)
     activity = day_activity(ctx, ds, day) if day else None
@@ -154,6 +166,9 @@ def halted_cusips(conn, cusips: list[str] | None = None) -> set[str]:
 
 
 def security_page(ctx: Ctx):
+    unchanged = _unchanged(ctx)
+    if unchanged is not None:
+        return unchanged
     q = ctx.request.query_params
     text = q.get("cusip") or q.get("q") or ""
     sec = _find_security(ctx, text)

@@ -8,11 +8,12 @@
   function url() {
     var u = new URL(window.location.href);
     u.searchParams.set("fragment", "1");
+    u.searchParams.set("since", live.getAttribute("data-version") || "");
     return u.toString();
   }
   function refresh() {
     fetch(url(), { credentials: "same-origin", headers: { "Accept": "text/html" } })
-      .then(function (r) { return r.ok ? r.text() : null; })
+      .then(function (r) { return r.status === 200 ? r.text() : null; })  // 204: the feed has not moved
       .then(function (html) {
         if (html === null) { return; }
         var holder = document.createElement("div");
