@@ -51,11 +51,13 @@ def test_operator_pages_and_user_actions(world):
         page = op.get(path)
         assert page.status_code == 200 and text in page.text, path
     assert "ACME4012345" not in op.get("/operator/securities?q=BORE").text
-    assert op.post(f"/operator/users/{world.trader.id}/disable", csrf_from="/operator/users").status_code == 303
+    act = lambda user_id, action: op.post("/operator/users", {"user_id": str(user_id), "action": action},  # noqa: E731
+                                          csrf_from="/operator/users")
+    assert act(world.trader.id, "disable").status_code == 303
     with world.db.connect() as conn:
         assert accounts.user_by_id(conn, world.trader.id).status == "DISABLED"
-    assert op.post(f"/operator/users/{world.trader.id}/enable", csrf_from="/operator/users").status_code == 303
-    assert op.post("/operator/users/99999/unlock", csrf_from="/operator/users").status_code == 400
+    assert act(world.trader.id, "enable").status_code == 303
+    assert act(99999, "unlock").status_code == 400 and act(world.trader.id, "delete").status_code == 400
     assert "admin.user.disabled" in op.get("/operator/audit").text
 
 

@@ -47,15 +47,15 @@ def users_page(ctx: Ctx):
 
 
 def _user_id(ctx: Ctx) -> int:
-    user_id = ctx.request.path_params["user_id"]
-    if user_id >= 2**31 or accounts.user_by_id(ctx.conn, user_id) is None:
-        raise AccessError("USER_UNKNOWN", f"no user with id {user_id}", "user_id")
-    return user_id
+    text = ctx.form.get("user_id", "").strip()
+    if not text.isdigit() or len(text) > 9 or accounts.user_by_id(ctx.conn, int(text)) is None:
+        raise AccessError("USER_UNKNOWN", f"no user with id {text[:20]!r}", "user_id")
+    return int(text)
 
 
 def user_action(ctx: Ctx):
     user_id = _user_id(ctx)
-    action = ctx.request.path_params["action"]
+    action = ctx.form.get("action", "")
     if action == "unlock":
         accounts.unlock(ctx.conn, user_id, actor=ctx.actor, at_us=ctx.now_us, source=ctx.source)
     elif action in ("disable", "enable"):
@@ -123,7 +123,7 @@ ROUTES = [
     route("/operator", index, rule="operator"),
     route("/operator/firms", firms_page, rule="operator"),
     route("/operator/users", users_page, rule="operator"),
-    route("/operator/users/{user_id:int}/{action}", user_action, rule="operator", methods=["POST"]),
+    route("/operator/users", user_action, rule="operator", methods=["POST"], name="operator_user_action"),
     route("/operator/securities", securities_page, rule="operator"),
     route("/operator/halts", halts_page, rule="operator"),
     route("/operator/halts/{action}", halt_action, rule="operator", methods=["POST"]),
