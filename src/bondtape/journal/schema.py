@@ -86,7 +86,6 @@ trade_reports = sa.Table(
     sa.Index("ix_trade_reports_firm_date", "reporting_mpid", "report_date"),
     sa.Index("ix_trade_reports_cusip_exec", "cusip", "execution_us"),
     sa.Index("ix_trade_reports_terms", "terms_key"),
-    sa.Index("ix_trade_reports_report_date", "report_date"),
 )
 
 
@@ -95,3 +94,9 @@ def _create(conn: sa.Connection) -> None:
     create_tables(conn, journal, journal_head, trade_reports)
     if conn.execute(sa.select(journal_head.c.id)).first() is None:
         conn.execute(journal_head.insert().values(id=1, last_seq=0))
+
+
+@migration("0003_journal_drop_report_date_index")
+def _drop_redundant_index(conn: sa.Connection) -> None:
+    # ix_fees_trade_reports_month (report_date, ...) serves every query by report date
+    conn.exec_driver_sql("DROP INDEX IF EXISTS ix_trade_reports_report_date")
