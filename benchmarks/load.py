@@ -27,6 +27,7 @@ import asyncio
 import json
 import os
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -165,6 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
             nats.close()
         if pg is not None:
             pg.close()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":
