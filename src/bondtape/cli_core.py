@@ -14,7 +14,7 @@ from rich.table import Table
 
 from bondtape.cli import db_option, open_db
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # long lines (URLs, commands) stay whole
 
 
 def progress_bar(transient: bool = False) -> Progress:
