@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Sequence
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine as SAEngine
 
+from bondtape.batching import drain_batch
 from bondtape.clock import market_parts, now_us
 from bondtape.journal.projection import Changes, Event, insert_rows, project, write
 from bondtape.journal.schema import CONTROL_BASE, journal, journal_head, trade_reports
@@ -365,16 +366,9 @@ class Sequencer:
             item = self._queue.get()
             if item is None:
                 return
-            batch = [item]
-            while len(batch) < self.max_batch:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._queue.put(None)
-                    break
-                batch.append(nxt)
+            batch, stopping = drain_batch(self._queue, item, self.max_batch)
+            if stopping:
+                self._queue.put(None)  # stop after this batch
             try:
                 results = self.engine.submit([c for c, _ in batch])
             except Exception as exc:  # every waiter learns of the failure; nothing was journaled

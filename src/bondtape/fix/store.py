@@ -16,6 +16,7 @@ from typing import Callable
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from bondtape.batching import drain_batch
 from bondtape.fix.schema import fix_messages, fix_sessions
 
 log = logging.getLogger("bondtape.fix")
@@ -107,17 +108,7 @@ class StoreWriter:
             item = self._queue.get()
             if item is None:
                 return
-            batch = [item]
-            stop = False
-            while len(batch) < self.max_batch:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                batch.append(nxt)
+            batch, stop = drain_batch(self._queue, item, self.max_batch)
             try:
                 if self.write_lock is not None:
                     with self.write_lock, self.db.begin() as conn:
