@@ -13,6 +13,7 @@ from bondtape.db import connect
 from bondtape.dissemination.publisher import DATA_SETS, Publisher
 from bondtape.dissemination.schema import feed_messages
 from bondtape.engine import Engine
+from bondtape.journal.projection import decode_payload
 from bondtape.journal.schema import journal
 from bondtape.reference.model import Firm
 from bondtape.reference.store import upsert_firms, upsert_securities
@@ -112,7 +113,7 @@ def _check_market(db, mpids, reports, halt):
         msg = json.loads(body)
         if m.msg_type in ("TRADE", "CORRECTION"):
             ev = events[m.journal_seq]
-            p = json.loads(ev.payload)
+            p = decode_payload(ev.payload)
             assert p["withheld"] is None
             assert not (p["rule_144a"] or p["trading_market"] == "P1" or p["merger_transfer"] or p["is_test"])
             assert not (p["contra_type"] == "D" and p["side"] == "B")

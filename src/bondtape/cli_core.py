@@ -179,6 +179,7 @@ def journal_verify(db_url: str | None) -> None:
 def journal_replay(db_url: str | None) -> None:
     """Rebuild the trade state from the journal (from empty)."""
     from bondtape.journal.projection import replay
+    from bondtape.journal.projection import decode_payload
     from bondtape.journal.schema import journal as jt
 
     db = open_db(db_url)
@@ -196,12 +197,13 @@ def journal_replay(db_url: str | None) -> None:
 @db_option
 def journal_show(from_seq: int, limit: int, db_url: str | None) -> None:
     """Print journal events as JSON lines."""
+    from bondtape.journal.projection import decode_payload
     from bondtape.journal.schema import journal as jt
 
     with open_db(db_url).connect() as conn:
         for r in conn.execute(sa.select(jt).where(jt.c.seq >= from_seq).order_by(jt.c.seq).limit(limit)):
             row = dict(r._mapping)
-            row["payload"] = json.loads(row["payload"])
+            row["payload"] = decode_payload(row["payload"])
             click.echo(json.dumps(row, default=str))
 
 

@@ -47,6 +47,10 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # pragma: no cover - tr
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
+    # A page cache of 64 MiB per connection (SQLite's default is 2 MiB): intake inserts into
+    # indexes keyed by CUSIP and by terms, all over their B-trees, so a small cache keeps
+    # reading back the pages it has just evicted.
+    cursor.execute("PRAGMA cache_size=-65536")
     cursor.close()
 
 

@@ -19,12 +19,13 @@ from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Sequence
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine as SAEngine
 
-from bondtape.batching import drain_batch
-from bondtape.clock import market_parts, now_us
-from bondtape.journal.projection import Changes, Event, insert_rows, project, write
+from bondtape.batching import drain_batch, gc_paused
+from bondtape.clock import market_date, now_us
+from bondtape.journal.projection import Event, decode_payload, insert_rows, project, write
 from bondtape.journal.schema import CONTROL_BASE, journal, journal_head, trade_reports
 from bondtape.reference.model import Firm, Security
 from bondtape.reference.schema import firms as firms_table
@@ -100,9 +101,7 @@ def terms_key(mpid: str, cusip: str, side: str, quantity_c: int, price_u: int, e
 
 
 def _result_from_journal(row: Any) -> Result:
-    import json
-
-    payload = json.loads(row.payload)
+    payload = decode_payload(row.payload)
     return Result(
         action=row.event_type, client_ref=row.client_ref, status="ACCEPTED",
         control_number=row.control_number, seq=row.seq,
@@ -147,7 +146,7 @@ class Engine:
         """Validate and journal a batch; results in the same order, after the commit."""
         if not commands:
             return []
-        with self._lock:
+        with self._lock, gc_paused():
             try:
                 with self.db.begin() as conn:
                     results, changes, events = self._process(conn, commands)
@@ -175,36 +174,58 @@ class Engine:
             stmt = stmt.with_for_update()
         return conn.execute(stmt).scalar_one()
 
+    # Batch lookups join the batch's keys (one JSON array on SQLite, arrays on PostgreSQL)
+    # to the table's index: one statement per batch, whatever its size.
+    _LOOKUPS = {
+        "sqlite": {
+            "states": "SELECT t.control_number, t.reporting_mpid, t.status, t.report_date, t.first_control_number, "
+                      "t.first_report_date, t.is_test, t.terms_key FROM json_each(?) v "
+                      "JOIN trade_reports t ON t.control_number = v.value",
+            "refs": "SELECT j.seq, j.event_type, j.mpid, j.client_ref, j.control_number, j.payload FROM json_each(?) v "
+                    "JOIN journal j ON j.mpid = json_extract(v.value, '$[0]') AND j.client_ref = json_extract(v.value, '$[1]')",
+            "dups": "SELECT t.terms_key, t.control_number FROM json_each(?) v "
+                    "JOIN trade_reports t ON t.terms_key = v.value WHERE t.status = 'ACTIVE'",
+        },
+        "postgresql": {
+            "states": "SELECT t.control_number, t.reporting_mpid, t.status, t.report_date, t.first_control_number, "
+                      "t.first_report_date, t.is_test, t.terms_key FROM unnest(%s::bigint[]) AS v(cn) "
+                      "JOIN trade_reports t ON t.control_number = v.cn",
+            "refs": "SELECT j.seq, j.event_type, j.mpid, j.client_ref, j.control_number, j.payload "
+                    "FROM unnest(%s::text[], %s::text[]) AS v(mpid, client_ref) "
+                    "JOIN journal j ON j.mpid = v.mpid AND j.client_ref = v.client_ref",
+            "dups": "SELECT t.terms_key, t.control_number FROM unnest(%s::text[]) AS v(k) "
+                    "JOIN trade_reports t ON t.terms_key = v.k WHERE t.status = 'ACTIVE'",
+        },
+    }
+
+    def _lookup(self, conn: Connection, name: str, *columns: list) -> list:
+        dialect = conn.dialect.name
+        sql = self._LOOKUPS[dialect][name]
+        if dialect == "sqlite":
+            params: tuple = (orjson.dumps(columns[0] if len(columns) == 1 else list(zip(*columns))).decode(),)
+        else:
+            params = columns
+        return conn.exec_driver_sql(sql, params).all()
+
     def _preload(self, conn: Connection, commands: Sequence[Command]) -> tuple[dict, dict]:
-        refs = {c.original_control_number for c in commands if c.original_control_number is not None}
         states: dict[int, _State] = {}
-        cols = (trade_reports.c.control_number, trade_reports.c.reporting_mpid, trade_reports.c.status,
-                trade_reports.c.report_date, trade_reports.c.first_control_number,
-                trade_reports.c.first_report_date, trade_reports.c.is_test, trade_reports.c.terms_key,
-                trade_reports.c.seq)
-        ref_list = list(refs)
-        for i in range(0, len(ref_list), 900):
-            for r in conn.execute(sa.select(*cols).where(trade_reports.c.control_number.in_(ref_list[i:i + 900]))):
-                states[r.control_number] = _State(r.control_number, r.reporting_mpid, r.status, r.report_date,
-                                                  r.first_control_number, r.first_report_date, bool(r.is_test), r.terms_key)
+        refs = list({c.original_control_number for c in commands if c.original_control_number is not None})
+        if refs:
+            for r in self._lookup(conn, "states", refs):
+                states[r[0]] = _State(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7])
         seen: dict[tuple[str, str], Result] = {}
-        keyed = [(c.reporting_mpid, c.client_ref) for c in commands if c.client_ref]
-        by_firm: dict[str, list[str]] = {}
-        for mpid, ref in keyed:
-            by_firm.setdefault(mpid, []).append(ref)
-        for mpid, ref_values in by_firm.items():
-            for i in range(0, len(ref_values), 900):
-                for row in conn.execute(sa.select(journal).where(
-                        journal.c.mpid == mpid, journal.c.client_ref.in_(ref_values[i:i + 900]))):
-                    seen[(row.mpid, row.client_ref)] = _result_from_journal(row)
+        keyed = list({(c.reporting_mpid, c.client_ref) for c in commands if c.client_ref})
+        if keyed:
+            for row in self._lookup(conn, "refs", [k[0] for k in keyed], [k[1] for k in keyed]):
+                seen[(row.mpid, row.client_ref)] = _result_from_journal(row)
         return states, seen
 
     def _active_duplicates(self, conn: Connection, keys: list[str]) -> dict[str, int]:
         found: dict[str, int] = {}
-        for i in range(0, len(keys), 900):
-            for r in conn.execute(sa.select(trade_reports.c.terms_key, trade_reports.c.control_number).where(
-                    trade_reports.c.terms_key.in_(keys[i:i + 900]), trade_reports.c.status == "ACTIVE")):
-                found.setdefault(r.terms_key, r.control_number)
+        if keys:
+            for key, control_number in self._lookup(conn, "dups", list(set(keys))):
+                if key not in found or control_number < found[key]:
+                    found[key] = control_number
         return found
 
     def _process(self, conn: Connection, commands: Sequence[Command]):
@@ -271,10 +292,11 @@ class Engine:
 
     def _decide(self, cmd: Command, seq: int, report_us: int, is_test: bool, checked: Any, key: str | None,
                 states: dict[int, _State], existing_dups: dict[str, int], pending_keys: dict[str, int]) -> Event:
-        report_date = market_parts(report_us)[0]
+        report_date = checked.report_date if checked is not None else market_date(report_us)
         rules = self.rulebook.at(report_date)
+        action = cmd.action
         original: _State | None = None
-        if cmd.action != "NEW":
+        if action != "NEW":
             original = states.get(cmd.original_control_number)  # type: ignore[arg-type]
             if original is None:
                 raise Rejected("REPORT_UNKNOWN", "original_control_number", f"no report with control number {cmd.original_control_number}")
@@ -285,9 +307,9 @@ class Engine:
             if original.is_test != is_test:
                 raise Rejected("TEST_MISMATCH", "test", "a test report and a production report cannot act on each other")
             in_window = within_cancel_correct_window(dt.date.fromisoformat(original.first_report_date), report_date, rules)
-            if cmd.action in ("CANCEL", "CORRECT") and not in_window:
+            if action in ("CANCEL", "CORRECT") and not in_window:
                 raise Rejected("WINDOW_CLOSED", "action", f"report {original.control_number} is past the {rules.cancel_correct_window_business_days}-business-day cancel/correct window: REVERSE it")
-            if cmd.action == "REVERSE" and in_window:
+            if action == "REVERSE" and in_window:
                 raise Rejected("WINDOW_OPEN", "action", f"report {original.control_number} is within the cancel/correct window: CANCEL it instead")
         duplicate_of = None
         if key is not None:
@@ -302,41 +324,42 @@ class Engine:
                 duplicate_of = match
         control_number = CONTROL_BASE + seq
         report_date_s = report_date.isoformat()
-        payload: dict[str, Any] = {"report_date": report_date_s}
-        if cmd.action in ("NEW", "CORRECT"):
+        if action == "NEW" or action == "CORRECT":
             t = cmd.terms
             s = checked.security
             tl = checked.timeliness
-            payload.update(
-                cusip=t.cusip, symbol=s.symbol, data_set=s.data_set, grade=s.grade, rule_144a=s.rule_144a,
-                side=t.side, capacity=t.capacity, contra=t.contra, contra_type=t.contra_type,
-                quantity_c=checked.quantity_c, price_u=checked.price_u, yield_u=checked.yield_u,
-                execution_us=t.execution_us, execution_date=checked.execution_date.isoformat(),
-                settlement_date=checked.settlement_date.isoformat(), commission_c=checked.commission_c,
-                when_issued=t.when_issued, special_price=t.special_price, weighted_average=t.weighted_average,
-                trading_market=t.trading_market, merger_transfer=t.merger_transfer, remuneration=t.remuneration,
-                locked_in=t.locked_in, agu=t.agu, is_test=is_test, withheld=checked.withheld,
-                duplicate_of=duplicate_of, terms_key=key, rulebook=checked.rulebook_version,
-                as_of=tl.as_of, late=tl.late, modifier3=tl.modifier3, timeliness=tl.label,
-                deadline_us=tl.deadline_us,
-            )
-            if cmd.action == "NEW":
-                payload.update(first_control_number=control_number, first_report_date=report_date_s)
+            if original is None:
+                first_cn, first_date = control_number, report_date_s
             else:
-                payload.update(first_control_number=original.first_control_number,
-                               first_report_date=original.first_report_date)
+                first_cn, first_date = original.first_control_number, original.first_report_date
+            # the keys of projection.TERMS_LAYOUT, in its order
+            payload: dict[str, Any] = {
+                "report_date": report_date_s, "cusip": t.cusip, "symbol": s.symbol, "data_set": s.data_set,
+                "grade": s.grade, "rule_144a": s.rule_144a, "side": t.side, "capacity": t.capacity,
+                "contra": t.contra, "contra_type": t.contra_type, "quantity_c": checked.quantity_c,
+                "price_u": checked.price_u, "yield_u": checked.yield_u, "execution_us": t.execution_us,
+                "execution_date": checked.execution_date.isoformat(),
+                "settlement_date": checked.settlement_date.isoformat(), "commission_c": checked.commission_c,
+                "when_issued": t.when_issued, "special_price": t.special_price,
+                "weighted_average": t.weighted_average, "trading_market": t.trading_market,
+                "merger_transfer": t.merger_transfer, "remuneration": t.remuneration, "locked_in": t.locked_in,
+                "agu": t.agu, "is_test": is_test, "withheld": checked.withheld, "duplicate_of": duplicate_of,
+                "terms_key": key, "rulebook": checked.rulebook_version, "as_of": tl.as_of, "late": tl.late,
+                "modifier3": tl.modifier3, "timeliness": tl.label, "deadline_us": tl.deadline_us,
+                "first_control_number": first_cn, "first_report_date": first_date,
+            }
             states[control_number] = _State(control_number, cmd.reporting_mpid, "ACTIVE", report_date_s,
-                                            payload["first_control_number"], payload["first_report_date"],
-                                            is_test, key)
+                                            first_cn, first_date, is_test, key)
             pending_keys[key] = control_number
+        else:
+            payload = {"report_date": report_date_s}
         if original is not None:
-            original.status = {"CANCEL": "CANCELLED", "CORRECT": "CORRECTED", "REVERSE": "REVERSED"}[cmd.action]
+            original.status = {"CANCEL": "CANCELLED", "CORRECT": "CORRECTED", "REVERSE": "REVERSED"}[action]
             payload["test"] = is_test
-        event_cn = original.control_number if cmd.action == "CANCEL" else control_number
+        event_cn = original.control_number if action == "CANCEL" else control_number
         return Event(
-            seq=seq, recorded_us=report_us, event_type=cmd.action, channel=cmd.channel,
-            mpid=cmd.reporting_mpid, client_ref=cmd.client_ref, control_number=event_cn,
-            ref_control_number=original.control_number if original else None, payload=payload,
+            seq, report_us, action, cmd.channel, cmd.reporting_mpid, cmd.client_ref, event_cn,
+            original.control_number if original else None, payload,
         )
 
 

@@ -2,11 +2,16 @@
 
 The engine and replay both use :func:`project`, so a state rebuilt from the journal is the
 state built incrementally. Events are (header, payload) with JSON-native payload values.
+
+A new report's or correction's payload (the terms and every derived fact) is stored as a
+JSON array, ``[1, v1, v2, ...]``, whose first element names the layout (``TERMS_LAYOUT``
+below gives the keys of layout 1, in order); other events' payloads are JSON objects.
+Both decode to the same ``Event.payload`` mapping.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any, Iterable
 
 import sqlalchemy as sa
@@ -17,7 +22,44 @@ from bondtape.journal.schema import journal, trade_reports
 STATUS_FOR = {"CANCEL": "CANCELLED", "CORRECT": "CORRECTED", "REVERSE": "REVERSED"}
 
 
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+import orjson
+
+
+def _dumps(value: Any) -> str:
+    # compact JSON, UTF-8 (the text json.dumps(separators=(",", ":"), ensure_ascii=False) gives)
+    return orjson.dumps(value).decode()
+
+
+_loads = orjson.loads
+
+# Layout 1 of a NEW or CORRECT event's payload: these keys, in this order.
+TERMS_LAYOUT = (
+    "report_date", "cusip", "symbol", "data_set", "grade", "rule_144a", "side", "capacity",
+    "contra", "contra_type", "quantity_c", "price_u", "yield_u", "execution_us",
+    "execution_date", "settlement_date", "commission_c", "when_issued", "special_price",
+    "weighted_average", "trading_market", "merger_transfer", "remuneration", "locked_in",
+    "agu", "is_test", "withheld", "duplicate_of", "terms_key", "rulebook", "as_of", "late",
+    "modifier3", "timeliness", "deadline_us", "first_control_number", "first_report_date",
+)
+LAYOUTS = {1: TERMS_LAYOUT}
+_LAYOUT_VALUES = itemgetter(*TERMS_LAYOUT)
+
+
+def encode_payload(event_type: str, payload: dict[str, Any]) -> str:
+    """The journal's text of a payload (positional for new terms, an object otherwise)."""
+    if event_type in ("NEW", "CORRECT") and len(payload) == len(TERMS_LAYOUT):
+        return _dumps([1, *_LAYOUT_VALUES(payload)])
+    return _dumps(payload)
+
+
+def decode_payload(text: str) -> dict[str, Any]:
+    value = _loads(text)
+    if isinstance(value, list):
+        keys = LAYOUTS.get(value[0]) if value else None
+        if keys is None or len(value) != len(keys) + 1:
+            raise ValueError(f"journal payload has an unknown layout: {text[:40]!r}")
+        return dict(zip(keys, value[1:]))
+    return value
 
 
 @dataclass
@@ -32,62 +74,58 @@ class Event:
     ref_control_number: int | None
     payload: dict[str, Any]
 
-    def journal_row(self) -> dict[str, Any]:
-        return {
-            "seq": self.seq, "recorded_us": self.recorded_us, "event_type": self.event_type,
-            "channel": self.channel, "mpid": self.mpid, "client_ref": self.client_ref,
-            "control_number": self.control_number, "ref_control_number": self.ref_control_number,
-            "payload": _dumps(self.payload),
-        }
+    def journal_row(self) -> tuple:
+        """The journal row, in the order of ``JOURNAL_COLUMNS``."""
+        return (self.seq, self.recorded_us, self.event_type, self.channel, self.mpid, self.client_ref,
+                self.control_number, self.ref_control_number, encode_payload(self.event_type, self.payload))
 
     @classmethod
     def from_row(cls, row: Any) -> "Event":
         return cls(row.seq, row.recorded_us, row.event_type, row.channel, row.mpid, row.client_ref,
-                   row.control_number, row.ref_control_number, json.loads(row.payload))
+                   row.control_number, row.ref_control_number, decode_payload(row.payload))
 
 
 @dataclass
 class Changes:
-    inserts: list[dict[str, Any]] = field(default_factory=list)
-    updates: list[dict[str, Any]] = field(default_factory=list)
+    inserts: list[tuple] = field(default_factory=list)  # trade_reports rows, in REPORT_COLUMNS order
+    updates: list[tuple] = field(default_factory=list)  # (status, closed_seq, closed_us, successor, control_number)
 
 
-_TERMS = (
-    "cusip", "symbol", "data_set", "grade", "rule_144a", "side", "capacity", "contra", "contra_type",
-    "quantity_c", "price_u", "yield_u", "execution_us", "execution_date", "settlement_date",
-    "commission_c", "when_issued", "special_price", "weighted_average", "trading_market",
-    "merger_transfer", "remuneration", "locked_in", "agu", "is_test", "as_of", "late",
-    "modifier3", "duplicate_of", "terms_key",
-)
+REPORT_COLUMNS = tuple(c.name for c in trade_reports.columns)
+JOURNAL_COLUMNS = tuple(c.name for c in journal.columns)
+UPDATE_COLUMNS = ("status", "closed_seq", "closed_us", "successor_control_number", "control_number")
+
+# the payload keys that fill trade_reports' columns from cusip to terms_key, in column order
+_MIDDLE = REPORT_COLUMNS[REPORT_COLUMNS.index("cusip"):REPORT_COLUMNS.index("disseminated")]
+_MIDDLE_VALUES = itemgetter(*_MIDDLE)
+_TAIL = REPORT_COLUMNS[REPORT_COLUMNS.index("disseminated"):]
+assert REPORT_COLUMNS[:10] == (
+    "control_number", "seq", "report_us", "report_date", "first_control_number", "first_report_date",
+    "prior_control_number", "reporting_mpid", "client_ref", "channel")
+assert _TAIL == ("disseminated", "duplicate_of", "terms_key", "status", "closed_seq", "closed_us",
+                 "successor_control_number")
 
 
 def project(events: Iterable[Event], changes: Changes | None = None) -> Changes:
     changes = changes or Changes()
+    inserts, updates = changes.inserts.append, changes.updates.append
     for ev in events:
         p = ev.payload
-        if ev.event_type in ("NEW", "CORRECT"):
-            row = {k: p[k] for k in _TERMS}
-            row.update(
-                control_number=ev.control_number, seq=ev.seq, report_us=ev.recorded_us,
-                report_date=p["report_date"], first_control_number=p["first_control_number"],
-                first_report_date=p["first_report_date"], prior_control_number=ev.ref_control_number,
-                reporting_mpid=ev.mpid, client_ref=ev.client_ref, channel=ev.channel,
-                disseminated=p["withheld"] is None, status="ACTIVE", closed_seq=None, closed_us=None,
-                successor_control_number=None,
-            )
-            changes.inserts.append(row)
-        if ev.event_type in STATUS_FOR:
-            changes.updates.append({
-                "b_control_number": ev.ref_control_number, "status": STATUS_FOR[ev.event_type],
-                "closed_seq": ev.seq, "closed_us": ev.recorded_us,
-                "successor_control_number": None if ev.event_type == "CANCEL" else ev.control_number,
-            })
+        kind = ev.event_type
+        if kind == "NEW" or kind == "CORRECT":
+            inserts((ev.control_number, ev.seq, ev.recorded_us, p["report_date"], p["first_control_number"],
+                     p["first_report_date"], ev.ref_control_number, ev.mpid, ev.client_ref, ev.channel,
+                     *_MIDDLE_VALUES(p), p["withheld"] is None, p["duplicate_of"], p["terms_key"],
+                     "ACTIVE", None, None, None))
+        if kind in STATUS_FOR:
+            updates((STATUS_FOR[kind], ev.seq, ev.recorded_us,
+                     None if kind == "CANCEL" else ev.control_number, ev.ref_control_number))
     return changes
 
 
-_REPORT_COLUMNS = [c.name for c in trade_reports.columns]
-_JOURNAL_COLUMNS = [c.name for c in journal.columns]
-_UPDATE_COLUMNS = ("status", "closed_seq", "closed_us", "successor_control_number", "b_control_number")
+def as_mapping(row: tuple) -> dict[str, Any]:
+    """A projection row as a column -> value mapping."""
+    return dict(zip(REPORT_COLUMNS, row))
 
 
 def _marker(conn: Connection) -> str:
@@ -98,11 +136,10 @@ def _insert_sql(conn: Connection, table: str, columns: list[str]) -> str:
     return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join([_marker(conn)] * len(columns))})"
 
 
-def insert_rows(conn: Connection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
-    """A plain executemany of ``rows`` (dicts with every column) into ``table``."""
+def insert_rows(conn: Connection, table: sa.Table, rows: list[tuple]) -> None:
+    """A plain executemany of ``rows`` (tuples in the table's column order) into ``table``."""
     if rows:
-        cols = [c.name for c in table.columns]
-        conn.exec_driver_sql(_insert_sql(conn, table.name, cols), [tuple(r[c] for c in cols) for r in rows])
+        conn.exec_driver_sql(_insert_sql(conn, table.name, [c.name for c in table.columns]), rows)
 
 
 def write(conn: Connection, changes: Changes) -> None:
@@ -112,7 +149,7 @@ def write(conn: Connection, changes: Changes) -> None:
         m = _marker(conn)
         sql = (f"UPDATE trade_reports SET status = {m}, closed_seq = {m}, closed_us = {m}, "
                f"successor_control_number = {m} WHERE control_number = {m}")
-        conn.exec_driver_sql(sql, [tuple(u[c] for c in _UPDATE_COLUMNS) for u in changes.updates])
+        conn.exec_driver_sql(sql, changes.updates)
 
 
 def replay(conn: Connection, *, chunk: int = 20_000, progress=None) -> int:

@@ -25,7 +25,6 @@ journal = sa.Table(
     sa.Column("ref_control_number", sa.BigInteger),  # the report acted on (cancel, correct, reverse)
     sa.Column("payload", sa.Text, nullable=False),  # JSON: everything replay needs
     sa.UniqueConstraint("mpid", "client_ref", name="uq_journal_client_ref"),
-    sa.Index("ix_journal_control", "control_number"),
 )
 
 journal_head = sa.Table(
@@ -100,3 +99,10 @@ def _create(conn: sa.Connection) -> None:
 def _drop_redundant_index(conn: sa.Connection) -> None:
     # ix_fees_trade_reports_month (report_date, ...) serves every query by report date
     conn.exec_driver_sql("DROP INDEX IF EXISTS ix_trade_reports_report_date")
+
+
+@migration("0004_journal_drop_control_index")
+def _drop_control_index(conn: sa.Connection) -> None:
+    # nothing looks journal events up by control number (trade_reports answers that), and
+    # every accepted report paid for keeping the index
+    conn.exec_driver_sql("DROP INDEX IF EXISTS ix_journal_control")

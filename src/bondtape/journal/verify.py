@@ -7,7 +7,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from bondtape.journal.projection import Event, project
+from bondtape.journal.projection import Event, as_mapping, project
 from bondtape.journal.schema import journal, journal_head, trade_reports
 
 
@@ -36,10 +36,10 @@ def rebuild_in_memory(conn: sa.Connection, chunk: int = 50_000) -> dict[int, dic
             return state
         changes = project(Event.from_row(r) for r in rows)
         for row in changes.inserts:
-            state[row["control_number"]] = row
-        for upd in changes.updates:
-            target = state[upd["b_control_number"]]
-            target.update({k: v for k, v in upd.items() if k != "b_control_number"})
+            state[row[0]] = as_mapping(row)
+        for status, closed_seq, closed_us, successor, control_number in changes.updates:
+            state[control_number].update(status=status, closed_seq=closed_seq, closed_us=closed_us,
+                                         successor_control_number=successor)
         last = rows[-1].seq
 
 

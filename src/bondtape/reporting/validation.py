@@ -4,9 +4,10 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Mapping
+from functools import lru_cache
+from typing import Any, Mapping
 
-from bondtape.clock import MARKET_TZ, from_us, market_parts
+from bondtape.clock import MARKET_TZ, from_us, market_date
 from bondtape.dissemination.rules import withheld_reason
 from bondtape.reference.cusip import cusip_problem
 from bondtape.reference.model import Firm, Security
@@ -39,6 +40,11 @@ def scaled(value: Decimal, decimals: int, field: str, code: str, what: str) -> i
     return int(shifted)
 
 
+@lru_cache(maxsize=65_536)
+def _regular_settlement(calendar: Any, execution_date: dt.date, days: int) -> dt.date:
+    return calendar.add_business_days(execution_date, days)
+
+
 def check_firm(mpid: str, firms: Mapping[str, Firm]) -> Firm:
     firm = firms.get(mpid)
     if firm is None:
@@ -65,7 +71,7 @@ def check_terms(
             code = "CUSIP_CHECK_DIGIT" if problem.startswith("check digit") else "CUSIP_MALFORMED"
             raise Rejected(code, "cusip", f"cusip {terms.cusip!r}: {problem}")
         raise Rejected("SECURITY_UNKNOWN", "cusip", f"cusip {terms.cusip} is not in reference data")
-    report_date = market_parts(report_us)[0]
+    report_date = market_date(report_us)
     rules = rulebook.at(report_date)
     if terms.contra not in ("C", "A"):
         contra = firms.get(terms.contra)
@@ -97,14 +103,14 @@ def check_terms(
         commission_c = scaled(terms.commission, rules.commission_decimals, "commission", "COMMISSION_INVALID", "dollars")
     if terms.execution_us > report_us:
         raise Rejected("EXECUTION_IN_FUTURE", "execution_time", "execution_time is after the report was received")
-    execution_date = market_parts(terms.execution_us)[0]
+    execution_date = market_date(terms.execution_us)
     if execution_date < rules.first_trace_date:
         raise Rejected("EXECUTION_BEFORE_TRACE", "execution_time", f"execution date {execution_date} is before TRACE began ({rules.first_trace_date})")
     if not security.eligible_on(execution_date):
         raise Rejected("SECURITY_NOT_ELIGIBLE", "cusip", f"{terms.cusip} is not TRACE-eligible on {execution_date}")
     settlement = terms.settlement_date
     if settlement is None:
-        settlement = rules.calendar.add_business_days(execution_date, rules.regular_settlement_days)
+        settlement = _regular_settlement(rules.calendar, execution_date, rules.regular_settlement_days)
     elif settlement < execution_date:
         raise Rejected("SETTLEMENT_BEFORE_EXECUTION", "settlement_date", f"settlement_date {settlement} is before the execution date {execution_date}")
     timely = timeliness(terms.execution_us, report_us, rulebook.at(execution_date), primary_market=terms.trading_market == "P1")

@@ -19,7 +19,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any, Iterable
 
-from bondtape.clock import MARKET_TZ, from_us, market_instant, market_parts
+from bondtape.clock import MARKET_TZ, from_us, market_date, market_instant, market_parts
 from bondtape.rulebook.calendar import Calendar
 
 __all__ = [
@@ -165,9 +165,16 @@ class Rulebook:
         self._cache: dict[dt.date, Rules] = {}
         self._active = [v for v in self.versions if not v.optional or v.name in self.enabled_optional]
         self._breaks = [v.effective for v in self._active]
+        self._by_date: dict[dt.date, Rules] = {}
 
     def at(self, date: dt.date) -> Rules:
         """The rules in force on ``date`` (market date)."""
+        rules = self._by_date.get(date)
+        if rules is None:
+            rules = self._by_date[date] = self._at(date)
+        return rules
+
+    def _at(self, date: dt.date) -> Rules:
         index = max(bisect.bisect_right(self._breaks, date) - 1, 0)
         key = self._breaks[index]
         rules = self._cache.get(key)
@@ -208,17 +215,22 @@ class Timeliness:
         return "LATE" if self.late else "ON_TIME"
 
 
+@lru_cache(maxsize=64)
 def _tod(t: dt.time) -> int:
     return ((t.hour * 60 + t.minute) * 60 + t.second) * 1_000_000 + t.microsecond
 
 
 def _in_hours(day: dt.date, tod: int, rules: Rules) -> bool:
-    return rules.calendar.is_business_day(day) and _tod(rules.system_open) <= tod < _tod(rules.system_close)
+    return _tod(rules.system_open) <= tod < _tod(rules.system_close) and rules.calendar.is_business_day(day)
 
 
 def deadline(execution_us: int, rules: Rules, *, primary_market: bool = False) -> tuple[int, bool]:
     """(deadline, executed outside hours) for a trade executed at ``execution_us``."""
     day, tod = market_parts(execution_us)
+    return _deadline(execution_us, day, tod, rules, primary_market)
+
+
+def _deadline(execution_us: int, day: dt.date, tod: int, rules: Rules, primary_market: bool) -> tuple[int, bool]:
     cal = rules.calendar
     minutes_us = rules.deadline_minutes * 60_000_000
     in_hours = _in_hours(day, tod, rules)
@@ -239,15 +251,14 @@ def deadline(execution_us: int, rules: Rules, *, primary_market: bool = False) -
 
 def timeliness(execution_us: int, report_us: int, rules: Rules, *, primary_market: bool = False) -> Timeliness:
     """How timely a report received at ``report_us`` is, under ``rules``."""
-    due, outside = deadline(execution_us, rules, primary_market=primary_market)
+    exec_date, tod = market_parts(execution_us)
+    due, outside = _deadline(execution_us, exec_date, tod, rules, primary_market)
     late = report_us > due
-    exec_date = market_parts(execution_us)[0]
-    report_date = market_parts(report_us)[0]
     if outside:
         modifier = rules.late_after_hours_modifier if late else rules.after_hours_modifier
     else:
         modifier = rules.late_modifier if late else None
-    return Timeliness(report_date > exec_date, late, outside, modifier, due)
+    return Timeliness(market_date(report_us) > exec_date, late, outside, modifier, due)
 
 
 def within_cancel_correct_window(report_date: dt.date, action_date: dt.date, rules: Rules) -> bool:
