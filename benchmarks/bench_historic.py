@@ -6,7 +6,9 @@
    so that 2024 is a large year and 2025 a small one with the same daily volume.
 2. In a child process each: builds the 2024 Corporate and Agency data sets (every
    record type, three output formats); builds 2025; and, as the baseline, copies the same
-   2024 journal rows (every column, payload as text) to Parquet with no transformation.
+   rows the 2024 builds read (each data set's reports created in the year and reports
+   closed in it, every column the build reads, as stored) to Parquet with no
+   transformation, through the same reader (ADBC: ``bondtape.historic.source``).
 3. Prints records/s of the build, the ratio copy time / build time (1.0: the build
    costs no more than copying the rows), and each child's peak RSS (from ``wait4``), so
    that memory for the large and the small year can be compared.
@@ -40,33 +42,43 @@ print(json.dumps({"seconds": time.perf_counter() - start, "records": records}))
 """
 
 _COPY = """
-import json, sys, time
+import datetime as dt, json, sys, time
 import pyarrow as pa, pyarrow.parquet as pq
+import sqlalchemy as sa
 from bondtape.db import connect
-from bondtape.historic.builder import PARQUET_OPTIONS, _midnight_us, _snapshot
-import datetime as dt
+from bondtape.historic.builder import PARQUET_OPTIONS, _midnight_us, coverage
+from bondtape.historic.records import t
+from bondtape.historic.source import open_source
 db = connect(sys.argv[1])
 out, year = sys.argv[2], int(sys.argv[3])
-lo, hi = _midnight_us(dt.date(year, 1, 1)), _midnight_us(dt.date(year + 1, 1, 1))
-names = ["seq", "recorded_us", "event_type", "channel", "mpid", "client_ref", "control_number",
-         "ref_control_number", "payload"]
-types = [pa.int64(), pa.int64(), pa.string(), pa.string(), pa.string(), pa.string(), pa.int64(), pa.int64(), pa.string()]
-schema = pa.schema(list(zip(names, types)))
+# every column of trade_reports the build reads, as stored (nullable text as '' when null, so
+# that the ADBC SQLite driver, which infers a column's type from its first batch, cannot
+# mistake an all-null text column for an integer one)
+INTS = ["control_number", "seq", "report_us", "first_control_number", "prior_control_number", "quantity_c",
+        "price_u", "yield_u", "execution_us", "commission_c", "closed_seq", "closed_us", "successor_control_number"]
+TEXT = ["report_date", "first_report_date", "cusip", "symbol", "side", "capacity", "contra_type", "trading_market",
+        "execution_date", "settlement_date", "status"]
+NULLABLE_TEXT = ["remuneration", "modifier3"]
+FLAGS = ["when_issued", "special_price", "weighted_average", "locked_in", "agu", "as_of", "disseminated"]
+columns = ([t.c[n] for n in INTS + TEXT] + [sa.func.coalesce(t.c[n], "").label(n) for n in NULLABLE_TEXT]
+           + [t.c[n] for n in FLAGS])
+schema = pa.schema([(n, pa.int64()) for n in INTS] + [(n, pa.string()) for n in TEXT + NULLABLE_TEXT]
+                   + [(n, pa.int64()) for n in FLAGS])
 rows = 0
 start = time.perf_counter()
-with _snapshot(db) as conn:
-    cursor = conn.connection.cursor()
-    cursor.execute("SELECT " + ", ".join(names) + f" FROM journal WHERE recorded_us >= {lo} AND recorded_us < {hi} ORDER BY seq")
-    with pq.ParquetWriter(out, schema, **{**PARQUET_OPTIONS, "use_dictionary": True}) as writer:
-        while True:
-            chunk = cursor.fetchmany(20_000)
-            if not chunk:
-                break
-            cols = list(zip(*chunk))
-            writer.write_table(pa.Table.from_arrays([pa.array(c, t) for c, t in zip(cols, types)], schema=schema))
-            rows += len(chunk)
-    cursor.close()
-print(json.dumps({"seconds": time.perf_counter() - start, "records": rows}))
+for sub, data_set in (("CORP", "corporate"), ("AGCY", "agency")):
+    first, last = coverage(data_set, year)
+    lo, end = _midnight_us(first), _midnight_us(last + dt.timedelta(days=1))
+    kept = sa.and_(t.c.data_set == sub, t.c.is_test == sa.false(), t.c.rule_144a == sa.false())
+    created = sa.select(*columns).where(t.c.report_date >= first.isoformat(), t.c.report_date <= last.isoformat(), kept)
+    closed = sa.select(*columns).where(t.c.closed_us >= lo, t.c.closed_us < end, kept)
+    with open_source(db) as source, pq.ParquetWriter(f"{out}.{sub}.parquet", schema,
+                                                     **{**PARQUET_OPTIONS, "use_dictionary": True}) as writer:
+        for stmt in (created, closed):
+            for batch in source.stream(stmt, schema):
+                writer.write_batch(batch)
+                rows += batch.num_rows
+print(json.dumps({"seconds": time.perf_counter() - start, "records": rows, "reader": source.name}))
 """
 
 
@@ -134,6 +146,7 @@ def main(argv: list[str]) -> dict:
             "ratio_to_plain_copy": round(copy["seconds"] / big["seconds"], 3),
             "peak_rss_mb": big["peak_rss_mb"],
             "plain_copy_peak_rss_mb": copy["peak_rss_mb"],
+            "reader": copy["reader"],
             "small_year": {"records": small["records"], "peak_rss_mb": small["peak_rss_mb"],
                            "records_per_s": round(small["records"] / small["seconds"])},
             "goal": {"records_per_s": 1_000_000, "ratio_to_plain_copy": 0.5,

@@ -4,6 +4,7 @@
 text files, Parquet with WRDS ``trace_enhanced`` names, the exact final-state view and a
 manifest. See docs/historic.md.
 """
+from bondtape.historic import schema as _schema  # noqa: F401  (registers the closed-reports index)
 from bondtape.historic.builder import (
     DATA_SETS, BuildResult, HistoricError, build_data_set, check_available, coverage, ehts_lines, trailer,
 )

@@ -4,7 +4,7 @@ The source is the ``trade_reports`` projection of the journal: every report with
 terms, its dissemination decision at the time, and the event that closed it (cancel,
 correction or reversal: ``closed_us``, ``status``, ``successor_control_number``).
 
-Work is day by day, so memory holds one day's records: for each trade report date, the
+Work is day by day, so memory holds a few days' records: for each trade report date, the
 reports created that day (T and R rows) and the reports closed that day (X, C and Y rows,
 read from one stream ordered by close time) become one ordered set of records, written as
 
@@ -18,18 +18,20 @@ its final name and renamed into place only when complete: never a half-written d
 """
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hashlib
 import json
 import os
 import shutil
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import sqlalchemy as sa
 
@@ -37,7 +39,9 @@ from bondtape import __version__
 from bondtape.clock import MARKET_TZ, to_us
 from bondtape.historic import layout
 from bondtape.historic.layout import COLUMNS, FINRA_COLUMNS, HEADER, LAYOUT, RECORD_FORMAT
-from bondtape.historic.records import EVENT_US, SettlementDays, closed_select, created_select, day_table
+from bondtape.historic.records import (DAY, SOURCE_SCHEMA, SettlementDays, closed_select, created_select, day_table,
+                                       records)
+from bondtape.historic.source import open_source
 from bondtape.rulebook import Rulebook, default_rulebook, historic_available_from
 
 __all__ = ["DATA_SETS", "BuildResult", "HistoricError", "build_data_set", "check_available", "check_out", "coverage"]
@@ -46,12 +50,17 @@ DATA_SETS = {"corporate": "CORP", "agency": "AGCY"}
 TEXT_NAME = "enhanced-time-and-sales-cusip-{date}.txt"
 PARQUET_NAME = "trace_enhanced-{date}.parquet"
 FINAL_NAME = "trace_enhanced_final-{date}.parquet"
+_DICTIONARY = [c.name for c in COLUMNS if pa.types.is_string(c.type)
+               and c.name not in ("msg_seq_nb", "orig_msg_seq_nb", "first_trade_ctrl_num")]
 PARQUET_OPTIONS = dict(  # fixed, so that a rebuild is byte-identical
-    compression="zstd", compression_level=1, write_statistics=True, version="2.6", data_page_version="1.0",
+    # zstd where it pays: numbers, times and reference numbers. Dictionary-encoded columns
+    # (codes, symbols, dates: a few distinct values a day) are left uncompressed: zstd saves
+    # them little, and a compressor per column chunk is most of a small file's cost.
+    compression={c.name: ("none" if c.name in _DICTIONARY else "zstd") for c in COLUMNS},
+    compression_level={c.name: 1 for c in COLUMNS if c.name not in _DICTIONARY},
+    write_statistics=True, version="2.6", data_page_version="1.0",
     data_page_size=1 << 20, write_page_index=False, store_schema=True,
-    # dictionary pages only where values repeat (codes, symbols, dates), not on numbers
-    use_dictionary=[c.name for c in COLUMNS if pa.types.is_string(c.type)
-                    and c.name not in ("msg_seq_nb", "orig_msg_seq_nb", "first_trade_ctrl_num")],
+    use_dictionary=_DICTIONARY,  # dictionary pages only where values repeat, not on numbers
 )
 ROW_GROUP = 256 * 1024
 
@@ -124,103 +133,74 @@ def _midnight_us(day: dt.date) -> int:
     return to_us(dt.datetime.combine(day, dt.time(0), tzinfo=MARKET_TZ))
 
 
-class _Query:
-    """A statement compiled once for the driver, run with different parameter values."""
+def _days(batches: Iterator[pa.RecordBatch], created: bool, sub: str,
+          settlement_days: SettlementDays) -> Iterator[tuple[dt.date, list[pa.Table]]]:
+    """A statement's records grouped by trade report date, in date order.
 
-    def __init__(self, conn: sa.Connection, stmt: sa.Select):
-        self.compiled = stmt.compile(dialect=conn.dialect)
-        self.sql = str(self.compiled)
-
-    def args(self, **values: Any) -> tuple[str, Any]:
-        params = self.compiled.construct_params(values)
-        if self.compiled.positional:
-            return self.sql, tuple(params[name] for name in self.compiled.positiontup)  # type: ignore[union-attr]
-        return self.sql, params
-
-
-def _fetch(conn: sa.Connection, query: _Query, **values: Any) -> list[tuple]:
-    """Plain tuples, straight from the driver's cursor (no per-row Row objects)."""
-    cursor = conn.connection.cursor()
-    try:
-        cursor.execute(*query.args(**values))
-        return cursor.fetchall()
-    finally:
-        cursor.close()
-
-
-def _stream(conn: sa.Connection, stmt: sa.Select, size: int = 20_000) -> Iterator[tuple]:
-    """Rows in chunks: a server-side cursor on PostgreSQL, SQLite's lazy cursor otherwise."""
-    driver = conn.connection.driver_connection
-    if conn.dialect.name == "sqlite":
-        cursor = conn.connection.cursor()
-    else:
-        cursor = driver.cursor(name="bondtape_historic_closed")  # type: ignore[union-attr]
-    try:
-        cursor.execute(*_Query(conn, stmt).args())
-        while True:
-            chunk = cursor.fetchmany(size)
-            if not chunk:
-                return
-            yield from chunk
-    finally:
-        cursor.close()
-
-
-@contextlib.contextmanager
-def _snapshot(db: sa.Engine) -> Iterator[sa.Connection]:
-    """One read-only connection holding one consistent snapshot for the whole build.
-
-    On SQLite a deferred transaction (the core's connections begin IMMEDIATE, which would
-    lock out the engine's writes for the whole build); on PostgreSQL REPEATABLE READ.
+    The statements return their rows in date order, so a day is complete when the next one
+    starts: memory holds one day and one batch of each statement.
     """
-    if db.dialect.name == "sqlite" and db.url.database in (None, "", ":memory:"):
-        with db.begin() as conn:  # an in-memory database has one connection: read through it
-            yield conn
-    elif db.dialect.name == "sqlite":
-        reader = sa.create_engine(db.url, poolclass=sa.pool.NullPool,
-                                  connect_args={"check_same_thread": False, "isolation_level": None})
-        try:
-            with reader.connect() as conn:
-                conn.exec_driver_sql("PRAGMA busy_timeout=30000")
-                conn.exec_driver_sql("BEGIN DEFERRED")
-                try:
-                    yield conn
-                finally:
-                    conn.exec_driver_sql("ROLLBACK")
-        finally:
-            reader.dispose()
-    else:
-        with db.connect().execution_options(isolation_level="REPEATABLE READ") as conn:
-            with conn.begin():
-                conn.exec_driver_sql("SET TRANSACTION READ ONLY")
-                yield conn
+    day, pieces = None, []
+    for batch in batches:
+        recs = records(batch, created, sub, settlement_days)
+        runs = pc.run_end_encode(recs.column(DAY).combine_chunks())
+        start = 0
+        for value, end in zip(runs.values.to_pylist(), runs.run_ends.to_pylist()):
+            if day is not None and value < day:
+                raise HistoricError("JOURNAL_INCONSISTENT", "report_date",
+                                    "trade_reports returned report dates out of order: run `bondtape journal verify`")
+            if value != day:
+                if pieces:
+                    yield day, pieces
+                day, pieces = value, []
+            pieces.append(recs.slice(start, end - start))
+            start = end
+    if pieces:
+        yield day, pieces  # type: ignore[misc]
 
 
 # --- writing ----------------------------------------------------------------------------
 
-_EMPTY, _NEWLINE, _PIPE = (pa.scalar(v, pa.string()) for v in ("", "\n", "|"))
+_CSV = pacsv.WriteOptions(include_header=False, delimiter="|", quoting_style="none")
+_TEN_THOUSAND, _HUNDRED, _SIXTY, _HOUR = (pa.scalar(v, pa.int32()) for v in (10_000, 100, 60, 3600))
 
 
-def _text_field(col: pa.ChunkedArray, typ: pa.DataType) -> pa.ChunkedArray:
-    if pa.types.is_date32(typ):  # 2024-03-04 -> 20240304
-        col = pc.replace_substring(col.cast(pa.string()), "-", "")
-    elif pa.types.is_time32(typ):  # 09:03:20 -> 090320
-        col = pc.replace_substring(col.cast(pa.string()), ":", "")
-    elif not pa.types.is_string(typ):
-        col = col.cast(pa.string())
-    return pc.fill_null(col, _EMPTY)
+def _yyyymmdd(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    days = pc.add(pc.multiply(pc.year(col).cast(pa.int32()), _TEN_THOUSAND),
+                  pc.add(pc.multiply(pc.month(col).cast(pa.int32()), _HUNDRED), pc.day(col).cast(pa.int32())))
+    return pc.utf8_lpad(days.cast(pa.string()), width=8, padding="0")
+
+
+def _hhmmss(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    s = col.cast(pa.int32())
+    minutes, hours = pc.divide(s, _SIXTY), pc.divide(s, _HOUR)
+    hhmmss = pc.add(pc.add(pc.multiply(hours, _TEN_THOUSAND), pc.multiply(pc.subtract(minutes, pc.multiply(hours, _SIXTY)), _HUNDRED)),
+                    pc.subtract(s, pc.multiply(minutes, _SIXTY)))
+    return pc.utf8_lpad(hhmmss.cast(pa.string()), width=6, padding="0")
 
 
 def ehts_lines(table: pa.Table) -> bytes:
-    """The data lines of an Enhanced Time and Sales file for ``table`` (header and trailer apart)."""
+    """The data lines of an Enhanced Time and Sales file for ``table`` (header and trailer apart).
+
+    Dates YYYYMMDD, times HHMMSS, decimals with their scale, blank for null; each line ends
+    with a newline. A value holding ``|``, a quote or a line break is refused, never written.
+    """
     if table.num_rows == 0:
         return b""
-    fields = [_text_field(table.column(c.name), c.type) for c in FINRA_COLUMNS]
-    fields[-1] = pc.binary_join_element_wise(fields[-1], _EMPTY, _NEWLINE)  # each line ends with "\n"
-    lines = pc.binary_join_element_wise(*fields, _PIPE).combine_chunks()
-    offsets = memoryview(lines.buffers()[1]).cast("q" if lines.type == pa.large_string() else "i")
-    start, end = offsets[lines.offset], offsets[lines.offset + len(lines)]
-    return memoryview(lines.buffers()[2])[start:end].tobytes()
+    columns = []
+    for c in FINRA_COLUMNS:
+        col = table.column(c.name)
+        if pa.types.is_date32(c.type):
+            col = _yyyymmdd(col)
+        elif pa.types.is_time32(c.type):
+            col = _hhmmss(col)
+        columns.append(col)
+    out = pa.BufferOutputStream()
+    try:
+        pacsv.write_csv(pa.Table.from_arrays(columns, names=[c.name for c in FINRA_COLUMNS]), out, _CSV)
+    except pa.ArrowInvalid as exc:
+        raise HistoricError("TEXT_FIELD_INVALID", "ehts", f"a value cannot be written to the pipe-delimited file: {exc}") from exc
+    return out.getvalue().to_pybytes()
 
 
 def trailer(day: dt.date, count: int) -> str:
@@ -238,9 +218,18 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_parquet(path: Path, table: pa.Table) -> None:
-    with pq.ParquetWriter(path, table.schema, **PARQUET_OPTIONS) as writer:
+def _write_file(path: Path, data: bytes | memoryview) -> str:
+    """Write ``data`` to ``path``; its SHA-256 (hashed from memory, not read back)."""
+    with open(path, "wb") as fh:
+        fh.write(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write_parquet(path: Path, table: pa.Table) -> str:
+    out = pa.BufferOutputStream()
+    with pq.ParquetWriter(out, table.schema, **PARQUET_OPTIONS) as writer:
         writer.write_table(table, row_group_size=ROW_GROUP)
+    return _write_file(path, memoryview(out.getvalue()))
 
 
 # --- the build --------------------------------------------------------------------------
@@ -262,8 +251,14 @@ def build_data_set(
     *,
     rulebook: Rulebook | None = None,
     progress: Callable[[dt.date, int], None] | None = None,
+    reader: str = "auto",
 ) -> BuildResult:
-    """Build the data set into folder ``out`` (which must not exist or be empty)."""
+    """Build the data set into folder ``out`` (which must not exist or be empty).
+
+    ``progress(day, records)`` is called once per calendar day of the coverage, in order.
+    ``reader``: ``auto`` (ADBC where it reads the database, else the engine's driver),
+    ``adbc`` or ``dbapi`` (see :mod:`bondtape.historic.source`); the files are the same.
+    """
     rulebook = rulebook or default_rulebook()
     sub = _sub_product(data_set)
     data_set = data_set.lower()
@@ -276,7 +271,8 @@ def build_data_set(
     for sub_dir in ("ehts", "parquet", "final"):
         (work / sub_dir).mkdir(parents=True)
     try:
-        result = _build(db, sub, data_set, year, as_of, available, first_day, last_day, work, rulebook, progress)
+        result = _build(db, sub, data_set, year, as_of, available, first_day, last_day, work, rulebook, progress,
+                        reader)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -287,40 +283,64 @@ def build_data_set(
     return result
 
 
+_WRITERS = 1  # threads writing days while the main thread reads the next ones
+_IN_FLIGHT = 2  # days handed to the writers and not yet written: bounds memory
+
+
 def _build(db, sub, data_set, year, as_of, available, first_day, last_day, work: Path, rulebook: Rulebook,
-           progress) -> BuildResult:
+           progress, reader: str) -> BuildResult:
+    """Read both statements side by side, day by day; a writer thread writes each day's files
+    while the next day is read and derived (Arrow and the drivers release the GIL)."""
     settlement_days = SettlementDays(rulebook.at(last_day).calendar)
-    lo_us, year_end_us = _midnight_us(first_day), _midnight_us(last_day + dt.timedelta(days=1))
+    lo_us, end_us = _midnight_us(first_day), _midnight_us(last_day + dt.timedelta(days=1))
     files: list[dict[str, Any]] = []
     totals = {"records": 0, "final_records": 0, "days": 0, "by_status": {s: 0 for s in "TXCRY"}}
-    with _snapshot(db) as conn:
-        created = _Query(conn, created_select(sub))
-        with contextlib.closing(_stream(conn, closed_select(sub, lo_us, year_end_us))) as closed_iter:
-            pending = next(closed_iter, None)
+    with open_source(db, reader) as source, ThreadPoolExecutor(_WRITERS, thread_name_prefix="historic-writer") as writer:
+        streams = [_days(source.stream(created_select(sub, first_day, last_day, end_us), SOURCE_SCHEMA), True, sub,
+                         settlement_days),
+                   _days(source.stream(closed_select(sub, lo_us, end_us), SOURCE_SCHEMA), False, sub, settlement_days)]
+        heads = [next(stream, None) for stream in streams]
+        pending: deque[Future] = deque()
+        try:
             day = first_day
             while day <= last_day:
-                next_day = day + dt.timedelta(days=1)
-                day_end = _midnight_us(next_day)
-                rows = _fetch(conn, created, report_date=day.isoformat())
-                while pending is not None and pending[EVENT_US] < day_end:
-                    rows.append(pending)
-                    pending = next(closed_iter, None)
-                n = len(rows)
-                if rows:
+                pieces: list[pa.Table] = []
+                for i, stream in enumerate(streams):
+                    head = heads[i]
+                    if head is not None and head[0] == day:
+                        pieces.extend(head[1])
+                        heads[i] = next(stream, None)
+                    elif head is not None and head[0] < day:
+                        raise HistoricError("JOURNAL_INCONSISTENT", "report_date",
+                                            f"trade_reports returned a report dated outside {first_day}..{last_day}")
+                n = sum(p.num_rows for p in pieces)
+                if n:
                     schema = layout.arrow_schema(**{"bondtape.data_set": data_set, "bondtape.year": str(year),
                                                     "bondtape.trd_rpt_dt": day.isoformat()})
-                    table, standing, seqs = day_table(rows, schema, settlement_days, year_end_us)
-                    del rows
-                    files.extend(_write_day(work, day, table, standing, seqs, totals))
+                    pending.append(writer.submit(_write_day, work, day, pieces, schema))
+                    totals["records"] += n
                     totals["days"] += 1
-                    del table
+                    del pieces
+                    while len(pending) > _IN_FLIGHT:
+                        _collect(pending.popleft().result(), files, totals)
                 if progress:
                     progress(day, n)
-                day = next_day
+                day += dt.timedelta(days=1)
+            if any(head is not None for head in heads):
+                raise HistoricError("JOURNAL_INCONSISTENT", "report_date",
+                                    f"trade_reports returned a report dated outside {first_day}..{last_day}")
+            while pending:
+                _collect(pending.popleft().result(), files, totals)
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise
+        finally:
+            for stream in streams:
+                stream.close()
     dictionary = work / "data_dictionary.json"
-    dictionary.write_text(layout.data_dictionary_json(), encoding="utf-8")
     files.append({"path": "data_dictionary.json", "kind": "data_dictionary", "rows": None,
-                  "sha256": _sha256(dictionary)})
+                  "sha256": _write_file(dictionary, layout.data_dictionary_json().encode("utf-8"))})
     rules = rulebook.at(as_of)
     manifest = {
         "product": "Historic TRACE Data",
@@ -347,34 +367,40 @@ def _build(db, sub, data_set, year, as_of, available, first_day, last_day, work:
     return BuildResult(work, totals["records"], totals["final_records"], totals["days"], manifest)
 
 
-def _write_day(work: Path, day: dt.date, table: pa.Table, standing: pa.Array, seqs: list[int],
-               totals: dict) -> list[dict[str, Any]]:
-    schema = table.schema
-    for status, count in zip(*pc.value_counts(table.column("trc_st")).flatten()):
-        totals["by_status"][status.as_py()] += count.as_py()
+def _collect(written: tuple[list[dict[str, Any]], dict[str, int]], files: list[dict[str, Any]], totals: dict) -> None:
+    entries, by_status = written
+    files.extend(entries)
+    for status, count in by_status.items():
+        totals["by_status"][status] += count
+    totals["final_records"] += sum(f["rows"] for f in entries if f["kind"] == "final")
+
+
+def _write_day(work: Path, day: dt.date, pieces: list[pa.Table],
+               schema: pa.Schema) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """One trade report date's records put in file order, and its three files: their
+    manifest entries and the day's count of records by status."""
+    table, standing, seqs = day_table(pieces, schema)
+    del pieces
+    by_status = {s.as_py(): n.as_py() for s, n in zip(*pc.value_counts(table.column("trc_st")).flatten())}
     name = day.isoformat()
+    seq_range = pc.min_max(seqs)
+    meta = {"report_date": name, "first_seq": seq_range["min"].as_py(), "last_seq": seq_range["max"].as_py()}
     out: list[dict[str, Any]] = []
-    meta = {"report_date": name, "first_seq": min(seqs), "last_seq": max(seqs)}
 
     text_path = work / "ehts" / TEXT_NAME.format(date=name)
-    with open(text_path, "wb") as fh:
-        fh.write(HEADER.encode("ascii") + b"\n")
-        fh.write(ehts_lines(table))
-        fh.write(trailer(day, table.num_rows).encode("ascii") + b"\n")
+    text = b"".join((HEADER.encode("ascii"), b"\n", ehts_lines(table), trailer(day, table.num_rows).encode("ascii"), b"\n"))
     out.append({"path": f"ehts/{text_path.name}", "kind": "ehts", "rows": table.num_rows, **meta,
-                "sha256": _sha256(text_path)})
+                "sha256": _write_file(text_path, text)})
+    del text
 
     parquet_path = work / "parquet" / PARQUET_NAME.format(date=name)
-    _write_parquet(parquet_path, table)
     out.append({"path": f"parquet/{parquet_path.name}", "kind": "parquet", "rows": table.num_rows, **meta,
-                "sha256": _sha256(parquet_path)})
-    totals["records"] += table.num_rows
+                "sha256": _write_parquet(parquet_path, table)})
 
     final = table.filter(standing)
     if final.num_rows:
         final_path = work / "final" / FINAL_NAME.format(date=name)
-        _write_parquet(final_path, final.replace_schema_metadata({**schema.metadata, b"bondtape.view": b"final"}))
+        sha = _write_parquet(final_path, final.replace_schema_metadata({**schema.metadata, b"bondtape.view": b"final"}))
         out.append({"path": f"final/{final_path.name}", "kind": "final", "rows": final.num_rows, "report_date": name,
-                    "sha256": _sha256(final_path)})
-        totals["final_records"] += final.num_rows
-    return out
+                    "sha256": sha})
+    return out, by_status
