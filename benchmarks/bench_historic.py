@@ -10,7 +10,7 @@
    closed in it, every column the build reads, as stored) to Parquet with no
    transformation, through the same reader (ADBC: ``bondtape.historic.source``).
 3. Prints records/s of the build, the ratio copy time / build time (1.0: the build
-   costs no more than copying the rows), and each child's peak RSS (from ``wait4``), so
+   costs no more than copying the rows), and each child's peak RSS (its own ``VmHWM``), so
    that memory for the large and the small year can be compared.
 """
 from __future__ import annotations
@@ -27,7 +27,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-_BUILD = """
+_HWM = '''
+def _hwm_mb():  # this process's own peak RSS (VmHWM: a fresh count since exec)
+    with open("/proc/self/status") as fh:
+        return next(round(int(line.split()[1]) / 1024, 1) for line in fh if line.startswith("VmHWM:"))
+'''
+
+_BUILD = _HWM + """
 import datetime as dt, json, sys, time
 from pathlib import Path
 from bondtape.db import connect
@@ -38,10 +44,10 @@ records = 0
 start = time.perf_counter()
 for data_set in ("corporate", "agency"):
     records += build_data_set(db, data_set, year, dt.date(year + 2, 7, 1), out / data_set).records
-print(json.dumps({"seconds": time.perf_counter() - start, "records": records}))
+print(json.dumps({"seconds": time.perf_counter() - start, "records": records, "peak_rss_mb": _hwm_mb()}))
 """
 
-_COPY = """
+_COPY = _HWM + """
 import datetime as dt, json, sys, time
 import pyarrow as pa, pyarrow.parquet as pq
 import sqlalchemy as sa
@@ -78,21 +84,22 @@ for sub, data_set in (("CORP", "corporate"), ("AGCY", "agency")):
             for batch in source.stream(stmt, schema):
                 writer.write_batch(batch)
                 rows += batch.num_rows
-print(json.dumps({"seconds": time.perf_counter() - start, "records": rows, "reader": source.name}))
+print(json.dumps({"seconds": time.perf_counter() - start, "records": rows, "reader": source.name,
+                  "peak_rss_mb": _hwm_mb()}))
 """
 
 
 def _child(code: str, *args: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
+    _, status, _usage = os.wait4(proc.pid, 0)
     out, err = proc.stdout.read(), proc.stderr.read()  # type: ignore[union-attr]
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         raise RuntimeError(err.decode())
-    result = json.loads(out)
-    result["peak_rss_mb"] = round(usage.ru_maxrss / 1024, 1)  # Linux: kilobytes
-    return result
+    # the child's own VmHWM: wait4's ru_maxrss also counts the RSS this process had when it
+    # forked the child (the simulated market), which hides the child's own peak
+    return json.loads(out)
 
 
 def _start(days: int, days_2025: int) -> dt.date:

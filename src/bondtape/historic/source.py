@@ -26,7 +26,7 @@ import sqlalchemy as sa
 __all__ = ["READERS", "Source", "open_source", "render"]
 
 READERS = ("auto", "adbc", "dbapi")
-BATCH_ROWS = 32_768
+BATCH_ROWS = 8_192
 
 
 class Source(Protocol):
