@@ -218,6 +218,9 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("--reports", type=int, default=20000, help="reports per run (four sessions share them)")
     parser.add_argument("--db-dir", default=None, help="where the SQLite files go (default: a temporary directory)")
     args = parser.parse_args(argv)
+    from bondtape.batching import configure_gc
+
+    configure_gc()  # the collector's policy of every bondtape process (cli.main), baseline included
     with tempfile.TemporaryDirectory(dir=args.db_dir) as tmp:
         directory = Path(tmp)
         messages = report_messages("BENCH0", "DLRA", args.reports, 2, "BENCH0-")

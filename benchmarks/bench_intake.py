@@ -129,6 +129,9 @@ def main(argv: list[str]) -> dict:
     p.add_argument("--postgres", default=os.environ.get("BONDTAPE_TEST_POSTGRES_URL"),
                    help="also measure on a fresh database created on this PostgreSQL server")
     a = p.parse_args(argv)
+    from bondtape.batching import configure_gc
+
+    configure_gc()  # the collector's policy of every bondtape process (cli.main), baseline included
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         out["sqlite"] = run(a.db or f"sqlite:///{tmp}/bench.db", a.reports, a.batch)

@@ -284,3 +284,35 @@ def test_sequencer_groups_concurrent_callers_into_commits(market):
     assert sorted(r.seq for r in results.values()) == list(range(1, 401))
     assert sum(batches) == 400 and len(batches) < 400  # some commits carried several callers
     assert verify(market).ok
+
+
+def test_sequencer_submit_many_answers_each_list_in_order_within_shared_batches(market):
+    import threading
+
+    from bondtape.engine import Sequencer
+
+    engine = Engine(market)
+    sequencer = Sequencer(engine, max_batch=25)
+    answers: dict[int, list] = {}
+
+    def caller(k):
+        futures = []
+        for j in range(5):  # lists of 10, the third of each has a bad CUSIP
+            cmds = [new(ref=f"m{k}-{j}-{i}", quantity=Decimal(1000 + k * 100 + j * 10 + i),
+                        cusip="123456789" if i == 2 else IG) for i in range(10)]
+            futures.append(sequencer.submit_many(cmds))
+        answers[k] = [r for f in futures for r in f.result(60)]
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    single = sequencer(new(ref="single", quantity=Decimal(7)))
+    sequencer.close()
+    for k, results in answers.items():
+        assert [r.client_ref for r in results] == [f"m{k}-{j}-{i}" for j in range(5) for i in range(10)]
+        assert [r.accepted for r in results] == [i != 2 for j in range(5) for i in range(10)]
+    accepted = sorted(r.seq for rs in answers.values() for r in rs if r.accepted)
+    assert accepted == list(range(1, 181)) and single.seq == 181
+    assert verify(market).ok

@@ -176,3 +176,27 @@ def field(m: codec.RawMessage, tag: int) -> str | None:
 
 def run_in(fut: Future, timeout: float = 10):
     return fut.result(timeout)
+
+
+def test_utc_timestamp_in_microseconds_agrees_with_the_datetime_parser():
+    import random
+
+    from bondtape.clock import to_us
+
+    rng = random.Random(11)
+    cases = ["20240304-15:00:00", "20240304-15:00:00.123", "20240304-15:00:00.123456", "20240229-23:59:59.999",
+             "20230229-10:00:00", "20240304-24:00:00", "20240304-15:60:00", "20240304-15:00:60",
+             "2024030X-15:00:00", "20240304-15:00:00.12", "20240304 15:00:00", "20240304-15:00:00.1234567891"]
+    cases += [f"{rng.randint(1900, 2100):04d}{rng.randint(0, 13):02d}{rng.randint(0, 32):02d}-{rng.randint(0, 25):02d}:"
+              f"{rng.randint(0, 61):02d}:{rng.randint(0, 61):02d}{rng.choice(['', '.5', '.123', '.123456', '.123456789'])}"
+              for _ in range(3000)]
+    for text in cases:
+        try:
+            expected = to_us(codec.parse_utc_timestamp(text))
+        except ValueError:
+            expected = None
+        try:
+            got = codec.parse_utc_timestamp_us(text)
+        except ValueError:
+            got = None
+        assert got == expected, text

@@ -59,6 +59,9 @@ _register()
 
 
 def main() -> None:
+    from bondtape.batching import configure_gc
+
+    configure_gc()
     try:
         cli(standalone_mode=True)
     except KeyboardInterrupt:  # pragma: no cover

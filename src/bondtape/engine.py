@@ -375,31 +375,57 @@ class Sequencer:
         self._thread.start()
 
     def submit(self, command: Command) -> Future:
+        """A future of the command's :class:`Result`."""
         if self._stopping:
             raise EngineUnavailable("the sequencer is shutting down")
         fut: Future = Future()
-        self._queue.put((command, fut))
+        self._queue.put((command, fut, False))
+        return fut
+
+    def submit_many(self, commands: Sequence[Command]) -> Future:
+        """One future of the list of results of ``commands`` (in order, in one batch):
+        for a channel that reads many commands at once, one wake-up instead of one each."""
+        if self._stopping:
+            raise EngineUnavailable("the sequencer is shutting down")
+        fut: Future = Future()
+        self._queue.put((list(commands), fut, True))
         return fut
 
     def __call__(self, command: Command, timeout: float | None = 30.0) -> Result:
         return self.submit(command).result(timeout)
+
+    @staticmethod
+    def _size(item: tuple) -> int:
+        return len(item[0]) if item[2] else 1
 
     def _run(self) -> None:
         while True:
             item = self._queue.get()
             if item is None:
                 return
-            batch, stopping = drain_batch(self._queue, item, self.max_batch)
+            batch, stopping = drain_batch(self._queue, item, self.max_batch, self._size)
             if stopping:
                 self._queue.put(None)  # stop after this batch
+            commands: list[Command] = []
+            for what, _, many in batch:
+                if many:
+                    commands.extend(what)
+                else:
+                    commands.append(what)
             try:
-                results = self.engine.submit([c for c, _ in batch])
+                results = self.engine.submit(commands)
             except Exception as exc:  # every waiter learns of the failure; nothing was journaled
-                for _, fut in batch:
+                for _, fut, _ in batch:
                     fut.set_exception(exc)
                 continue
-            for (_, fut), res in zip(batch, results):
-                fut.set_result(res)
+            at = 0
+            for what, fut, many in batch:
+                if many:
+                    fut.set_result(results[at:at + len(what)])
+                    at += len(what)
+                else:
+                    fut.set_result(results[at])
+                    at += 1
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop taking commands, finish those queued, and stop the thread."""

@@ -61,6 +61,8 @@ def checksum(data: bytes) -> int:
 
 
 _FIELD = re.compile(r"([1-9][0-9]{0,8})=([^\x01]+)\x01")
+_WELL_FORMED = re.compile(r"(?:[1-9][0-9]{0,8}=[^\x01]+\x01)*")
+_TAGS = {str(i): i for i in range(1, 10_000)}  # tag text -> number, for the usual tags
 
 
 def parse_fields(body: bytes) -> tuple[list[tuple[int, str]], FieldError | None]:
@@ -69,9 +71,9 @@ def parse_fields(body: bytes) -> tuple[list[tuple[int, str]], FieldError | None]
     Parsing goes on past a bad field so that the header (MsgSeqNum) can still be read.
     """
     text = body.decode("latin-1")
-    found = _FIELD.findall(text)
-    if sum(len(t) + len(v) + 2 for t, v in found) == len(text):  # every field well formed
-        return [(int(t), v) for t, v in found], None
+    if _WELL_FORMED.fullmatch(text):  # the usual case: every field well formed
+        tags = _TAGS
+        return [(tags.get(t) or int(t), v) for t, v in _FIELD.findall(text)], None
     out: list[tuple[int, str]] = []
     error: FieldError | None = None
     parts = text.split("\x01")
@@ -164,8 +166,16 @@ class Framer:
 
 def utc_timestamp(us: int) -> str:
     """UTCTimestamp with milliseconds: YYYYMMDD-HH:MM:SS.sss"""
-    t = dt.datetime(1970, 1, 1) + dt.timedelta(microseconds=us)
-    return t.strftime("%Y%m%d-%H:%M:%S.") + f"{t.microsecond // 1000:03d}"
+    global _last_second
+    second, micro = divmod(us, 1_000_000)
+    cached = _last_second
+    if cached[0] != second:
+        t = dt.datetime(1970, 1, 1) + dt.timedelta(seconds=second)
+        cached = _last_second = (second, t.strftime("%Y%m%d-%H:%M:%S."))
+    return f"{cached[1]}{micro // 1000:03d}"
+
+
+_last_second: tuple = (None, "")  # the last second formatted, replaced as a whole
 
 
 def parse_utc_timestamp(text: str) -> dt.datetime:
@@ -183,6 +193,37 @@ def parse_utc_timestamp(text: str) -> dt.datetime:
         micro = int(frac[1:7].ljust(6, "0"))
     return dt.datetime(int(digits[:4]), int(digits[4:6]), int(digits[6:8]), int(digits[8:10]), int(digits[10:12]),
                        int(digits[12:14]), micro, tzinfo=dt.timezone.utc)
+
+
+def parse_utc_timestamp_us(text: str) -> int:
+    """:func:`parse_utc_timestamp` as UTC microseconds since the epoch (dates cached)."""
+    if len(text) < 17 or text[8] != "-" or text[11] != ":" or text[14] != ":" or not text.isascii():
+        raise ValueError(text)
+    day_us = _DAY_US.get(text[:8])
+    if day_us is None:
+        day = text[:8]
+        if not day.isdigit():
+            raise ValueError(text)
+        day_us = (dt.date(int(day[:4]), int(day[4:6]), int(day[6:8])).toordinal() - _EPOCH_ORDINAL) * 86_400_000_000
+        if len(_DAY_US) > 10_000:
+            _DAY_US.clear()
+        _DAY_US[day] = day_us
+    hh, mm, ss, frac = text[9:11], text[12:14], text[15:17], text[17:]
+    if not (hh + mm + ss).isdigit():
+        raise ValueError(text)
+    hour, minute, second = int(hh), int(mm), int(ss)
+    if hour > 23 or minute > 59 or second > 59:  # as datetime refuses them
+        raise ValueError(text)
+    micro = 0
+    if frac:
+        if frac[0] != "." or not frac[1:].isdigit() or len(frac) - 1 not in (3, 6, 9):
+            raise ValueError(text)
+        micro = int(frac[1:7].ljust(6, "0"))
+    return day_us + ((hour * 60 + minute) * 60 + second) * 1_000_000 + micro
+
+
+_DAY_US: dict[str, int] = {}
+_EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
 
 
 def encode(msg_type: str, sender: str, target: str, seq: int, sending_time: str,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from bondtape.engine import Result
-from bondtape.fix.codec import RawMessage, parse_utc_timestamp
+from bondtape.fix.codec import RawMessage, parse_utc_timestamp_us
 from bondtape.reporting.codes import Reject
 
 # TradeReportTransType (487) -> action
@@ -174,7 +174,7 @@ def read_trade_report(msg: RawMessage) -> TradeReport:
         f["capacity"] = capacity
     if 60 in values:
         try:
-            f["execution_time"] = parse_utc_timestamp(values[60])
+            f["execution_time"] = parse_utc_timestamp_us(values[60])
         except ValueError:
             return reject("TIME_INVALID", "execution_time", f"TransactTime (60) {values[60]!r} is not a UTCTimestamp (YYYYMMDD-HH:MM:SS[.sss])")
     if 64 in values:

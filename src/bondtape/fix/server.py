@@ -209,7 +209,7 @@ async def start_fix_server(
 class _Slot:
     """One thing for the writer to do, in order."""
 
-    __slots__ = ("kind", "msg_type", "body", "app", "future", "report", "ref_seq", "in_seq", "args", "command")
+    __slots__ = ("kind", "msg_type", "body", "app", "future", "index", "report", "ref_seq", "in_seq", "args", "command")
 
     def __init__(self, kind: str, in_seq: int, msg_type: str = "", body: list | None = None, app: bool = False,
                  future: Any = None, report: mapping.TradeReport | None = None, ref_seq: int = 0, args: tuple = ()):
@@ -218,7 +218,8 @@ class _Slot:
         self.msg_type = msg_type
         self.body = body or []
         self.app = app
-        self.future = future
+        self.future = future  # of the engine's results of the batch this report went in
+        self.index = 0  # this report's place in that batch
         self.report = report
         self.ref_seq = ref_seq
         self.args = args
@@ -254,6 +255,7 @@ class Connection:
         self._close_queued = False
         self._writer_ok = False
         self._unsubmitted: list[_Slot] = []
+        self._last_sending_time = ""  # the last SendingTime (52) found valid
 
     # -- life -----------------------------------------------------------------------------
     async def run(self) -> None:
@@ -408,7 +410,7 @@ class Connection:
             while len(slots) < 2000 and not self.out.empty():
                 slots.append(self.out.get_nowait())
             chunks: list[bytes] = []
-            rows: list[dict] = []
+            rows: list[tuple] = []
             in_seq = 0
             self._submit_pending()  # (the reader hands them over after each read; this is a safety net)
             # The engine answers in submission order: waiting for the last report of the
@@ -432,7 +434,10 @@ class Connection:
                     continue
                 msg_type, body, app = slot.msg_type, slot.body, slot.app
                 if slot.kind == "ar":
-                    msg_type, body, app = await self._ack(slot)
+                    if slot.future is None or slot.future.done():  # the usual case: no waiting
+                        msg_type, body, app = self._ack_now(slot)
+                    else:
+                        msg_type, body, app = await self._ack(slot)
                 sending = codec.utc_timestamp(now_us())
                 seq = self.next_out
                 self.next_out += 1
@@ -440,19 +445,25 @@ class Connection:
                 chunks.append(data)
                 in_seq = max(in_seq, slot.in_seq)
                 if app and self.session is not None:
-                    rows.append({"session_id": self.session.id, "seq": seq, "msg_type": msg_type,
-                                 "sent_us": now_us(), "message": data.decode("latin-1")})
+                    rows.append((self.session.id, seq, msg_type, now_us(), data.decode("latin-1")))
             await self._flush(chunks, rows, in_seq)
 
     async def _ack(self, slot: _Slot) -> tuple[str, list, bool]:
+        if slot.future is not None and not slot.future.done():
+            try:
+                await asyncio.wrap_future(slot.future)
+            except Exception:  # _ack_now answers it
+                pass
+        return self._ack_now(slot)
+
+    def _ack_now(self, slot: _Slot) -> tuple[str, list, bool]:
+        """The answer to a report whose engine result (if it went to the engine) is in."""
         report = slot.report
         assert report is not None
         if slot.future is None:
             return "AR", mapping.ack_body(report, None, report.reject), True
         try:
-            if not slot.future.done():
-                await asyncio.wrap_future(slot.future)
-            result: Result = slot.future.result()
+            result: Result = slot.future.result()[slot.index]
         except Exception as exc:
             unavailable = isinstance(exc, EngineUnavailable)
             if not unavailable:
@@ -463,7 +474,7 @@ class Connection:
                          (380, 4 if unavailable else 0), (58, text)], True
         return "AR", mapping.ack_body(report, result, None), True
 
-    async def _flush(self, chunks: list[bytes], rows: list[dict], in_seq: int) -> None:
+    async def _flush(self, chunks: list[bytes], rows: list[tuple], in_seq: int) -> None:
         if not chunks:
             return
         if self.session is not None:
@@ -566,7 +577,9 @@ class Connection:
             await self._reject(seq, msg_type, 1, 52, "SendingTime (52) is required")
             return
         try:
-            codec.parse_utc_timestamp(first[52])
+            if first[52] != self._last_sending_time:  # many messages share one millisecond
+                codec.parse_utc_timestamp_us(first[52])
+                self._last_sending_time = first[52]
         except ValueError:
             await self._reject(seq, msg_type, 6, 52, "SendingTime (52) is not a UTCTimestamp")
             return
@@ -665,15 +678,17 @@ class Connection:
         await self._put(slot)
 
     def _submit_pending(self) -> None:
-        """Hand the reports read so far to the engine, in order."""
-        for slot in self._unsubmitted:
-            try:
-                slot.future = self.server.sequencer.submit(slot.command)
-            except EngineUnavailable as exc:
-                slot.future = Future()
-                slot.future.set_exception(exc)
-            slot.command = None
-            self.last_future = slot.future
+        """Hand the reports read so far to the engine, in order, as one batch."""
+        if not self._unsubmitted:
+            return
+        try:
+            future = self.server.sequencer.submit_many([slot.command for slot in self._unsubmitted])
+        except EngineUnavailable as exc:
+            future = Future()
+            future.set_exception(exc)
+        for index, slot in enumerate(self._unsubmitted):
+            slot.future, slot.index, slot.command = future, index, None
+        self.last_future = future
         self._unsubmitted.clear()
 
     async def _put(self, slot: _Slot) -> None:

@@ -68,13 +68,17 @@ def stored_messages(db: Engine, session_id: int, begin: int, end: int) -> list[t
 
 
 def write_state(conn: Connection, session_id: int, next_in: int, next_out: int, username: str | None,
-                messages: list[dict], now_us: int) -> None:
+                messages: list[tuple], now_us: int) -> None:
+    """The session's sequence numbers and the application messages just sent, each
+    ``(session_id, seq, msg_type, sent_us, message)``."""
     values: dict = {"next_in_seq": next_in, "next_out_seq": next_out, "updated_us": now_us}
     if username is not None:
         values["username"] = username
     conn.execute(fix_sessions.update().where(fix_sessions.c.id == session_id).values(**values))
     if messages:
-        conn.execute(fix_messages.insert(), messages)
+        m = "?" if conn.dialect.paramstyle == "qmark" else "%s"
+        conn.exec_driver_sql(f"INSERT INTO fix_messages (session_id, seq, msg_type, sent_us, message) "
+                             f"VALUES ({m}, {m}, {m}, {m}, {m})", messages)
 
 
 def reset_session(conn: Connection, session_id: int, now_us: int) -> None:

@@ -106,5 +106,27 @@ def instrument(sequencer: Any) -> Any:
         future.add_done_callback(done)
         return future
 
+    submit_many = sequencer.submit_many
+
+    def metered_submit_many(commands):
+        started = time.perf_counter()
+        channel = (getattr(commands[0], "channel", "") or "") if commands else ""
+        try:
+            future = submit_many(commands)
+        except EngineUnavailable:
+            INTAKE_UNAVAILABLE.labels(channel).inc(len(commands))
+            raise
+
+        def done(f) -> None:
+            exc = f.exception()
+            if exc is None:
+                record_results(f.result(), channel, started)
+            elif isinstance(exc, EngineUnavailable):
+                INTAKE_UNAVAILABLE.labels(channel).inc(len(commands))
+
+        future.add_done_callback(done)
+        return future
+
     sequencer.submit = metered_submit
+    sequencer.submit_many = metered_submit_many
     return sequencer

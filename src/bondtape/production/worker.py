@@ -234,6 +234,9 @@ def run_worker(cfg: ServeConfig, *, index: int = 0, sockets: dict[str, socket.so
 def main(argv: list[str] | None = None) -> None:
     """``python -m bondtape.production.worker CONFIG_JSON INDEX [name=fd ...]``: a worker
     started by the supervisor; it prints one JSON line of its addresses when ready."""
+    from bondtape.batching import configure_gc
+
+    configure_gc()
     argv = sys.argv[1:] if argv is None else argv
     cfg = ServeConfig.from_dict(json.loads(argv[0]))
     index = int(argv[1])

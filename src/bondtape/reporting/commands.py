@@ -75,7 +75,9 @@ class Command:
 
 def _text(fields: Mapping[str, object], name: str) -> str:
     value = fields.get(name)
-    return "" if value is None else str(value).strip()
+    if value is None:
+        return ""
+    return value.strip() if type(value) is str else str(value).strip()
 
 
 def _required(fields: Mapping[str, object], name: str, accepted: str) -> str:
@@ -97,6 +99,8 @@ def _choice(fields: Mapping[str, object], name: str, choices: tuple[str, ...], d
 
 
 def _flag(fields: Mapping[str, object], name: str) -> bool:
+    if fields.get(name) is None:  # the usual case: the indicator is not given
+        return False
     value = _text(fields, name).upper()
     if value in _TRUE:
         return True
@@ -122,6 +126,8 @@ def _decimal(fields: Mapping[str, object], name: str, code: str, required: bool)
 
 def _time(fields: Mapping[str, object], name: str, required: bool = True) -> int | None:
     value = fields.get(name)
+    if type(value) is int:  # already UTC microseconds (a channel that parsed its own format)
+        return value
     if isinstance(value, dt.datetime):
         if value.tzinfo is None:
             raise Rejected("TIME_INVALID", name, f"{name} needs a time zone")
