@@ -6,3 +6,4 @@ from bondtape.fix import schema as _fix  # noqa: F401
 from bondtape.dissemination import schema as _dissemination  # noqa: F401
 from bondtape.fees import schema as _fees  # noqa: F401
 from bondtape.web import schema as _web  # noqa: F401
+from bondtape.historic import schema as _historic  # noqa: F401
