@@ -325,3 +325,109 @@ def test_publisher_in_another_process_follows_the_journal_by_polling(market):
         assert [m.seq for m in got] == [1, 2]
     finally:
         pub.close()
+
+
+# --- live: sent at once, stored a moment later ------------------------------------------------
+
+
+def test_live_publisher_sends_at_once_and_stores_the_same_bytes_later(market):
+    engine = Engine(market)
+    pub = Publisher(market, store_interval=60).start(engine)  # nothing is stored unless asked
+    try:
+        got = []
+        pub.subscribe(got.append)
+        rs = engine.submit([new(ref=f"s{i}", execution_us=DEFAULT_EXEC + i) for i in range(3)])
+        assert [json.loads(m.body)["type"] for m in got] == ["START_OF_DAY", "TRADE", "TRADE", "TRADE"]
+        assert pub.messages("CORP") == [] and pub.stored == 0  # handed out before the feed's own writes
+        assert pub.wait_for(rs[-1].seq)
+        assert [m.body for m in pub.messages("CORP")] == [m.body for m in got]
+    finally:
+        pub.close()
+
+
+def test_writes_waiting_to_be_stored_serve_cancels_day_closes_and_new_subscribers(market):
+    engine = Engine(market)
+    pub = Publisher(market, store_interval=60).start(engine)
+    try:
+        live = []
+        pub.subscribe(live.append)
+        a, b = engine.submit([new(ref="a", price=Decimal(99)), new(ref="b", execution_us=DEFAULT_EXEC + 1)])
+        # the originals are not stored yet: the publisher acts on them as it made them
+        engine.submit([act("CANCEL", a.control_number, ref="ca"),
+                       act("CORRECT", b.control_number, ref="cb", price=Decimal(101), execution_us=DEFAULT_EXEC + 1)])
+        late = []
+        pub.subscribe(late.append, ["CORP"], {"CORP": ("", 1)})  # joins while writes wait: no gap
+        nxt = et(2024, 3, 5, 10, 0)
+        [r] = engine.submit([new(ref="n", execution_us=nxt, report_us=nxt + 1)])  # closes the 4th
+        assert pub.wait_for(r.seq)
+    finally:
+        pub.close()
+    msgs = [json.loads(m.body) for m in live]
+    assert [m["type"] for m in msgs] == ["START_OF_DAY", "TRADE", "TRADE", "CANCEL", "CORRECTION", "DAILY_SUMMARY",
+                                         "MARKET_AGGREGATES", "END_OF_DAY", "START_OF_DAY", "TRADE"]
+    [summary] = of_type(msgs, "DAILY_SUMMARY")
+    assert summary["trades"] == 1 and summary["last"] == "101"  # the day's figures saw the unstored correction
+    assert of_type(msgs, "MARKET_AGGREGATES")[0]["total_trades"] == 1
+    assert [m.body for m in late] == [m.body for m in live]
+    assert [m.body for m in live] == [m.body for m in pub.iter_all()]
+    again = Publisher(market)
+    assert again.rebuild() == len(live) and [m.body for m in again.iter_all()] == [m.body for m in live]
+
+
+CRASHING_PUBLISHER = """
+import sys
+from bondtape.db import connect
+from bondtape.dissemination.publisher import Publisher
+from bondtape.engine import Engine
+from tests.helpers import DEFAULT_EXEC, new
+
+db = connect(sys.argv[1], migrate_schema=False)
+engine = Engine(db)
+pub = Publisher(db, store_interval=3600).start(engine)
+pub.subscribe(lambda m: print(m.body, flush=True))
+engine.submit([new(ref=f"k{i}", execution_us=DEFAULT_EXEC + i) for i in range(3)])
+print("SENT", flush=True)
+sys.stdin.read()  # killed while the feed's writes wait
+"""
+
+
+def test_a_crash_before_the_feed_is_stored_publishes_the_same_bytes_again(market, db_url):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen([sys.executable, "-c", CRASHING_PUBLISHER, db_url], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": f"{root / 'src'}{os.pathsep}{root}"})
+    sent = []
+    for line in proc.stdout:
+        if line.strip() == "SENT":
+            break
+        sent.append(line.rstrip("\n"))
+    proc.kill()
+    proc.wait(10)
+    assert len(sent) == 4
+    pub = Publisher(market)
+    assert pub.position == 0  # the killed publisher stored nothing
+    assert [m.body for m in pub.catch_up()] == sent
+
+
+def test_a_publisher_whose_position_was_moved_goes_on_without_gap_or_repeat(market):
+    engine = Engine(market)
+    pub = Publisher(market, store_interval=60).start(engine)
+    try:
+        got = []
+        pub.subscribe(got.append)
+        rs = engine.submit([new(ref=f"m{i}", execution_us=DEFAULT_EXEC + i) for i in range(2)])
+        other = Publisher(market)
+        assert len(other.catch_up()) == 3  # stores the same messages first and moves the position
+        assert pub.wait_for(rs[-1].seq)  # the first one's write is refused; it reloads and goes on
+        assert pub.errors >= 1
+        [r] = engine.submit([new(ref="m9", execution_us=DEFAULT_EXEC + 9)])
+        assert pub.wait_for(r.seq)
+    finally:
+        pub.close()
+    assert [json.loads(m.body)["seq"] for m in got] == [1, 2, 3, 4]
+    assert [m.body for m in pub.iter_all()] == [m.body for m in got]

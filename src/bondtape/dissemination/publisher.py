@@ -2,10 +2,14 @@
 
 The feed is a projection of the journal. :class:`Publisher` applies journal events in
 sequence order (live from ``engine.listeners``, or caught up from the journal after a
-start or a gap), decides with the pure rules of :mod:`bondtape.dissemination.rules`, and
-stores every message in ``feed_messages`` in the same transaction that advances its own
-durable position. Only then are the messages handed to subscribers, so anything a
-subscriber has seen can be replayed, and replaying from 1 gives the same bytes.
+start or a gap) and decides with the pure rules of :mod:`bondtape.dissemination.rules`.
+Each message is handed to subscribers as soon as it is made: it is a pure function of the
+journal, which is durable before the engine calls its listeners. The feed's own tables
+(``feed_messages``, ``feed_reports``, ``feed_days``, ...) are written after that, in
+transactions that also advance the publisher's durable position: in the engine's process
+by the publisher's thread, a few times a second, many events per transaction; after a
+crash the publisher resumes from the stored position and makes the same messages, byte
+for byte (subscribers drop positions they have already seen).
 
 Message sequence numbers are gapless per data set (CORP, AGCY) and feed day. A feed day
 opens with START_OF_DAY when its first message is due and closes with a daily summary per
@@ -14,7 +18,9 @@ when the first event of a later market day arrives.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import itertools
 import json
 import logging
 import queue
@@ -152,39 +158,125 @@ class Subscription:
 
 
 @dataclass
-class _Batch:
-    """What one transaction of the publisher writes."""
+class _Writes:
+    """What some journal events (and operator actions) change in the feed tables, stored in
+    one transaction that moves the durable position to ``upto`` (journal seq, action id)."""
 
-    conn: Connection
-    messages: list[FeedMessage] = field(default_factory=list)
+    gen: int
+    upto: tuple[int, int]
+    messages: list[FeedMessage]
+    new_reports: list[dict[str, Any]]  # copies, as they were when sealed
+    statuses: dict[int, str]  # status changes of reports made by earlier writes
+    days: dict[tuple[str, str], tuple[int, bool]]
+    last_sale: dict[tuple[str, str], tuple[str, int]]  # (data set, cusip) -> (date, price_u)
+    actions: list[dict[str, Any]]  # operator actions to record
+
+
+@dataclass
+class _Batch:
+    """The working state of one application of events and actions.
+
+    ``upto`` is the position after the last event or action applied completely; what was
+    made since the last seal goes to the next :class:`_Writes`."""
+
+    upto: tuple[int, int]
+    messages: list[FeedMessage] = field(default_factory=list)  # everything made by this application
     reports: dict[int, dict[str, Any]] = field(default_factory=dict)  # loaded or new, by control number
     new_reports: list[int] = field(default_factory=list)
     changed_status: set[int] = field(default_factory=set)
     days: set[tuple[str, str]] = field(default_factory=set)
+    last_sale: dict[tuple[str, str], tuple[str, int]] = field(default_factory=dict)
     actions: list[dict[str, Any]] = field(default_factory=list)
-    flushed_messages: int = 0
+    sealed_messages: int = 0
     blocks: dict[int, dict[str, Any]] = field(default_factory=dict)  # public blocks made in this batch
 
 
-_RECOVER = object()  # queued when an inline apply failed
+_RECOVER = object()  # queued when an application or a write failed
+_STORE = object()  # queued when writes start waiting: the thread sets its deadline
+_FLUSH = object()  # queued by wait_for: store now
 
 
 class _Conflict(RuntimeError):
     """Another publisher moved the position first: reload and go on from the database."""
 
 
+class _Broken(RuntimeError):
+    """A write failed: the publisher's state is ahead of what is stored until it recovers."""
+
+
+_INSERT_SQL: dict[tuple[str, str], tuple[str, tuple[str, ...] | None]] = {}
+
+
+def _insert_many(conn: Connection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
+    """INSERT the rows (dicts with every column of ``table``) through the driver's own
+    executemany: SQLAlchemy's per-row parameter processing costs more than the database's
+    work here, and these columns need no conversion (bool, int, str and None pass as they are)."""
+    key = (conn.dialect.name, table.name)
+    if key not in _INSERT_SQL:
+        compiled = table.insert().compile(dialect=conn.dialect, column_keys=[c.name for c in table.columns])
+        _INSERT_SQL[key] = (str(compiled), tuple(compiled.positiontup) if conn.dialect.positional else None)
+    sql, order = _INSERT_SQL[key]
+    if order is not None:
+        conn.exec_driver_sql(sql, [tuple([r[c] for c in order]) for r in rows])
+    else:
+        conn.exec_driver_sql(sql, rows)
+
+
+# Statements built once (each execution then skips building and hashing a new one).
+_INSERT_ACTIONS = feed_operator_actions.insert()
+_UPDATE_STATUS = (feed_reports.update().where(feed_reports.c.control_number == sa.bindparam("b_cn"))
+                  .values(status=sa.bindparam("b_status")))
+_UPDATE_DAY = (feed_days.update().where(feed_days.c.data_set == sa.bindparam("b_ds"),
+                                        feed_days.c.feed_date == sa.bindparam("b_date"))
+               .values(last_seq=sa.bindparam("b_last"), closed=sa.bindparam("b_closed")))
+_INSERT_DAY = feed_days.insert()
+_UPDATE_LAST_SALE = (feed_last_sale.update().where(feed_last_sale.c.data_set == sa.bindparam("b_ds"),
+                                                   feed_last_sale.c.cusip == sa.bindparam("b_cusip"))
+                     .values(feed_date=sa.bindparam("b_date"), price_u=sa.bindparam("b_price")))
+_INSERT_LAST_SALE = feed_last_sale.insert()
+_ADVANCE = (feed_position.update().where(feed_position.c.id == 1,
+                                         feed_position.c.journal_seq == sa.bindparam("b_seq"),
+                                         feed_position.c.action_id == sa.bindparam("b_action"))
+            .values(journal_seq=sa.bindparam("b_new_seq"), action_id=sa.bindparam("b_new_action")))
+
+
 class Publisher:
-    """Turns the journal into the public feed and fans it out to subscribers."""
+    """Turns the journal into the public feed and fans it out to subscribers.
+
+    Live (``start(engine)``), events are applied in the engine's thread right after its
+    commit and each message is handed to subscribers as soon as it is made; what they
+    change in the feed tables waits up to ``store_interval`` seconds and is stored by the
+    publisher's thread, many batches in one transaction. ``wait_for`` and ``flush`` wait
+    for that; everything else (``apply_live``, ``catch_up``, operator actions,
+    ``subscribe``) stores before it returns.
+    """
+
+    store_interval = 0.05  # seconds live writes may gather before the publisher's thread stores them
+    max_pending_messages = 20_000  # past this many waiting, the applying thread stores them itself
 
     def __init__(self, db: SAEngine, rulebook: Rulebook | None = None, clock: Callable[[], int] = now_us,
-                 chunk: int = 5000):
+                 chunk: int = 5000, *, store_interval: float | None = None):
         self.db = db
         self._writer = _feed_writer(db)
         self.rulebook = rulebook or default_rulebook()
         self.clock = clock
         self.chunk = chunk
-        self._lock = threading.RLock()  # one writer: processing, operator actions
+        if store_interval is not None:
+            self.store_interval = store_interval
+        # Locks, always taken in this order: the engine's write lock (SQLite, the publisher's
+        # thread only), _lock (applying events and actions), _write_lock (storing), then
+        # _pending_lock (the waiting writes and the rows they change) or _fanout.
+        self._lock = threading.RLock()
+        self._write_lock = threading.Lock()
+        self._pending_lock = threading.Lock()
         self._fanout = threading.Lock()
+        self._pending: list[_Writes] = []
+        self._pending_messages = 0
+        self._store_queued = False
+        self._overlay: dict[int, tuple[dict[str, Any], int]] = {}  # report rows not stored as they are now
+        self._gen = itertools.count(1)
+        self._engine_lock: Any = None
+        self._broken = False
         self._subscriptions: list[Subscription] = []
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -213,7 +305,30 @@ class Publisher:
                 elif r.action == "RESUME":
                     self.halted.discard(r.cusip)
         self.current_date: str | None = max((d for _, d in self.days), default=None)
+        self._stored = self._sealed = (self.position, self.action_id)
         self.delivered = self.position  # journal events whose messages subscribers have been given
+        self.stored = self.position  # journal events whose messages are stored
+
+    def _reset(self) -> None:
+        """Forget what is not stored and reload the stored state (after a failure)."""
+        with self._lock, self._write_lock:
+            self._broken = True
+            with self._pending_lock:
+                self._pending, self._pending_messages, self._store_queued = [], 0, False
+                self._overlay = {}
+            self._load()
+            self._broken = False
+
+    def _fail(self) -> None:
+        """An application or a write failed: go back to what is stored (the journal keeps the
+        events; what subscribers were already given is made again, identically)."""
+        self._broken = True
+        try:
+            self._reset()
+        except Exception:  # the database is not answering: the publisher's thread retries
+            log.exception("feed state could not be reloaded; retrying from the publisher's thread")
+            if self._thread is not None:
+                self._queue.put(_RECOVER)
 
     # -- running -----------------------------------------------------------------------
     def start(self, engine: Any | None = None, *, poll_interval: float | None = None,
@@ -226,6 +341,10 @@ class Publisher:
         self.inline = inline
         if engine is not None:
             self._engine = engine
+            # On SQLite the feed's transactions take the engine's write lock, so that they
+            # fall between the engine's batches instead of waiting on the database's lock.
+            lock = getattr(engine, "write_lock", None)
+            self._engine_lock = lock if self.db.dialect.name == "sqlite" else None
             engine.listeners.append(self._on_events)
         self.catch_up()
         self._stopping = False
@@ -234,6 +353,7 @@ class Publisher:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop following; what was published and not yet stored is stored first."""
         if self._engine is not None and self._on_events in self._engine.listeners:
             self._engine.listeners.remove(self._on_events)
         self._stopping = True
@@ -241,6 +361,10 @@ class Publisher:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        try:
+            self._store()
+        except Exception:  # the next start catches up from the journal
+            log.exception("feed writes could not be stored at stop; the next start makes them again")
 
     def close(self) -> None:
         """Stop following and release the publisher's own connections."""
@@ -256,50 +380,67 @@ class Publisher:
 
     def _on_events(self, events: list[Event]) -> None:
         """The engine listener: never raises. Inline (the default) the events are applied in
-        the engine's thread right after its commit: the feed's own writes then never wait
-        on the engine's for the database (SQLite has one writer at a time)."""
+        the engine's thread right after its commit and the messages handed out at once; the
+        publisher's thread stores them a moment later."""
         if not self.inline:
             self._queue.put(events)
             return
+        if self._broken:  # the publisher's thread is recovering from the journal
+            return
         try:
-            self.apply_live(events)
+            self._apply_events(events, store=False)
         except Exception:  # the journal keeps the events: the publisher's thread catches up
             self.errors += 1
             log.exception("feed publisher failed; catching up from the journal")
             self._queue.put(_RECOVER)
 
     def _run(self) -> None:
+        store_due: float | None = None
+        poll_due = time.monotonic() + self.poll_interval if self.poll_interval else None
         while True:
+            due = min((d for d in (store_due, poll_due) if d is not None), default=None)
             try:
-                item = self._queue.get(timeout=self.poll_interval)
+                item = self._queue.get(timeout=None if due is None else max(0.0, due - time.monotonic()))
             except queue.Empty:
-                try:
-                    self.catch_up()
-                except Exception:
-                    self.errors += 1
-                    log.exception("feed catch-up failed; retrying")
-                    self._recover()
-                continue
-            if item is None:
-                return
-            if item is _RECOVER:
-                self._recover()
-                continue
-            events = list(item)
-            while True:  # take whatever else is waiting: one transaction for all of it
-                try:
-                    more = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    self._queue.put(None)
-                    break
-                events.extend(more)
+                item = _STORE
             try:
-                self.apply_live(events)
+                if item is None:
+                    self._store(self._engine_lock)
+                    return
+                if item is _RECOVER:
+                    store_due = None
+                    self._recover()
+                    continue
+                if item is _FLUSH:
+                    store_due = time.monotonic()
+                elif item is _STORE:
+                    if store_due is None and self._pending:
+                        store_due = time.monotonic() + self.store_interval
+                else:  # events queued by a listener that is not inline
+                    events = list(item)
+                    while True:  # take whatever else is waiting
+                        try:
+                            more = self._queue.get_nowait()
+                        except queue.Empty:
+                            break
+                        if more is None or more is _RECOVER or more is _STORE or more is _FLUSH:
+                            self._queue.put(more)
+                            break
+                        events.extend(more)
+                    self._apply_events(events, store=False)
+                    if store_due is None:
+                        store_due = time.monotonic() + self.store_interval
+                now = time.monotonic()
+                if store_due is not None and now >= store_due:
+                    store_due = None
+                    self._store(self._engine_lock)
+                if poll_due is not None and now >= poll_due:
+                    self.catch_up()
+                    poll_due = time.monotonic() + self.poll_interval
             except Exception:  # the journal keeps the events; catch up once the database answers
                 self.errors += 1
                 log.exception("feed publisher failed; will catch up from the journal")
+                store_due = None
                 time.sleep(0.05)
                 self._recover()
 
@@ -308,8 +449,7 @@ class Publisher:
             if self._stopping:
                 return
             try:
-                with self._lock:
-                    self._load()
+                self._reset()
                 self.catch_up()
                 return
             except Exception:
@@ -318,29 +458,52 @@ class Publisher:
 
     def wait_for(self, journal_seq: int, timeout: float = 10.0) -> bool:
         """Block until the messages of the journal up to ``journal_seq`` were handed to
-        subscribers (tests, tools)."""
+        subscribers and stored (tests, tools)."""
         deadline = time.monotonic() + timeout
-        while self.delivered < journal_seq:
+        asked = False
+        while self.stored < journal_seq:
+            if not asked and self.delivered >= journal_seq and self._thread is not None:
+                self._queue.put(_FLUSH)  # no need to wait for the store interval
+                asked = True
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.001)
         return True
 
+    def flush(self) -> None:
+        """Store now everything published so far."""
+        with self._lock:
+            self._store()
+
     # -- applying the journal ----------------------------------------------------------
     def apply_live(self, events: Sequence[Event]) -> list[FeedMessage]:
-        """Apply events handed over live; a gap or a repeat is settled from the journal."""
+        """Apply events handed over live and store them before returning; a gap or a repeat
+        is settled from the journal."""
+        return self._apply_events(events, store=True)
+
+    def _apply_events(self, events: Sequence[Event], *, store: bool) -> list[FeedMessage]:
         with self._lock:
+            if self._broken:
+                self._reset()
             events = [e for e in events if e.seq > self.position]
             if not events:
                 return []
             if events[0].seq != self.position + 1 or any(b.seq != a.seq + 1 for a, b in zip(events, events[1:])):
                 return self.catch_up()
-            return self._commit(events, [])
+            out = self._project(events, [])
+            if store:
+                self._store()
+        if not store:
+            self._schedule_store()
+        return out
 
     def catch_up(self) -> list[FeedMessage]:
-        """Apply every journal event (and pending operator action) after the position."""
+        """Apply and store every journal event (and pending operator action) after the
+        position."""
         out: list[FeedMessage] = []
         with self._lock:
+            if self._broken:
+                self._reset()
             while True:
                 with self.db.connect() as conn:
                     rows = conn.execute(sa.select(journal).where(journal.c.seq > self.position)
@@ -349,99 +512,181 @@ class Publisher:
                         sa.select(feed_operator_actions).where(feed_operator_actions.c.id > self.action_id)
                         .order_by(feed_operator_actions.c.id))]
                 if not rows and not actions:
-                    return out
+                    break
                 events = [Event.from_row(r) for r in rows]
                 if events:
                     upto = events[-1].seq
                     actions = [a for a in actions if a["after_journal_seq"] <= upto]
-                out.extend(self._commit(events, actions))
+                out.extend(self._project(events, actions))
+                self._store()
+            self._store()
+        return out
 
-    def _commit(self, events: Sequence[Event], actions: Sequence[dict[str, Any]]) -> list[FeedMessage]:
-        """Apply events and already-recorded actions in one transaction, then fan out."""
-        saved = self._snapshot_state()
+    def _project(self, events: Sequence[Event], actions: Sequence[dict[str, Any]]) -> list[FeedMessage]:
+        """Apply events and already-recorded actions (under ``_lock``); seal their writes."""
+        b = _Batch(upto=(self.position, self.action_id))
+        pending = sorted(actions, key=lambda a: a["id"])
+        # Messages of journal events are a pure function of the (durable) journal: each is
+        # handed out as soon as it is made, before the feed's own writes are stored; a crash
+        # before they are stored makes the same bytes again, and subscribers drop positions
+        # they have seen. Operator actions are not in the journal: stored first, then sent.
+        early = not actions
         try:
-            with self._writer.begin() as conn:
-                b = _Batch(conn)
-                self._preload(b, [e.ref_control_number for e in events if e.ref_control_number])
-                pending = sorted(actions, key=lambda a: a["id"])
-                # Messages of journal events are a pure function of the (durable) journal: each
-                # is handed out as soon as it is made, before our own writes; a crash before the
-                # commit regenerates the same bytes, and subscribers drop positions they have seen.
-                delivered_early = not actions
-                sent = 0
-                for ev in events:
-                    while pending and pending[0]["after_journal_seq"] < ev.seq:
-                        self._apply_action(b, pending.pop(0))
-                    self._apply(b, ev)
-                    if delivered_early and len(b.messages) > sent:
-                        self._fan_out(b.messages[sent:])
-                        sent = len(b.messages)
-                for a in pending:
+            self._preload(b, [e.ref_control_number for e in events if e.ref_control_number])
+            sent = 0
+            for ev in events:
+                while pending and pending[0]["after_journal_seq"] < ev.seq:
+                    a = pending.pop(0)
                     self._apply_action(b, a)
-                self._flush(b)
-                new_pos = events[-1].seq if events else self.position
-                new_action = max([a["id"] for a in actions], default=self.action_id)
-                self._advance(conn, new_pos, new_action)
+                    b.upto = (b.upto[0], a["id"])
+                self._apply(b, ev)
+                b.upto = (ev.seq, b.upto[1])
+                if early and len(b.messages) > sent:
+                    self._fan_out(b.messages[sent:])
+                    sent = len(b.messages)
+            for a in pending:
+                self._apply_action(b, a)
+                b.upto = (b.upto[0], a["id"])
+            self._seal(b)
+            if not early:
+                self._store()
         except BaseException:
-            self._restore_state(saved)
+            self._fail()
             raise
-        if not delivered_early:  # operator actions are delivered once they are durable
+        self.position, self.action_id = b.upto
+        if not early:
             self._fan_out(b.messages)
         self.delivered = self.position
         return b.messages
 
-    def _advance(self, conn: Connection, journal_seq: int, action_id: int) -> None:
-        p = feed_position.c
-        res = conn.execute(feed_position.update().where(p.id == 1, p.journal_seq == self.position,
-                                                         p.action_id == self.action_id)
-                           .values(journal_seq=journal_seq, action_id=action_id))
-        if res.rowcount != 1:
-            raise _Conflict("the feed position moved under this publisher")
-        self.position, self.action_id = journal_seq, action_id
+    # -- storing -------------------------------------------------------------------------
+    def _seal(self, b: _Batch) -> None:
+        """Queue what ``b`` made since its last seal, up to ``b.upto``, for storing."""
+        fresh = b.messages[b.sealed_messages:]
+        if not (fresh or b.new_reports or b.changed_status or b.days or b.last_sale or b.actions) \
+                and b.upto == self._sealed:
+            return
+        gen = next(self._gen)
+        new = set(b.new_reports)
+        w = _Writes(
+            gen=gen, upto=b.upto, messages=fresh,
+            new_reports=[dict(b.reports[c]) for c in b.new_reports],
+            statuses={c: b.reports[c]["status"] for c in b.changed_status if c not in new},
+            days={k: (self.days[k][0], self.days[k][1]) for k in b.days},
+            last_sale=dict(b.last_sale), actions=list(b.actions),
+        )
+        with self._pending_lock:
+            for c in itertools.chain(b.new_reports, b.changed_status):
+                self._overlay[c] = (b.reports[c], gen)
+            self._pending.append(w)
+            self._pending_messages += len(fresh)
+        self._sealed = b.upto
+        b.sealed_messages = len(b.messages)
+        b.new_reports, b.changed_status, b.days, b.last_sale, b.actions = [], set(), set(), {}, []
 
-    def _snapshot_state(self) -> tuple:
-        return (self.position, self.action_id, {k: list(v) for k, v in self.days.items()}, self.pub_order,
-                set(self.halted), self.current_date)
+    def _settle(self, b: _Batch) -> None:
+        """Store everything applied before the current event or action (which has changed
+        nothing yet): end-of-day figures are read from the stored tables."""
+        self._seal(b)
+        self._store()
 
-    def _restore_state(self, s: tuple) -> None:
-        self.position, self.action_id, self.days, self.pub_order, self.halted, self.current_date = s
+    def _schedule_store(self) -> None:
+        thread = self._thread
+        with self._pending_lock:
+            if not self._pending:
+                return
+            now = self._pending_messages >= self.max_pending_messages or thread is None or not thread.is_alive()
+            if not now:
+                if self._store_queued:
+                    return
+                self._store_queued = True
+        if now:  # no thread to store them, or it fell behind: store here
+            self._store()
+        else:
+            self._queue.put(_STORE)
+
+    def _store(self, engine_lock: Any = None) -> None:
+        """Write everything waiting, in order, in one transaction that moves the stored
+        position (compare-and-set: a second publisher cannot interleave)."""
+        with engine_lock if engine_lock is not None else contextlib.nullcontext(), self._write_lock:
+            with self._pending_lock:
+                items, self._pending = self._pending, []
+                self._pending_messages, self._store_queued = 0, False
+            if not items:
+                return
+            if self._broken:
+                raise _Broken("an earlier write failed; the feed is reloading from what is stored")
+            try:
+                self._write(items)
+            except BaseException:
+                self._broken = True
+                raise
+            with self._pending_lock:
+                for w in items:
+                    for c in itertools.chain((r["control_number"] for r in w.new_reports), w.statuses):
+                        held = self._overlay.get(c)
+                        if held is not None and held[1] <= w.gen:
+                            del self._overlay[c]
+            self.stored = items[-1].upto[0]
+
+    def _write(self, items: list[_Writes]) -> None:
+        upto = items[-1].upto
+        with self._writer.begin() as conn:
+            reports = [r for w in items for r in w.new_reports]
+            if reports:
+                _insert_many(conn, feed_reports, reports)
+            statuses: dict[int, str] = {}
+            for w in items:
+                statuses.update(w.statuses)
+            if statuses:
+                conn.execute(_UPDATE_STATUS, [{"b_cn": c, "b_status": s} for c, s in sorted(statuses.items())])
+            messages = [m for w in items for m in w.messages]
+            if messages:
+                _insert_many(conn, feed_messages, [
+                    {"data_set": m.data_set, "feed_date": m.date, "msg_seq": m.seq, "pub_order": m.pub_order,
+                     "msg_type": m.type, "cusip": m.cusip, "journal_seq": m.journal_seq, "body": m.body}
+                    for m in messages])
+            actions = [a for w in items for a in w.actions]
+            if actions:
+                conn.execute(_INSERT_ACTIONS, actions)
+            days: dict[tuple[str, str], tuple[int, bool]] = {}
+            last_sale: dict[tuple[str, str], tuple[str, int]] = {}
+            for w in items:
+                days.update(w.days)
+                last_sale.update(w.last_sale)
+            for (ds, date), (last, closed) in sorted(days.items()):
+                if not conn.execute(_UPDATE_DAY, {"b_ds": ds, "b_date": date, "b_last": last, "b_closed": closed}).rowcount:
+                    conn.execute(_INSERT_DAY, {"data_set": ds, "feed_date": date, "last_seq": last, "closed": closed})
+            for (ds, cusip), (date, price_u) in sorted(last_sale.items()):
+                if not conn.execute(_UPDATE_LAST_SALE, {"b_ds": ds, "b_cusip": cusip, "b_date": date,
+                                                        "b_price": price_u}).rowcount:
+                    conn.execute(_INSERT_LAST_SALE, {"data_set": ds, "cusip": cusip, "feed_date": date,
+                                                     "price_u": price_u})
+            res = conn.execute(_ADVANCE, {"b_seq": self._stored[0], "b_action": self._stored[1],
+                                          "b_new_seq": upto[0], "b_new_action": upto[1]})
+            if res.rowcount != 1:
+                raise _Conflict("the feed position moved under this publisher")
+        self._stored = upto
 
     def _preload(self, b: _Batch, control_numbers: list[int]) -> None:
-        wanted = [c for c in set(control_numbers) if c not in b.reports]
-        for i in range(0, len(wanted), 900):
-            for r in b.conn.execute(sa.select(feed_reports).where(feed_reports.c.control_number.in_(wanted[i:i + 900]))):
-                b.reports[r.control_number] = dict(r._mapping)
-
-    def _flush(self, b: _Batch) -> None:
-        """Write what the batch holds so far (queries of the same transaction then see it)."""
-        conn = b.conn
-        if b.new_reports:
-            conn.execute(feed_reports.insert(), [b.reports[c] for c in b.new_reports])
-            b.changed_status -= set(b.new_reports)
-            b.new_reports = []
-        if b.changed_status:
-            conn.execute(feed_reports.update().where(feed_reports.c.control_number == sa.bindparam("b_cn"))
-                         .values(status=sa.bindparam("b_status")),
-                         [{"b_cn": c, "b_status": b.reports[c]["status"]} for c in sorted(b.changed_status)])
-            b.changed_status = set()
-        fresh = b.messages[b.flushed_messages:]
-        if fresh:
-            conn.execute(feed_messages.insert(), [
-                {"data_set": m.data_set, "feed_date": m.date, "msg_seq": m.seq, "pub_order": m.pub_order,
-                 "msg_type": m.type, "cusip": m.cusip, "journal_seq": m.journal_seq, "body": m.body}
-                for m in fresh])
-            b.flushed_messages = len(b.messages)
-        if b.days:
-            for ds, date in sorted(b.days):
-                last, closed = self.days[(ds, date)]
-                done = conn.execute(feed_days.update().where(feed_days.c.data_set == ds, feed_days.c.feed_date == date)
-                                    .values(last_seq=last, closed=closed)).rowcount
-                if not done:
-                    conn.execute(feed_days.insert().values(data_set=ds, feed_date=date, last_seq=last, closed=closed))
-            b.days = set()
-        if b.actions:
-            conn.execute(feed_operator_actions.insert(), b.actions)
-            b.actions = []
+        """The reports that events act on: as this publisher last made them if that is not
+        stored yet, else from the feed tables."""
+        wanted = []
+        with self._pending_lock:
+            for c in set(control_numbers):
+                if c in b.reports:
+                    continue
+                held = self._overlay.get(c)
+                if held is not None:
+                    b.reports[c] = held[0]
+                else:
+                    wanted.append(c)
+        if not wanted:
+            return
+        with self.db.connect() as conn:
+            for i in range(0, len(wanted), 900):
+                for r in conn.execute(sa.select(feed_reports).where(feed_reports.c.control_number.in_(wanted[i:i + 900]))):
+                    b.reports[r.control_number] = dict(r._mapping)
 
     # -- messages ----------------------------------------------------------------------
     def _emit(self, b: _Batch, data_set: str, date: str, msg_type: str, fields: dict[str, Any],
@@ -464,9 +709,12 @@ class Publisher:
         """The feed day for something that happened on ``market_day``: days only go forward;
         the first event of a later day closes every earlier open day."""
         if self.current_date is None or market_day > self.current_date:
-            for (ds, date), (_, closed) in sorted(self.days.items()):
-                if not closed and date < market_day:
-                    self._close_day(b, ds, date, journal_seq)
+            closing = [(ds, date) for (ds, date), (_, closed) in sorted(self.days.items())
+                       if not closed and date < market_day]
+            if closing:
+                self._settle(b)
+            for ds, date in closing:
+                self._close_day(b, ds, date, journal_seq)
             self.current_date = market_day
         return self.current_date
 
@@ -542,14 +790,18 @@ class Publisher:
         return row
 
     def _close_day(self, b: _Batch, data_set: str, date: str, journal_seq: int | None) -> None:
-        self._flush(b)
+        """Daily summaries, market aggregates and END_OF_DAY. Everything applied before the
+        event or action that closes the day is stored (see :meth:`_settle`); of what it made
+        since, only the last sales of closes before this one matter here."""
         fr = feed_reports.c
-        rows = [dict(r._mapping) for r in b.conn.execute(
-            sa.select(feed_reports).where(fr.data_set == data_set, fr.feed_date == date, fr.status == "ACTIVE")
-            .order_by(fr.journal_seq))]
+        with self.db.connect() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(
+                sa.select(feed_reports).where(fr.data_set == data_set, fr.feed_date == date, fr.status == "ACTIVE")
+                .order_by(fr.journal_seq))]
+            previous = {r.cusip: r.price_u for r in conn.execute(
+                sa.select(feed_last_sale).where(feed_last_sale.c.data_set == data_set))}
+        previous.update({cusip: price for (ds, cusip), (_, price) in b.last_sale.items() if ds == data_set})
         summaries = R.daily_summaries(r for r in rows if r["sets_last_sale"])
-        previous = {r.cusip: r.price_u for r in b.conn.execute(
-            sa.select(feed_last_sale).where(feed_last_sale.c.data_set == data_set))}
         for s in summaries:
             fields = {k: v for k, v in s.items() if k != "last_price_u"}
             self._emit(b, data_set, date, "DAILY_SUMMARY", fields, journal_seq, s["cusip"])
@@ -559,22 +811,19 @@ class Publisher:
         self.days[(data_set, date)][1] = True
         b.days.add((data_set, date))
         for s in summaries:
-            key = {"data_set": data_set, "cusip": s["cusip"]}
-            done = b.conn.execute(feed_last_sale.update().where(feed_last_sale.c.data_set == data_set,
-                                                                feed_last_sale.c.cusip == s["cusip"])
-                                  .values(feed_date=date, price_u=s["last_price_u"])).rowcount
-            if not done:
-                b.conn.execute(feed_last_sale.insert().values(**key, feed_date=date, price_u=s["last_price_u"]))
+            b.last_sale[(data_set, s["cusip"])] = (date, s["last_price_u"])
 
     # -- operator actions ----------------------------------------------------------------
     def _apply_action(self, b: _Batch, a: dict[str, Any]) -> None:
+        if a["action"] == "END_OF_DAY":
+            self._settle(b)  # the day's reports are read from the stored tables
         date = self._feed_date(b, a["feed_date"], None)
         if a["action"] == "END_OF_DAY":
             for ds in DATA_SETS:
                 if (ds, a["feed_date"]) not in self.days or not self.days[(ds, a["feed_date"])][1]:
                     self._close_day_ensuring_open(b, ds, a["feed_date"])
             return
-        sec = b.conn.execute(sa.select(securities_table).where(securities_table.c.cusip == a["cusip"])).one()
+        sec = self._security(a["cusip"])
         if a["action"] == "HALT":
             self.halted.add(a["cusip"])
         else:
@@ -595,25 +844,24 @@ class Publisher:
                   date: str | None = None, at_us: int | None = None, operator: str | None = None) -> list[FeedMessage]:
         at_us = self.clock() if at_us is None else at_us
         with self._lock:
-            self.catch_up()  # an action takes its place after everything journaled so far
+            self.catch_up()  # an action takes its place after everything journaled so far (all stored)
             with self.db.connect() as conn:
                 next_id = conn.execute(sa.select(sa.func.coalesce(sa.func.max(feed_operator_actions.c.id), 0))).scalar_one() + 1
             row = {"id": next_id, "after_journal_seq": self.position, "action": action, "cusip": cusip,
                    "reason": reason, "feed_date": date or market_date(at_us).isoformat(), "at_us": at_us,
                    "operator": operator}
-            saved = self._snapshot_state()
+            b = _Batch(upto=(self.position, self.action_id))
             try:
-                with self._writer.begin() as conn:
-                    b = _Batch(conn)
-                    b.actions.append(row)
-                    self._flush(b)  # the action is recorded with the messages it causes
-                    self._apply_action(b, row)
-                    self._flush(b)
-                    self._advance(conn, self.position, next_id)
+                self._apply_action(b, row)
+                b.actions.append(row)  # recorded in the transaction that stores its messages
+                b.upto = (self.position, next_id)
+                self._seal(b)
+                self._store()
             except BaseException:
-                self._restore_state(saved)
+                self._fail()
                 raise
-            self._fan_out(b.messages)
+            self.position, self.action_id = b.upto
+            self._fan_out(b.messages)  # published once stored
             return b.messages
 
     def _security(self, cusip: str) -> Any:
@@ -673,10 +921,12 @@ class Publisher:
         first to send), then live, with no gap and no repeat. Without a start position for
         a data set, only messages published from now on are sent."""
         sub = Subscription(self, deliver, [ds for ds in data_sets if ds in DATA_SETS])
-        # Registered between two batches: a batch handed out before this is already stored
-        # (its commit follows its fan-out under the same lock), a later one is buffered.
-        with self._lock, self._fanout:
-            self._subscriptions.append(sub)
+        # Registered between two applications, once everything handed out before is stored:
+        # the stored part then holds every earlier message, and later ones are buffered.
+        with self._lock:
+            self._store()
+            with self._fanout:
+                self._subscriptions.append(sub)
         for ds, (date, seq) in (start or {}).items():
             if ds in sub.data_sets:
                 sub.last[ds] = (date, seq - 1)  # nothing before the start, even if it races in
@@ -728,12 +978,16 @@ class Publisher:
         """Drop the derived feed tables and publish again from the journal and the recorded
         operator actions. Returns the number of messages; they equal the ones published live."""
         with self._lock:
-            with self._writer.begin() as conn:
-                for t in FEED_TABLES:
-                    if t is not feed_position:
-                        conn.execute(t.delete())
-                conn.execute(feed_position.update().where(feed_position.c.id == 1).values(journal_seq=0, action_id=0))
-            self._load()
+            self._store()
+            with self._write_lock:
+                with self._writer.begin() as conn:
+                    for t in FEED_TABLES:
+                        if t is not feed_position:
+                            conn.execute(t.delete())
+                    conn.execute(feed_position.update().where(feed_position.c.id == 1).values(journal_seq=0, action_id=0))
+                with self._pending_lock:
+                    self._overlay = {}
+                self._load()
             return len(self.catch_up())
 
     def messages(self, data_set: str, start: tuple[str, int] = ("", 1), limit: int | None = None) -> list[FeedMessage]:
