@@ -53,7 +53,7 @@ def _first_line(exc: BaseException) -> str:
     return (str(orig).strip().splitlines() or [type(orig).__name__])[0]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)  # read-only by convention (frozen is slow to build)
 class Result:
     action: str
     client_ref: str | None
@@ -184,7 +184,8 @@ class Engine:
             "refs": "SELECT j.seq, j.event_type, j.mpid, j.client_ref, j.control_number, j.payload FROM json_each(?) v "
                     "JOIN journal j ON j.mpid = json_extract(v.value, '$[0]') AND j.client_ref = json_extract(v.value, '$[1]')",
             "dups": "SELECT t.terms_key, t.control_number FROM json_each(?) v "
-                    "JOIN trade_reports t ON t.terms_key = v.value WHERE t.status = 'ACTIVE'",
+                    "JOIN trade_reports t ON t.cusip = json_extract(v.value, '$[0]') "
+                    "AND t.execution_us = json_extract(v.value, '$[1]') WHERE t.status = 'ACTIVE'",
         },
         "postgresql": {
             "states": "SELECT t.control_number, t.reporting_mpid, t.status, t.report_date, t.first_control_number, "
@@ -193,8 +194,8 @@ class Engine:
             "refs": "SELECT j.seq, j.event_type, j.mpid, j.client_ref, j.control_number, j.payload "
                     "FROM unnest(%s::text[], %s::text[]) AS v(mpid, client_ref) "
                     "JOIN journal j ON j.mpid = v.mpid AND j.client_ref = v.client_ref",
-            "dups": "SELECT t.terms_key, t.control_number FROM unnest(%s::text[]) AS v(k) "
-                    "JOIN trade_reports t ON t.terms_key = v.k WHERE t.status = 'ACTIVE'",
+            "dups": "SELECT t.terms_key, t.control_number FROM unnest(%s::text[], %s::bigint[]) AS v(cusip, ex) "
+                    "JOIN trade_reports t ON t.cusip = v.cusip AND t.execution_us = v.ex WHERE t.status = 'ACTIVE'",
         },
     }
 
@@ -220,11 +221,15 @@ class Engine:
                 seen[(row.mpid, row.client_ref)] = _result_from_journal(row)
         return states, seen
 
-    def _active_duplicates(self, conn: Connection, keys: list[str]) -> dict[str, int]:
+    def _active_duplicates(self, conn: Connection, wanted: dict[str, tuple[str, int]]) -> dict[str, int]:
+        """Active reports with one of these terms keys (key -> (cusip, execution_us)): the
+        lowest control number of each. Found by CUSIP and execution time (an index every
+        report needs anyway), then matched on the whole key."""
         found: dict[str, int] = {}
-        if keys:
-            for key, control_number in self._lookup(conn, "dups", list(set(keys))):
-                if key not in found or control_number < found[key]:
+        if wanted:
+            places = list(set(wanted.values()))
+            for key, control_number in self._lookup(conn, "dups", [p[0] for p in places], [p[1] for p in places]):
+                if key in wanted and (key not in found or control_number < found[key]):
                     found[key] = control_number
         return found
 
@@ -252,13 +257,16 @@ class Engine:
             except Rejected as exc:
                 prepared.append((report_us, False, None, exc.reject))
         keys = []
+        wanted: dict[str, tuple[str, int]] = {}
         for cmd, (report_us, is_test, checked, rej) in zip(commands, prepared):
             if checked is not None:
                 t = cmd.terms
-                keys.append(terms_key(cmd.reporting_mpid, t.cusip, t.side, checked.quantity_c, checked.price_u, t.execution_us, t.contra))
+                key = terms_key(cmd.reporting_mpid, t.cusip, t.side, checked.quantity_c, checked.price_u, t.execution_us, t.contra)
+                keys.append(key)
+                wanted[key] = (t.cusip, t.execution_us)
             else:
                 keys.append(None)
-        existing_dups = self._active_duplicates(conn, [k for k in keys if k])
+        existing_dups = self._active_duplicates(conn, wanted)
         batch_refs: dict[tuple[str, str], Result] = {}
         for cmd, (report_us, is_test, checked, rej), key in zip(commands, prepared, keys):
             ref_key = (cmd.reporting_mpid, cmd.client_ref) if cmd.client_ref else None
@@ -280,11 +288,11 @@ class Engine:
             seq += 1
             events.append(event)
             p = event.payload
-            result = Result(
-                cmd.action, cmd.client_ref, "ACCEPTED", control_number=event.control_number, seq=event.seq,
-                timeliness=p.get("timeliness"), modifier3=p.get("modifier3"),
-                warning=(f"possible duplicate of {p['duplicate_of']}" if p.get("duplicate_of") else None),
-            )
+            duplicate_of = p.get("duplicate_of")
+            # positional: action, client_ref, status, control_number, seq, reject, timeliness, modifier3, warning
+            result = Result(cmd.action, cmd.client_ref, "ACCEPTED", event.control_number, event.seq, None,
+                            p.get("timeliness"), p.get("modifier3"),
+                            f"possible duplicate of {duplicate_of}" if duplicate_of else None)
             results.append(result)
             if ref_key:
                 batch_refs[ref_key] = result

@@ -83,8 +83,7 @@ trade_reports = sa.Table(
     sa.Column("closed_us", sa.BigInteger),
     sa.Column("successor_control_number", sa.BigInteger),  # correction's new report or reversal
     sa.Index("ix_trade_reports_firm_date", "reporting_mpid", "report_date"),
-    sa.Index("ix_trade_reports_cusip_exec", "cusip", "execution_us"),
-    sa.Index("ix_trade_reports_terms", "terms_key"),
+    sa.Index("ix_trade_reports_cusip_exec", "cusip", "execution_us"),  # also finds duplicate terms
 )
 
 
@@ -106,3 +105,10 @@ def _drop_control_index(conn: sa.Connection) -> None:
     # nothing looks journal events up by control number (trade_reports answers that), and
     # every accepted report paid for keeping the index
     conn.exec_driver_sql("DROP INDEX IF EXISTS ix_journal_control")
+
+
+@migration("0005_journal_drop_terms_index")
+def _drop_terms_index(conn: sa.Connection) -> None:
+    # duplicate terms are found through ix_trade_reports_cusip_exec (the terms include the
+    # CUSIP and the execution time); a random-keyed index cost every report a B-tree insert
+    conn.exec_driver_sql("DROP INDEX IF EXISTS ix_trade_reports_terms")

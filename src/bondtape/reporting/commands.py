@@ -32,7 +32,7 @@ _TRUE = {"Y", "YES", "TRUE", "1"}
 _FALSE = {"N", "NO", "FALSE", "0", ""}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)  # not frozen: a frozen dataclass is slow to build
 class Terms:
     """The terms of a trade as reported (a new report or a correction's new terms)."""
 
@@ -60,7 +60,7 @@ class Terms:
         return self.contra if self.contra in ("C", "A") else "D"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)  # not frozen: a frozen dataclass is slow to build
 class Command:
     action: str
     reporting_mpid: str
@@ -167,17 +167,17 @@ def parse_terms(fields: Mapping[str, object]) -> Terms:
     execution_us = _time(fields, "execution_time")
     settlement_date = _date(fields, "settlement_date")
     commission = _decimal(fields, "commission", "COMMISSION_INVALID", False)
-    flags = {name: _flag(fields, name) for name in INDICATORS}
+    when_issued, special_price, weighted_average, merger_transfer, locked_in, agu = (
+        _flag(fields, name) for name in INDICATORS)
     trading_market = _choice(fields, "trading_market", TRADING_MARKETS, default="S1")
     remuneration = _text(fields, "remuneration").upper() or None
     if remuneration is not None and remuneration not in REMUNERATION:
         raise Rejected("FIELD_INVALID", "remuneration", f"remuneration {remuneration!r} is not accepted: C, M, N or blank")
     assert quantity is not None and price is not None and execution_us is not None
-    return Terms(
-        cusip=cusip, side=side, capacity=capacity, contra=contra, quantity=quantity,
-        price=price, yield_=yield_, execution_us=execution_us, settlement_date=settlement_date,
-        commission=commission, trading_market=trading_market, remuneration=remuneration, **flags,
-    )
+    # positional, in the order of Terms' fields
+    return Terms(cusip, side, capacity, contra, quantity, price, yield_, execution_us, settlement_date, commission,
+                 when_issued, special_price, weighted_average, trading_market, merger_transfer, remuneration,
+                 locked_in, agu)
 
 
 def parse_command(fields: Mapping[str, object], *, channel: str, use_report_time: bool = False) -> Command:
@@ -197,8 +197,6 @@ def parse_command(fields: Mapping[str, object], *, channel: str, use_report_time
         original = int(text)
     terms = parse_terms(fields) if action in ("NEW", "CORRECT") else None
     report_us = _time(fields, "report_time") if use_report_time else None
-    return Command(
-        action=action, reporting_mpid=mpid, client_ref=client_ref, terms=terms,
-        original_control_number=original, test=_flag(fields, "test"),
-        allow_duplicate=_flag(fields, "allow_duplicate"), channel=channel, report_us=report_us,
-    )
+    # positional, in the order of Command's fields
+    return Command(action, mpid, client_ref, terms, original, _flag(fields, "test"), _flag(fields, "allow_duplicate"),
+                   channel, report_us)

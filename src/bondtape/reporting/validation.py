@@ -16,7 +16,7 @@ from bondtape.reporting.commands import Terms
 from bondtape.rulebook import Rulebook, Timeliness, timeliness
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # read-only by convention (a frozen dataclass is slow to build)
 class Checked:
     """What validation derives from a report's terms, stored with it in the journal."""
 
@@ -123,8 +123,7 @@ def check_terms(
         trading_market=terms.trading_market, contra_type=terms.contra_type, side=terms.side,
         capacity=terms.capacity, rules=rules,
     )
-    return Checked(
-        security=security, timeliness=timely, execution_date=execution_date, report_date=report_date,
-        settlement_date=settlement, quantity_c=quantity_c, price_u=price_u, yield_u=yield_u,
-        commission_c=commission_c, withheld=withheld, rulebook_version=rules.versions[-1],
-    )
+    # positional, in field order (security, timeliness, execution_date, report_date,
+    # settlement_date, quantity_c, price_u, yield_u, commission_c, withheld, rulebook_version)
+    return Checked(security, timely, execution_date, report_date, settlement, quantity_c, price_u, yield_u,
+                   commission_c, withheld, rules.versions[-1])

@@ -200,7 +200,7 @@ def default_rulebook(enabled_optional: tuple[str, ...] = ()) -> Rulebook:
 # --- timeliness -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # read-only by convention (frozen is slow to build)
 class Timeliness:
     as_of: bool               # reported on a later market date than executed
     late: bool                # reported after the deadline
