@@ -133,3 +133,23 @@ def _check_market(db, mpids, reports, halt):
     rebuilt.rebuild()
     assert [m.body for m in rebuilt.iter_all()] == [m.body for m in stored]
     db.dispose()
+
+
+JSON_SCALAR = st.one_of(st.none(), st.booleans(), st.integers(-10 ** 20, 10 ** 20), st.text(max_size=12))
+JSON_VALUE = st.recursive(JSON_SCALAR, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                               st.dictionaries(st.text(max_size=6), inner, max_size=4)),
+                          max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(message=st.dictionaries(st.text(max_size=8), JSON_VALUE, max_size=8), data=st.data())
+def test_encoding_once_gives_the_bytes_of_encoding_the_whole_message(message, data):
+    """A trade block is serialised once and put into its messages as text: the message is
+    the same text as ``json.dumps`` of the whole (keys sorted, no spaces, ASCII)."""
+    from bondtape.dissemination import rules as R
+
+    whole = json.dumps(message, separators=(",", ":"), sort_keys=True, ensure_ascii=True)
+    assert R.encode(message) == whole
+    spliced = {k: R.Encoded(R.encode(v)) if isinstance(v, dict) and data.draw(st.booleans()) else v
+               for k, v in message.items()}
+    assert R.encode(spliced) == whole

@@ -188,7 +188,7 @@ class _Batch:
     last_sale: dict[tuple[str, str], tuple[str, int]] = field(default_factory=dict)
     actions: list[dict[str, Any]] = field(default_factory=list)
     sealed_messages: int = 0
-    blocks: dict[int, dict[str, Any]] = field(default_factory=dict)  # public blocks made in this batch
+    blocks: dict[int, R.Encoded] = field(default_factory=dict)  # public blocks made in this batch
 
 
 _RECOVER = object()  # queued when an application or a write failed
@@ -742,7 +742,7 @@ class Publisher:
         if kind == "CANCEL":
             if shown:
                 self._emit(b, original["data_set"], date, "CANCEL",
-                           {"cusip": original["cusip"], "original": ref, "trade": json.loads(original["block"]),
+                           {"cusip": original["cusip"], "original": ref, "trade": R.Encoded(original["block"]),
                             "reported_at": reported_at}, ev.seq, original["cusip"])
         elif kind == "REVERSE":
             if shown:
@@ -756,13 +756,13 @@ class Publisher:
             same_feed = shown and row["data_set"] == original["data_set"]
             if shown and new_shown and same_feed:
                 msg = self._emit(b, row["data_set"], date, "CORRECTION",
-                                 {"cusip": row["cusip"], "original": ref, "original_trade": json.loads(original["block"]),
+                                 {"cusip": row["cusip"], "original": ref, "original_trade": R.Encoded(original["block"]),
                                   "trade": b.blocks[ev.control_number]}, ev.seq, row["cusip"])
             else:
                 msg = None
                 if shown:  # the public must drop the original: the corrected terms are withheld or elsewhere
                     self._emit(b, original["data_set"], date, "CANCEL",
-                               {"cusip": original["cusip"], "original": ref, "trade": json.loads(original["block"]),
+                               {"cusip": original["cusip"], "original": ref, "trade": R.Encoded(original["block"]),
                                 "reported_at": reported_at}, ev.seq, original["cusip"])
                 if new_shown:  # first dissemination of these terms
                     msg = self._emit(b, row["data_set"], date, "TRADE", {"cusip": row["cusip"], "trade": b.blocks[ev.control_number]},
@@ -773,16 +773,16 @@ class Publisher:
     def _report_row(self, b: _Batch, ev: Event, date: str, rules: Any) -> dict[str, Any]:
         p = ev.payload
         withheld = p.get("withheld")
-        block = R.trade_block(p, ev.recorded_us, rules) if withheld is None else None
-        if block is not None:
-            b.blocks[ev.control_number] = block
+        block = R.encode(R.trade_block(p, ev.recorded_us, rules)) if withheld is None else None
+        if block is not None:  # serialised once: stored, and spliced into its messages
+            b.blocks[ev.control_number] = R.Encoded(block)
         row = {
             "control_number": ev.control_number, "journal_seq": ev.seq, "data_set": p["data_set"], "feed_date": date,
             "cusip": p["cusip"], "symbol": p["symbol"], "grade": p["grade"], "quantity_c": p["quantity_c"],
             "price_u": p["price_u"], "yield_u": p.get("yield_u"), "execution_us": p["execution_us"],
             "counted": R.counts_in_aggregates(withheld), "sets_last_sale": withheld is None and R.sets_last_sale(p),
             "withheld": withheld, "msg_date": None, "msg_seq": None,
-            "block": R.encode(block) if block is not None else None,
+            "block": block,
             "status": "ACTIVE",
         }
         b.reports[ev.control_number] = row

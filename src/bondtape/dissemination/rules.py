@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from decimal import Decimal
+from json.encoder import encode_basestring_ascii
 from typing import Any, Iterable, Mapping
 
 from bondtape.clock import iso_market
@@ -117,9 +118,36 @@ def reversal_block(original_block: Mapping[str, Any], reversed_us: int) -> dict[
     return {**original_block, "as_of": "R", "reported_at": iso_market(reversed_us)}
 
 
+class Encoded(str):
+    """A value already serialised by :func:`encode` (a trade block): :func:`encode` puts
+    its text into a message as it is instead of serialising the value again."""
+
+    __slots__ = ()
+
+
+_dumps = json.JSONEncoder(separators=(",", ":"), sort_keys=True, ensure_ascii=True).encode
+
+
+def _value(v: Any) -> str:
+    t = type(v)
+    if t is Encoded:
+        return v
+    if t is str:
+        return encode_basestring_ascii(v)
+    if t is int:
+        return int.__repr__(v)
+    if v is None:
+        return "null"
+    if t is bool:
+        return "true" if v else "false"
+    return _dumps(v)
+
+
 def encode(message: Mapping[str, Any]) -> str:
-    """The one serialisation of a message: the bytes every transport and replay carry."""
-    return json.dumps(message, separators=(",", ":"), sort_keys=True, ensure_ascii=True)
+    """The one serialisation of a message: the bytes every transport and replay carry
+    (``json.dumps`` with keys sorted, no spaces, ASCII). A top-level :class:`Encoded` value
+    is put in as its text: the result is the text of the message with the value decoded."""
+    return "{" + ",".join([encode_basestring_ascii(k) + ":" + _value(message[k]) for k in sorted(message)]) + "}"
 
 
 # --- end of day ---------------------------------------------------------------------------
