@@ -185,7 +185,8 @@ class Engine:
                     "JOIN journal j ON j.mpid = json_extract(v.value, '$[0]') AND j.client_ref = json_extract(v.value, '$[1]')",
             "dups": "SELECT t.terms_key, t.control_number FROM json_each(?) v "
                     "JOIN trade_reports t ON t.cusip = json_extract(v.value, '$[0]') "
-                    "AND t.execution_us = json_extract(v.value, '$[1]') WHERE t.status = 'ACTIVE'",
+                    "AND t.execution_us = json_extract(v.value, '$[1]') AND t.terms_key = json_extract(v.value, '$[2]') "
+                    "WHERE t.status = 'ACTIVE'",
         },
         "postgresql": {
             "states": "SELECT t.control_number, t.reporting_mpid, t.status, t.report_date, t.first_control_number, "
@@ -194,8 +195,9 @@ class Engine:
             "refs": "SELECT j.seq, j.event_type, j.mpid, j.client_ref, j.control_number, j.payload "
                     "FROM unnest(%s::text[], %s::text[]) AS v(mpid, client_ref) "
                     "JOIN journal j ON j.mpid = v.mpid AND j.client_ref = v.client_ref",
-            "dups": "SELECT t.terms_key, t.control_number FROM unnest(%s::text[], %s::bigint[]) AS v(cusip, ex) "
-                    "JOIN trade_reports t ON t.cusip = v.cusip AND t.execution_us = v.ex WHERE t.status = 'ACTIVE'",
+            "dups": "SELECT t.terms_key, t.control_number FROM unnest(%s::text[], %s::bigint[], %s::text[]) "
+                    "AS v(cusip, ex, k) JOIN trade_reports t ON t.cusip = v.cusip AND t.execution_us = v.ex "
+                    "AND t.terms_key = v.k WHERE t.status = 'ACTIVE'",
         },
     }
 
@@ -223,13 +225,14 @@ class Engine:
 
     def _active_duplicates(self, conn: Connection, wanted: dict[str, tuple[str, int]]) -> dict[str, int]:
         """Active reports with one of these terms keys (key -> (cusip, execution_us)): the
-        lowest control number of each. Found by CUSIP and execution time (an index every
-        report needs anyway), then matched on the whole key."""
+        lowest control number of each, through the (cusip, execution_us, terms_key) index
+        that time and sales use too."""
         found: dict[str, int] = {}
         if wanted:
-            places = list(set(wanted.values()))
-            for key, control_number in self._lookup(conn, "dups", [p[0] for p in places], [p[1] for p in places]):
-                if key in wanted and (key not in found or control_number < found[key]):
+            keys = list(wanted)
+            for key, control_number in self._lookup(conn, "dups", [wanted[k][0] for k in keys],
+                                                    [wanted[k][1] for k in keys], keys):
+                if key not in found or control_number < found[key]:
                     found[key] = control_number
         return found
 

@@ -83,7 +83,9 @@ trade_reports = sa.Table(
     sa.Column("closed_us", sa.BigInteger),
     sa.Column("successor_control_number", sa.BigInteger),  # correction's new report or reversal
     sa.Index("ix_trade_reports_firm_date", "reporting_mpid", "report_date"),
-    sa.Index("ix_trade_reports_cusip_exec", "cusip", "execution_us"),  # also finds duplicate terms
+    # time and sales by CUSIP and execution time; with the terms key, the engine's lookup of
+    # an active report with the same terms (the key holds the CUSIP and execution time)
+    sa.Index("ix_trade_reports_cusip_exec_terms", "cusip", "execution_us", "terms_key"),
 )
 
 
@@ -107,8 +109,11 @@ def _drop_control_index(conn: sa.Connection) -> None:
     conn.exec_driver_sql("DROP INDEX IF EXISTS ix_journal_control")
 
 
-@migration("0005_journal_drop_terms_index")
-def _drop_terms_index(conn: sa.Connection) -> None:
-    # duplicate terms are found through ix_trade_reports_cusip_exec (the terms include the
-    # CUSIP and the execution time); a random-keyed index cost every report a B-tree insert
+@migration("0005_journal_cusip_exec_terms_index")
+def _one_index_for_time_and_sales_and_duplicates(conn: sa.Connection) -> None:
+    # One index (cusip, execution_us, terms_key) instead of (cusip, execution_us) and a
+    # random-keyed (terms_key): every report paid a B-tree insert at a random place for it.
     conn.exec_driver_sql("DROP INDEX IF EXISTS ix_trade_reports_terms")
+    conn.exec_driver_sql("DROP INDEX IF EXISTS ix_trade_reports_cusip_exec")
+    conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_trade_reports_cusip_exec_terms "
+                         "ON trade_reports (cusip, execution_us, terms_key)")
