@@ -115,9 +115,9 @@ def _copy_table(table: sa.Table, md: sa.MetaData, name: str, keep_indexes: bool)
                  if isinstance(u, sa.UniqueConstraint)]
     copy = sa.Table(name, md, *cols, *extra)
     if keep_indexes:
-        for idx in table.indexes:
+        for i, idx in enumerate(table.indexes):
             where = {k: v for k, v in idx.dialect_kwargs.items() if k.endswith("_where")}
-            sa.Index(f"{name}_{idx.name}", *[copy.c[c.name] for c in idx.columns], unique=idx.unique, **where)
+            sa.Index(f"{name}_ix{i}", *[copy.c[c.name] for c in idx.columns], unique=idx.unique, **where)
     return copy
 
 
