@@ -37,6 +37,37 @@ def test_framer_never_raises_and_is_chunking_invariant(data, cuts):
             assert int(m.data[-4:-1]) == codec.checksum(m.data[:-7])
 
 
+def _describe(items):
+    return [(type(x).__name__, x.data, getattr(x, "fields", None), getattr(x, "reason", None),
+             getattr(x, "begin_string", None), str(getattr(x, "error", None))) for x in items]
+
+
+_pieces = st.one_of(
+    st.binary(max_size=40),
+    st.builds(lambda n, v: codec.encode("AE", "A", "B", n, "20240304-15:00:00.000", [(571, v), (31, "99.5")]),
+              st.integers(1, 10_000), st.text(st.characters(min_codepoint=32, max_codepoint=126), min_size=1, max_size=8)),
+    st.builds(lambda n: codec.encode("0", "A", "B", n, "20240304-15:00:00.000", [])[:-3] + b"99\x01", st.integers(1, 99)),
+    st.builds(lambda n: codec.encode("0", "A", "B", n, "20240304-15:00:00.000", [])[: 10 + n % 20], st.integers(1, 99)),
+    st.just(b"8=FIX.4.4\x019=0000012\x0135=0\x0149=A\x0110=000\x01"),
+    st.just(b"8=FIX.4.2\x019=5\x0135=0\x0110=000\x01"),
+)
+
+
+@given(st.lists(_pieces, max_size=8), st.lists(st.integers(0, 600), max_size=5))
+@settings(max_examples=300, deadline=None)
+def test_framer_fast_path_gives_what_the_general_path_gives(pieces, cuts):
+    data = b"".join(pieces)
+    outputs = []
+    for fast in (True, False):
+        framer = codec.Framer(fast=fast)
+        got, last = [], 0
+        for cut in sorted(set(c for c in cuts if c < len(data))) + [len(data)]:
+            got += framer.feed(data[last:cut])
+            last = cut
+        outputs.append((_describe(got), bytes(framer.buffer)))
+    assert outputs[0] == outputs[1]
+
+
 _values = st.text(st.characters(min_codepoint=32, max_codepoint=126), min_size=1, max_size=12)
 _fields = st.lists(st.tuples(st.integers(1, 30000), _values), max_size=12)
 

@@ -15,6 +15,7 @@ SOH = b"\x01"
 BEGIN_STRING = "FIX.4.4"
 _BEGIN = b"8=FIX.4.4\x019="
 _ANY_BEGIN = b"8=FIX"
+_STANDARD_HEAD = re.compile(rb"8=FIX\.4\.4\x019=([0-9]{1,7})\x01")
 MAX_BODY_LENGTH = 64 * 1024  # a Trade Capture Report is a few hundred bytes
 
 
@@ -98,12 +99,28 @@ class Framer:
 
     buffer: bytearray = field(default_factory=bytearray)
     max_body: int = MAX_BODY_LENGTH
+    fast: bool = True  # take whole, intact FIX.4.4 messages without the general checks
 
     def feed(self, data: bytes) -> list[RawMessage | Garbled]:
         self.buffer += data
         out: list[RawMessage | Garbled] = []
         buf = self.buffer
         while True:
+            head = _STANDARD_HEAD.match(buf) if self.fast else None
+            if head is not None:  # the usual case: a FIX.4.4 message, whole and intact
+                body_start = head.end()
+                body_end = body_start + int(head.group(1))
+                total = body_end + 7
+                if body_end - body_start <= self.max_body and len(buf) >= total:
+                    trailer = buf[body_end:total]
+                    if (trailer[:3] == b"10=" and trailer[6] == 1 and trailer[3:6].isdigit()
+                            and int(trailer[3:6]) == checksum(buf[:body_end])):
+                        data = bytes(buf[:total])
+                        del buf[:total]
+                        fields, error = parse_fields(data[body_start:body_end])
+                        out.append(RawMessage(data, fields, BEGIN_STRING, error))
+                        continue
+                # incomplete, too long or damaged: the general path below decides
             start = buf.find(_ANY_BEGIN)
             if start < 0:
                 # Keep a possible partial "8=FIX" at the end; drop the rest as garbage.
