@@ -316,3 +316,25 @@ def test_sequencer_submit_many_answers_each_list_in_order_within_shared_batches(
     accepted = sorted(r.seq for rs in answers.values() for r in rs if r.accepted)
     assert accepted == list(range(1, 181)) and single.seq == 181
     assert verify(market).ok
+
+
+def test_reference_data_changed_after_start_is_seen_by_the_next_batch(market):
+    import dataclasses
+
+    from bondtape.reference.model import Firm
+    from bondtape.reference.store import upsert_firms, upsert_securities
+    from tests.conftest import STANDARD_SECURITIES
+
+    engine = Engine(market)
+    base = next(s for s in STANDARD_SECURITIES if s.cusip == IG)
+    newcomer = dataclasses.replace(base, cusip="38259P508", symbol="NEWCO.GA")
+    [r] = engine.submit([new(ref="n1", cusip=newcomer.cusip)])
+    assert r.reject.code == "SECURITY_UNKNOWN"
+    with market.begin() as conn:  # imported while the engine runs, with an old timestamp
+        upsert_securities(conn, [newcomer], ts=1)
+    [r] = engine.submit([new(ref="n2", cusip=newcomer.cusip)])
+    assert r.accepted
+    with market.begin() as conn:  # a firm loses its membership
+        upsert_firms(conn, [Firm("DLRB", "Dealer B", finra_member=False)], ts=1)
+    [r] = engine.submit([new(mpid="DLRB", ref="n3")])
+    assert r.reject.code == "FIRM_NOT_MEMBER"

@@ -28,8 +28,6 @@ from bondtape.clock import market_date, now_us
 from bondtape.journal.projection import Event, decode_payload, insert_rows, project, write
 from bondtape.journal.schema import CONTROL_BASE, journal, journal_head, trade_reports
 from bondtape.reference.model import Firm, Security
-from bondtape.reference.schema import firms as firms_table
-from bondtape.reference.schema import securities as securities_table
 from bondtape.reference.store import load_firms, load_securities
 from bondtape.reporting.codes import Reject, Rejected
 from bondtape.reporting.commands import Command
@@ -114,7 +112,7 @@ class Engine:
         self.db = db
         self.rulebook = rulebook or default_rulebook()
         self.clock = clock
-        self._reference_mark: tuple | None = None
+        self._reference_mark: int | None = None
         self.securities: dict[str, Security] = {}
         self.firms: dict[str, Firm] = {}
         self._lock = threading.Lock()
@@ -132,10 +130,8 @@ class Engine:
 
     # -- reference data -------------------------------------------------------------------
     def _refresh_reference(self, conn: Connection) -> None:
-        mark = (
-            tuple(conn.execute(sa.select(sa.func.count(), sa.func.max(securities_table.c.updated_us))).one()),
-            tuple(conn.execute(sa.select(sa.func.count(), sa.func.max(firms_table.c.updated_us))).one()),
-        )
+        # one primary-key read per batch: the version every change to reference data bumps
+        mark = conn.exec_driver_sql("SELECT version FROM reference_version WHERE id = 1").scalar()
         if mark != self._reference_mark:
             self.securities = load_securities(conn)
             self.firms = load_firms(conn)

@@ -243,6 +243,9 @@ def serve_command(ctx, host, port, tls_port, tls_cert, tls_key, ca_dir, fix_port
     db = open_db(db_url)
 
     def ready(addresses: dict) -> None:
+        from bondtape.batching import freeze_after_startup
+
+        freeze_after_startup()
         for name, address in addresses.items():
             click.echo(f"{name}: {address}", err=True)
         click.echo("Ctrl-C stops the server", err=True)

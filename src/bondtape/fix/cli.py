@@ -41,6 +41,9 @@ def serve(db_url: str | None, host: str, port: int, comp_id: str, tls_cert: str 
             server = await start_fix_server(db, host, port, comp_id=comp_id, ssl=ssl)
         except OSError as exc:
             raise click.ClickException(f"cannot listen on {host}:{port}: {exc}") from exc
+        from bondtape.batching import freeze_after_startup
+
+        freeze_after_startup()
         click.echo(f"FIX 4.4 acceptor {comp_id} on {host}:{server.port}{' (TLS)' if ssl else ''}; Ctrl-C stops it")
         try:
             await server.serve_forever()

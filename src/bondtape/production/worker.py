@@ -246,6 +246,9 @@ def main(argv: list[str] | None = None) -> None:
         sockets[name] = socket.socket(fileno=int(fd))
 
     def ready(addresses: dict) -> None:
+        from bondtape.batching import freeze_after_startup
+
+        freeze_after_startup()
         print(json.dumps({"ready": index, **addresses}), flush=True)
 
     run_worker(cfg, index=index, sockets=sockets, ready=ready)

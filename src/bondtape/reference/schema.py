@@ -31,6 +31,24 @@ firms = sa.Table(
 )
 
 
+# One row: bumped in the transaction of every change to securities or firms
+# (reference.store's upserts, the only writers), so that the engine can tell with one read
+# whether the reference data it holds in memory is current.
+reference_version = sa.Table(
+    "reference_version",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("version", sa.BigInteger, nullable=False),
+)
+
+
 @migration("0001_reference")
 def _create(conn: sa.Connection) -> None:
     create_tables(conn, securities, firms)
+
+
+@migration("0006_reference_version")
+def _create_version(conn: sa.Connection) -> None:
+    create_tables(conn, reference_version)
+    if conn.execute(sa.select(reference_version.c.id)).first() is None:
+        conn.execute(reference_version.insert().values(id=1, version=0))

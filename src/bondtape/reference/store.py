@@ -17,6 +17,7 @@ from bondtape.reference.cusip import cusip_problem
 from bondtape.reference.model import DATA_SETS, GRADES, Firm, Security
 from bondtape.reference.schema import firms as firms_table
 from bondtape.reference.schema import securities as securities_table
+from bondtape.reference.schema import reference_version
 
 TRACE_START = dt.date(2002, 7, 1)
 SECURITY_COLUMNS = ("cusip", "symbol", "issuer", "coupon", "maturity", "data_set", "grade", "rule_144a")
@@ -126,6 +127,8 @@ def _upsert(conn: Connection, table: sa.Table, key: str, rows: list[dict]) -> No
         conn.execute(table.insert(), new)
     for r in old:
         conn.execute(table.update().where(table.c[key] == r[key]).values(**r))
+    conn.execute(reference_version.update().where(reference_version.c.id == 1)
+                 .values(version=reference_version.c.version + 1))
 
 
 def upsert_securities(conn: Connection, items: Iterable[Security], ts: int | None = None) -> None:
