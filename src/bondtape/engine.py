@@ -109,6 +109,8 @@ def _result_from_journal(row: Any) -> Result:
 
 class Engine:
     def __init__(self, db: SAEngine, rulebook: Rulebook | None = None, clock: Callable[[], int] = now_us):
+        if db.dialect.name not in self._LOOKUPS:
+            raise ValueError(f"the engine runs on SQLite or PostgreSQL, not {db.dialect.name}")
         self.db = db
         self.rulebook = rulebook or default_rulebook()
         self.clock = clock
