@@ -30,9 +30,9 @@ def drain_batch(q: queue.Queue, first: Any, max_batch: int,
     return batch, False
 
 
-_paused = 0
+_paused = 0  # batches in progress
 _paused_lock = threading.Lock()
-was_enabled = [True]  # whether the collector ran before the first of the current batches
+_was_enabled = True  # whether the collector ran before the first of the current batches
 
 
 @contextmanager
@@ -45,20 +45,19 @@ def gc_paused() -> Iterator[None]:
     and concurrent uses are counted: collection resumes when the last batch ends, and any
     cycle made meanwhile is collected then.
     """
-    global _paused
+    global _paused, _was_enabled
     with _paused_lock:
         _paused += 1
         if _paused == 1:
-            was_enabled[0] = gc.isenabled()
+            _was_enabled = gc.isenabled()
             gc.disable()
     try:
         yield
     finally:
         with _paused_lock:
             _paused -= 1
-            if _paused == 0 and was_enabled[0]:
+            if _paused == 0 and _was_enabled:
                 gc.enable()
-
 
 
 def configure_gc(young: int = 20_000) -> None:

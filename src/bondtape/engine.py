@@ -17,7 +17,7 @@ import queue
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import orjson
 import sqlalchemy as sa
@@ -26,7 +26,7 @@ from sqlalchemy.engine import Connection, Engine as SAEngine
 from bondtape.batching import drain_batch, gc_paused
 from bondtape.clock import market_date, now_us
 from bondtape.journal.projection import Event, decode_payload, insert_rows, project, write
-from bondtape.journal.schema import CONTROL_BASE, journal, journal_head, trade_reports
+from bondtape.journal.schema import CONTROL_BASE, journal, journal_head
 from bondtape.reference.model import Firm, Security
 from bondtape.reference.store import load_firms, load_securities
 from bondtape.reporting.codes import Reject, Rejected
@@ -242,7 +242,6 @@ class Engine:
         results: list[Result] = []
         events: list[Event] = []
         pending_keys: dict[str, int] = {}  # terms keys of reports accepted in this batch
-        checked_new: list[tuple[int, Command, Any]] = []
         # First pass: parse-level checks of terms so that duplicate keys can be loaded at once.
         prepared: list[Any] = []
         for cmd in commands:

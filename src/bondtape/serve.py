@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-import sqlalchemy as sa
 from sqlalchemy.engine import Engine as SAEngine
 
 from bondtape.clock import now_us
@@ -126,6 +125,30 @@ def _uvicorn_config(app, host: str, port: int, tls: dict | None):
     return uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off", access_log=False)
 
 
+def stop_signal(stop: threading.Event | None) -> asyncio.Event:
+    """In the running loop: an event set on SIGINT or SIGTERM, or once ``stop`` is set (a
+    server run from a thread, where signal handlers cannot be installed)."""
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, done.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread (tests)
+            pass
+    if stop is not None:
+        loop.run_in_executor(None, lambda: (stop.wait(), loop.call_soon_threadsafe(done.set)))
+    return done
+
+
+async def wait_started(servers: list[Any], tasks: list[asyncio.Task]) -> None:
+    """Until every uvicorn server listens; one whose task ended meanwhile raises its error."""
+    while not all(s.started for s in servers):
+        for t in tasks:
+            if t.done():
+                raise t.exception() or RuntimeError("a server stopped while starting")
+        await asyncio.sleep(0.02)
+
+
 def run_serve(db: SAEngine, settings, *, host: str = "127.0.0.1", port: int = 8000, tls_port: int | None = None,
               tls_cert: Path | None = None, tls_key: Path | None = None, fix_port: int | None = None,
               ready: Callable[[dict], None] | None = None, stop: threading.Event | None = None) -> None:
@@ -152,26 +175,12 @@ def run_serve(db: SAEngine, settings, *, host: str = "127.0.0.1", port: int = 80
     async def main() -> None:
         from bondtape.fix.server import start_fix_server
 
-        loop = asyncio.get_running_loop()
-        done = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                loop.add_signal_handler(sig, done.set)
-            except (NotImplementedError, RuntimeError):  # pragma: no cover - not the main thread
-                pass
-        if stop is not None:
-            loop.run_in_executor(None, lambda: (stop.wait(), loop.call_soon_threadsafe(done.set)))
+        done = stop_signal(stop)
         tasks = [asyncio.create_task(s.serve()) for _, s in servers]
         fix = None
         if fix_port is not None:
             fix = await start_fix_server(db, host, fix_port, sequencer=svc.sequencer)
-        while not all(s.started for _, s in servers):
-            if any(t.done() for t in tasks):
-                for t in tasks:
-                    if t.done() and t.exception():
-                        raise t.exception()
-                raise RuntimeError("a server stopped while starting")
-            await asyncio.sleep(0.02)
+        await wait_started([s for _, s in servers], tasks)
         addresses = {name: f"{name}://{host}:{s.servers[0].sockets[0].getsockname()[1]}" for name, s in servers}
         if fix is not None:
             addresses["fix"] = f"{host}:{fix.port}"

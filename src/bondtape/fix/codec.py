@@ -195,25 +195,9 @@ def utc_timestamp(us: int) -> str:
 _last_second: tuple = (None, "")  # the last second formatted, replaced as a whole
 
 
-def parse_utc_timestamp(text: str) -> dt.datetime:
-    """YYYYMMDD-HH:MM:SS[.sss[sss]] in UTC; raises ValueError."""
-    if len(text) < 17 or text[8] != "-" or text[11] != ":" or text[14] != ":" or not text.isascii():
-        raise ValueError(text)
-    digits = text[:8] + text[9:11] + text[12:14] + text[15:17]
-    if not digits.isdigit():
-        raise ValueError(text)
-    frac = text[17:]
-    micro = 0
-    if frac:
-        if frac[0] != "." or not frac[1:].isdigit() or len(frac) - 1 not in (3, 6, 9):
-            raise ValueError(text)
-        micro = int(frac[1:7].ljust(6, "0"))
-    return dt.datetime(int(digits[:4]), int(digits[4:6]), int(digits[6:8]), int(digits[8:10]), int(digits[10:12]),
-                       int(digits[12:14]), micro, tzinfo=dt.timezone.utc)
-
-
 def parse_utc_timestamp_us(text: str) -> int:
-    """:func:`parse_utc_timestamp` as UTC microseconds since the epoch (dates cached)."""
+    """A UTCTimestamp, YYYYMMDD-HH:MM:SS[.sss[sss[sss]]], as UTC microseconds since the
+    epoch (dates cached); raises ValueError."""
     if len(text) < 17 or text[8] != "-" or text[11] != ":" or text[14] != ":" or not text.isascii():
         raise ValueError(text)
     day_us = _DAY_US.get(text[:8])

@@ -449,11 +449,11 @@ class Connection:
             await self._flush(chunks, rows, in_seq)
 
     async def _ack(self, slot: _Slot) -> tuple[str, list, bool]:
-        if slot.future is not None and not slot.future.done():
-            try:
-                await asyncio.wrap_future(slot.future)
-            except Exception:  # _ack_now answers it
-                pass
+        """:meth:`_ack_now`, once the engine has answered (or failed: it says so)."""
+        try:
+            await asyncio.wrap_future(slot.future)
+        except Exception:
+            pass
         return self._ack_now(slot)
 
     def _ack_now(self, slot: _Slot) -> tuple[str, list, bool]:

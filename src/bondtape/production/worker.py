@@ -18,7 +18,6 @@ import asyncio
 import json
 import logging
 import os
-import signal
 import socket
 import sys
 import threading
@@ -138,7 +137,7 @@ def run_worker(cfg: ServeConfig, *, index: int = 0, sockets: dict[str, socket.so
     from bondtape.db import connect
     from bondtape.observability import configure_logging
     from bondtape.production import resilience
-    from bondtape.serve import _uvicorn_config, build_app
+    from bondtape.serve import _uvicorn_config, build_app, stop_signal, wait_started
 
     configure_logging(cfg.log_level, cfg.log_format == "json")
     primary = index == 0
@@ -181,24 +180,12 @@ def run_worker(cfg: ServeConfig, *, index: int = 0, sockets: dict[str, socket.so
     async def main() -> None:
         from bondtape.fix.server import start_fix_server
 
-        loop = asyncio.get_running_loop()
-        done = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                loop.add_signal_handler(sig, done.set)
-            except (NotImplementedError, RuntimeError):  # not the main thread (tests)
-                pass
-        if stop is not None:
-            loop.run_in_executor(None, lambda: (stop.wait(), loop.call_soon_threadsafe(done.set)))
+        done = stop_signal(stop)
         tasks = [asyncio.create_task(s.serve(sockets=[sock])) for _, s, sock in servers]
         fix = None
         if primary and cfg.fix_port is not None:
             fix = await start_fix_server(db, cfg.host, cfg.fix_port, sequencer=svc.sequencer)
-        while not all(s.started for _, s, _ in servers):
-            for t in tasks:
-                if t.done():
-                    raise t.exception() or RuntimeError("a server stopped while starting")
-            await asyncio.sleep(0.02)
+        await wait_started([s for _, s, _ in servers], tasks)
         addresses = {name: f"{'http' if name == 'feed' else name}://{cfg.host}:{sock.getsockname()[1]}"
                      for name, _, sock in servers}
         if fix is not None:

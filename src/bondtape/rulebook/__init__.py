@@ -19,7 +19,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any, Iterable
 
-from bondtape.clock import MARKET_TZ, from_us, market_date, market_instant, market_parts
+from bondtape.clock import market_date, market_instant, market_parts
 from bondtape.rulebook.calendar import Calendar
 
 __all__ = [
