@@ -141,3 +141,9 @@ def test_market_pages_show_the_feed_capped(world):
     assert 'id="aggregates"' in market and "ACME4012345" in market and "9,000,000" not in market
     assert anon.get("/market/security?q=NOSUCH").status_code == 404
     assert anon.get("/market?date=junk").status_code == 400
+
+
+def test_a_control_number_beyond_any_stored_one_is_not_found(world):
+    c = signed_in(world, world.trader)
+    for path in (f"/reports/{2**63}", f"/reports/{2**63}/history", f"/reports/{10**30}"):
+        assert c.get(path).status_code == 404, path
