@@ -19,6 +19,7 @@ its final name and renamed into place only when complete: never a half-written d
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import json
 import os
@@ -163,20 +164,41 @@ def _days(batches: Iterator[pa.RecordBatch], created: bool, sub: str,
 
 _CSV = pacsv.WriteOptions(include_header=False, delimiter="|", quoting_style="none")
 _TEN_THOUSAND, _HUNDRED, _SIXTY, _HOUR = (pa.scalar(v, pa.int32()) for v in (10_000, 100, 60, 3600))
+_SECONDS_A_DAY = 86_400
 
 
-def _yyyymmdd(col: pa.ChunkedArray) -> pa.ChunkedArray:
-    days = pc.add(pc.multiply(pc.year(col).cast(pa.int32()), _TEN_THOUSAND),
-                  pc.add(pc.multiply(pc.month(col).cast(pa.int32()), _HUNDRED), pc.day(col).cast(pa.int32())))
-    return pc.utf8_lpad(days.cast(pa.string()), width=8, padding="0")
+def _yyyymmdd_values(days: pa.Array) -> pa.Array:
+    dates = pc.add(pc.multiply(pc.year(days).cast(pa.int32()), _TEN_THOUSAND),
+                   pc.add(pc.multiply(pc.month(days).cast(pa.int32()), _HUNDRED), pc.day(days).cast(pa.int32())))
+    return pc.utf8_lpad(dates.cast(pa.string()), width=8, padding="0")
 
 
-def _hhmmss(col: pa.ChunkedArray) -> pa.ChunkedArray:
-    s = col.cast(pa.int32())
+def _yyyymmdd(col: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """Dates as YYYYMMDD. A day's file holds few distinct dates: each is formatted once
+    (dictionary-encoded) and the text taken by index."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    encoded = pc.dictionary_encode(col)
+    return pc.take(_yyyymmdd_values(encoded.dictionary), encoded.indices)
+
+
+def _hhmmss_values(seconds: pa.Array) -> pa.Array:
+    s = seconds.cast(pa.int32())
     minutes, hours = pc.divide(s, _SIXTY), pc.divide(s, _HOUR)
     hhmmss = pc.add(pc.add(pc.multiply(hours, _TEN_THOUSAND), pc.multiply(pc.subtract(minutes, pc.multiply(hours, _SIXTY)), _HUNDRED)),
                     pc.subtract(s, pc.multiply(minutes, _SIXTY)))
     return pc.utf8_lpad(hhmmss.cast(pa.string()), width=6, padding="0")
+
+
+@functools.cache
+def _clock() -> pa.Array:
+    """HHMMSS of every second of a day, indexed by the second."""
+    return _hhmmss_values(pa.array(range(_SECONDS_A_DAY), pa.int32()))
+
+
+def _hhmmss(col: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """Times of day (time32[s], 0 to 86,399 by Arrow's definition) as HHMMSS, looked up."""
+    return pc.take(_clock(), col.cast(pa.int32()))
 
 
 def ehts_lines(table: pa.Table) -> bytes:
