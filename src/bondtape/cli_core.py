@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from bondtape.cli import db_option, open_db
+from bondtape.db import reading
 
 console = Console(stderr=True, soft_wrap=True)  # long lines (URLs, commands) stay whole
 
@@ -63,7 +64,7 @@ def securities_list(data_set: str | None, fmt: str, db_url: str | None) -> None:
     """List securities."""
     from bondtape.reference.store import load_securities
 
-    with open_db(db_url).connect() as conn:
+    with reading(open_db(db_url)) as conn:
         items = [s for s in load_securities(conn).values() if not data_set or s.data_set == data_set.upper()]
     cols = ["cusip", "symbol", "issuer", "coupon", "maturity", "data_set", "grade", "rule_144a", "eligible_from", "eligible_to"]
     rows = [[s.cusip, s.symbol, s.issuer, s.coupon if s.coupon is not None else "", s.maturity or "", s.data_set,
@@ -93,7 +94,7 @@ def firms_list(fmt: str, db_url: str | None) -> None:
     """List firms."""
     from bondtape.reference.store import load_firms
 
-    with open_db(db_url).connect() as conn:
+    with reading(open_db(db_url)) as conn:
         items = list(load_firms(conn).values())
     rows = [[f.mpid, f.name, "Y" if f.finra_member else "N", "Y" if f.test_only else "N"] for f in items]
     _print_rows(["mpid", "name", "finra_member", "test_only"], rows, fmt, "firms")
@@ -200,7 +201,7 @@ def journal_show(from_seq: int, limit: int, db_url: str | None) -> None:
     from bondtape.journal.projection import decode_payload
     from bondtape.journal.schema import journal as jt
 
-    with open_db(db_url).connect() as conn:
+    with reading(open_db(db_url)) as conn:
         for r in conn.execute(sa.select(jt).where(jt.c.seq >= from_seq).order_by(jt.c.seq).limit(limit)):
             row = dict(r._mapping)
             row["payload"] = decode_payload(row["payload"])

@@ -54,6 +54,44 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # pragma: no cover - tr
     cursor.close()
 
 
+_READ_ONLY = "bondtape_read_only"
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    # A transaction that may write takes the write lock at once (IMMEDIATE): one that read
+    # first and wrote later could not wait for the lock (SQLITE_BUSY_SNAPSHOT). A read-only
+    # transaction (see ``reading``) is deferred: a WAL snapshot that neither waits for the
+    # engine's batches nor holds them up, and that refuses writes (query_only).
+    if conn.get_execution_options().get(_READ_ONLY):
+        conn.exec_driver_sql("BEGIN")
+        conn.exec_driver_sql("PRAGMA query_only=ON")
+        conn.info["query_only"] = True
+        return
+    if conn.info.pop("query_only", False):
+        conn.exec_driver_sql("PRAGMA query_only=OFF")
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _sqlite_checkin(dbapi_connection, record) -> None:  # back in the pool: writable again
+    if record.info.pop("query_only", False):
+        dbapi_connection.execute("PRAGMA query_only=OFF")
+
+
+def reading(db: Engine) -> Connection:
+    """A connection whose transactions only read.
+
+    On SQLite they are deferred: each reads one consistent WAL snapshot without taking the
+    write lock, so a long read (``journal verify``, an invoice, a feed replay) neither waits
+    for the engine's batches nor holds intake up, and a write in them fails
+    (``PRAGMA query_only``). On PostgreSQL they are ``READ ONLY`` transactions. Use it as
+    ``with reading(db) as conn:``.
+    """
+    conn = db.connect()
+    if db.dialect.name == "postgresql":
+        return conn.execution_options(postgresql_readonly=True)
+    return conn.execution_options(**{_READ_ONLY: True})
+
+
 def connect(url: str | None = None, *, migrate_schema: bool = True) -> Engine:
     """Open the database (creating a SQLite file if needed) and bring its schema up to date."""
     url = resolve_url(url)
@@ -68,7 +106,8 @@ def connect(url: str | None = None, *, migrate_schema: bool = True) -> Engine:
         sa.event.listen(engine, "connect", _sqlite_pragmas)
         # pysqlite's own transaction handling is off (isolation_level=None); emit BEGIN
         # ourselves so that SQLAlchemy's transactions are real SQLite transactions.
-        sa.event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+        sa.event.listen(engine, "begin", _sqlite_begin)
+        sa.event.listen(engine.pool, "checkin", _sqlite_checkin)
     if migrate_schema:
         migrate(engine)
     return engine

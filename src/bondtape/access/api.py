@@ -15,6 +15,7 @@ from sqlalchemy.engine import Engine
 from bondtape.access import accounts, audit
 from bondtape.access.model import AccessError, AuthenticatedUser
 from bondtape.access.settings import LockoutPolicy
+from bondtape.db import reading
 
 __all__ = [
     "AccessError",
@@ -80,7 +81,7 @@ def may(db: Engine, actor: AuthenticatedUser | None, action: str, resource=None,
     """May this actor do this to that? (See ``bondtape.access.authz``.)"""
     from bondtape.access.authz import decide
 
-    with db.connect() as conn:
+    with reading(db) as conn:
         return decide(conn, actor, action, resource, now_us=now_us).allowed
 
 

@@ -11,6 +11,7 @@ import sqlalchemy as sa
 
 from bondtape.cli import db_option, open_db
 from bondtape.clock import MARKET_TZ, iso_market, now_us, to_us
+from bondtape.db import reading
 
 
 def _fail(exc) -> None:
@@ -92,7 +93,7 @@ def orgs_list(fmt, db_url) -> None:
     """List organisations."""
     from bondtape.access.schema import organisations as t
 
-    with open_db(db_url).connect() as conn:
+    with reading(open_db(db_url)) as conn:
         rows = conn.execute(sa.select(t.c.id, t.c.name, t.c.kind, t.c.mpid, t.c.email).order_by(t.c.id)).all()
     _table(["id", "name", "kind", "mpid", "email"], rows, fmt)
 
@@ -204,7 +205,7 @@ def users_list(org_id, fmt, db_url) -> None:
          .outerjoin(ls, ls.c.user_id == u.c.id).order_by(u.c.id))
     if org_id is not None:
         q = q.where(u.c.org_id == org_id)
-    with open_db(db_url).connect() as conn:
+    with reading(open_db(db_url)) as conn:
         rows = [(*r[:8], iso_market(r[8]) if r[8] else None) for r in conn.execute(q)]
     _table(["id", "username", "org", "name", "email", "roles", "status", "mfa", "locked_until"], rows, fmt)
 
@@ -333,7 +334,7 @@ def certs_list(username, fmt, db_url) -> None:
     """List client certificates."""
     from bondtape.access.ca import list_certificates
 
-    with open_db(db_url).connect() as conn:
+    with reading(open_db(db_url)) as conn:
         rows = list_certificates(conn, _user_id(conn, username) if username else None)
     _table(["serial", "user", "not_before", "not_after", "status"],
            [(r.serial, r.username, iso_market(r.not_before_us), iso_market(r.not_after_us),
@@ -419,7 +420,7 @@ def ent_list(org_id, fmt, db_url) -> None:
     """List entitlements."""
     from bondtape.access import entitlements
 
-    with open_db(db_url).connect() as conn:
+    with reading(open_db(db_url)) as conn:
         rows = entitlements.list_for(conn, org_id)
     _table(["id", "org", "product", "data_set", "year", "from", "to", "note"],
            [(e.id, e.org_id, e.product, e.data_set, e.year, iso_market(e.start_us), iso_market(e.end_us) if e.end_us else None,
@@ -449,7 +450,7 @@ def audit_search(actor, action, outcome, target, since, until, limit, fmt, db_ur
     from bondtape.access import audit
 
     until_us = _day_us(until)
-    with open_db(db_url).connect() as conn:
+    with reading(open_db(db_url)) as conn:
         rows = audit.search(conn, actor=actor, action=action, outcome=outcome, target=target, since_us=_day_us(since),
                             until_us=until_us + 86_400_000_000 if until_us else None, limit=limit)
     _table(["id", "time", "action", "outcome", "actor", "target", "source", "detail"],

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from bondtape.cli import db_option, open_db
+from bondtape.db import reading
 
 DATA_SET = click.Choice(["CORP", "AGCY"], case_sensitive=False)
 
@@ -72,7 +73,7 @@ def feed_replay(from_seq: int, to_seq: int | None, data_set: str | None, date: s
     pub = _publisher(db_url, catch_up)
     sets = [data_set.upper()] if data_set else list(DATA_SETS)
     streams = []
-    with pub.db.connect() as conn:
+    with reading(pub.db) as conn:
         for ds in sets:
             start = (date or "", from_seq)
             until = (date or _first_day(conn, ds), to_seq) if to_seq is not None else None
@@ -95,7 +96,7 @@ def _iter(db, ds, start, until):
 
     pos = start
     while True:
-        with db.connect() as conn:
+        with reading(db) as conn:
             batch = read_messages(conn, ds, pos, until=until, limit=5000)
         yield from batch
         if len(batch) < 5000:

@@ -33,6 +33,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine as SAEngine
 
 from bondtape.clock import iso_market, market_date, now_us
+from bondtape.db import reading
 from bondtape.dissemination import rules as R
 from bondtape.dissemination.schema import (
     FEED_TABLES, feed_days, feed_last_sale, feed_messages, feed_operator_actions, feed_position,
@@ -289,7 +290,7 @@ class Publisher:
 
     # -- state -------------------------------------------------------------------------
     def _load(self) -> None:
-        with self.db.connect() as conn:
+        with reading(self.db) as conn:
             pos = conn.execute(sa.select(feed_position).where(feed_position.c.id == 1)).one()
             self.position = pos.journal_seq
             self.action_id = pos.action_id
@@ -505,7 +506,7 @@ class Publisher:
             if self._broken:
                 self._reset()
             while True:
-                with self.db.connect() as conn:
+                with reading(self.db) as conn:
                     rows = conn.execute(sa.select(journal).where(journal.c.seq > self.position)
                                         .order_by(journal.c.seq).limit(self.chunk)).all()
                     actions = [dict(r._mapping) for r in conn.execute(
@@ -683,7 +684,7 @@ class Publisher:
                     wanted.append(c)
         if not wanted:
             return
-        with self.db.connect() as conn:
+        with reading(self.db) as conn:
             for i in range(0, len(wanted), 900):
                 for r in conn.execute(sa.select(feed_reports).where(feed_reports.c.control_number.in_(wanted[i:i + 900]))):
                     b.reports[r.control_number] = dict(r._mapping)
@@ -794,7 +795,7 @@ class Publisher:
         event or action that closes the day is stored (see :meth:`_settle`); of what it made
         since, only the last sales of closes before this one matter here."""
         fr = feed_reports.c
-        with self.db.connect() as conn:
+        with reading(self.db) as conn:
             rows = [dict(r._mapping) for r in conn.execute(
                 sa.select(feed_reports).where(fr.data_set == data_set, fr.feed_date == date, fr.status == "ACTIVE")
                 .order_by(fr.journal_seq))]
@@ -845,7 +846,7 @@ class Publisher:
         at_us = self.clock() if at_us is None else at_us
         with self._lock:
             self.catch_up()  # an action takes its place after everything journaled so far (all stored)
-            with self.db.connect() as conn:
+            with reading(self.db) as conn:
                 next_id = conn.execute(sa.select(sa.func.coalesce(sa.func.max(feed_operator_actions.c.id), 0))).scalar_one() + 1
             row = {"id": next_id, "after_journal_seq": self.position, "action": action, "cusip": cusip,
                    "reason": reason, "feed_date": date or market_date(at_us).isoformat(), "at_us": at_us,
@@ -865,7 +866,7 @@ class Publisher:
             return b.messages
 
     def _security(self, cusip: str) -> Any:
-        with self.db.connect() as conn:
+        with reading(self.db) as conn:
             sec = conn.execute(sa.select(securities_table).where(securities_table.c.cusip == cusip)).first()
         if sec is None:
             raise FeedError("SECURITY_UNKNOWN", "cusip", f"cusip {cusip} is not in reference data")
@@ -935,7 +936,7 @@ class Publisher:
                 if start and ds in start:
                     pos = start[ds]
                     while not sub.closed:
-                        with self.db.connect() as conn:
+                        with reading(self.db) as conn:
                             batch = read_messages(conn, ds, pos, limit=2000)
                         for m in batch:
                             sub.last[ds] = m.position
@@ -991,14 +992,14 @@ class Publisher:
             return len(self.catch_up())
 
     def messages(self, data_set: str, start: tuple[str, int] = ("", 1), limit: int | None = None) -> list[FeedMessage]:
-        with self.db.connect() as conn:
+        with reading(self.db) as conn:
             return read_messages(conn, data_set, start, limit=limit)
 
     def iter_all(self) -> Iterator[FeedMessage]:
         """Every stored message in publication order."""
         last = 0
         while True:
-            with self.db.connect() as conn:
+            with reading(self.db) as conn:
                 rows = conn.execute(sa.select(feed_messages).where(feed_messages.c.pub_order > last)
                                     .order_by(feed_messages.c.pub_order).limit(5000)).all()
             if not rows:

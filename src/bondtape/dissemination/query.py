@@ -15,6 +15,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from bondtape.db import reading
 from bondtape.dissemination.publisher import DATA_SETS, FeedError
 from bondtape.dissemination.schema import feed_days, feed_messages, feed_reports
 from bondtape.reference.schema import securities as securities_table
@@ -25,7 +26,7 @@ __all__ = ["feed_status", "time_and_sales", "snapshot_lines", "write_snapshot"]
 def feed_status(db: Engine) -> dict[str, dict[str, Any]]:
     """Each data set's latest feed day, its last message number and whether it is closed."""
     out: dict[str, dict[str, Any]] = {}
-    with db.connect() as conn:
+    with reading(db) as conn:
         for ds in DATA_SETS:
             row = conn.execute(sa.select(feed_days).where(feed_days.c.data_set == ds)
                                .order_by(feed_days.c.feed_date.desc()).limit(1)).first()
@@ -52,7 +53,7 @@ def time_and_sales(db: Engine, cusip: str, date_from: str | None = None, date_to
     if not 1 <= limit <= 10_000:
         raise FeedError("LIMIT_INVALID", "limit", "limit is 1 to 10000")
     fr = feed_reports.c
-    with db.connect() as conn:
+    with reading(db) as conn:
         sec = conn.execute(sa.select(securities_table).where(securities_table.c.cusip == cusip)).first()
         if sec is None:
             raise FeedError("SECURITY_UNKNOWN", "cusip", f"cusip {cusip} is not in reference data")
@@ -71,7 +72,7 @@ def snapshot_lines(db: Engine, data_set: str, date: str) -> list[str]:
     """The day's disseminated messages of one data set, in sequence order."""
     date = _date(date, "date") or ""
     m = feed_messages.c
-    with db.connect() as conn:
+    with reading(db) as conn:
         return list(conn.execute(sa.select(m.body).where(m.data_set == data_set, m.feed_date == date)
                                  .order_by(m.msg_seq)).scalars())
 
@@ -86,7 +87,7 @@ def write_snapshot(db: Engine, data_set: str, date: str, directory: Path) -> tup
     if data_set not in DATA_SETS:
         raise FeedError("DATA_SET_INVALID", "data_set", f"data set is one of {', '.join(DATA_SETS)}")
     lines = snapshot_lines(db, data_set, date)
-    with db.connect() as conn:
+    with reading(db) as conn:
         day = conn.execute(sa.select(feed_days.c.closed).where(feed_days.c.data_set == data_set,
                                                                 feed_days.c.feed_date == date)).first()
     directory.mkdir(parents=True, exist_ok=True)

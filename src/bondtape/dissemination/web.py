@@ -26,6 +26,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from bondtape.db import reading
 from bondtape.dissemination.handoff import LoopHandoff
 from bondtape.dissemination.publisher import DATA_SETS, FeedError, FeedMessage, Publisher, read_messages
 from bondtape.dissemination.query import feed_status, snapshot_lines, time_and_sales
@@ -130,7 +131,7 @@ class _Stream:
         for ds in self.data_sets:  # the stored part: paced by the client
             while True:
                 def read(ds=ds) -> list[FeedMessage]:
-                    with self.publisher.db.connect() as conn:
+                    with reading(self.publisher.db) as conn:
                         return read_messages(conn, ds, positions[ds], limit=REPLAY_CHUNK)
                 batch = await run_in_threadpool(read)
                 for m in batch:
@@ -239,7 +240,7 @@ def feed_routes(publisher: Publisher, *, entitled: Entitled | None = None) -> li
         start = want.start.get(ds, ("", 1))
 
         def read() -> list[FeedMessage]:
-            with publisher.db.connect() as conn:
+            with reading(publisher.db) as conn:
                 return read_messages(conn, ds, start, limit=int(limit))
         rows = await run_in_threadpool(read)
         return Response("".join(m.body + "\n" for m in rows), media_type="application/x-ndjson")

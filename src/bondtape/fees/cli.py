@@ -10,6 +10,7 @@ import click
 
 from bondtape.cli import db_option, open_db
 from bondtape.clock import now_us
+from bondtape.db import reading
 from bondtape.fees.schedule import FeeError
 from bondtape.fees.schema import HISTORIC_PRODUCTS, SUBSCRIPTION_PRODUCTS
 
@@ -141,7 +142,7 @@ def records_cmd(organisation: str | None, db_url: str | None) -> None:
     """Print subscriptions and Historic orders as JSON."""
     from bondtape.fees.records import find_organisation, list_records
 
-    with open_db(db_url).connect() as conn:
+    with reading(open_db(db_url)) as conn:
         try:
             org_id = find_organisation(conn, organisation).id if organisation else None
         except FeeError as exc:

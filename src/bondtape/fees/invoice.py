@@ -24,6 +24,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from bondtape.access.schema import organisations, users
 from bondtape.clock import MARKET_TZ, to_us
+from bondtape.db import reading
 from bondtape.fees.schedule import FeeError, Schedule, ScheduleBook, default_schedules, exact, month_bounds, round_money
 from bondtape.fees.schema import fee_subscriptions, fees_report_index, historic_orders
 from bondtape.journal.schema import journal, trade_reports
@@ -250,7 +251,7 @@ def _parallel_report_groups(db: Engine, month: str, schedule: Schedule, workers:
     spans = [(days[i], days[min(i + size, len(days)) - 1]) for i in range(0, len(days), size)]
 
     def read(span: tuple[dt.date, dt.date]) -> list[Any]:
-        with db.connect() as conn:
+        with reading(db) as conn:
             return _report_rows(conn, span[0], span[1], schedule)
 
     with ThreadPoolExecutor(max_workers=len(spans)) as pool:
@@ -631,7 +632,7 @@ def build_invoices(db: Engine | Connection, month: str, schedules: ScheduleBook 
     else:
         workers = min(4, os.cpu_count() or 1) if workers is None else workers
         groups = None if org_id is not None else _parallel_report_groups(db, month, schedule, workers)
-        with db.connect() as conn:
+        with reading(db) as conn:
             inputs = collect(conn, month, schedule, groups, org_id=org_id)
     invoices, unbilled = price(inputs, schedule)
     return invoices, unbilled, schedule

@@ -27,6 +27,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine as SAEngine
 
 from bondtape.clock import now_us
+from bondtape.db import reading
 from bondtape.engine import Engine, EngineUnavailable, Result, Sequencer
 from bondtape.fix import codec, mapping, store
 from bondtape.journal.schema import journal
@@ -90,13 +91,13 @@ def tls_context(certfile: str, keyfile: str | None = None) -> ssl_module.SSLCont
 
 
 def _lookup_client_ref(db: SAEngine, mpid: str, ref: str) -> int | None:
-    with db.connect() as conn:
+    with reading(db) as conn:
         return conn.execute(sa.select(journal.c.control_number).where(
             journal.c.mpid == mpid, journal.c.client_ref == ref)).scalar()
 
 
 def _firm_exists(db: SAEngine, mpid: str) -> bool:
-    with db.connect() as conn:
+    with reading(db) as conn:
         return conn.execute(sa.select(firms_table.c.mpid).where(firms_table.c.mpid == mpid)).first() is not None
 
 

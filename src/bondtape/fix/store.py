@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from bondtape.batching import drain_batch
+from bondtape.db import reading
 from bondtape.fix.schema import fix_messages, fix_sessions
 
 log = logging.getLogger("bondtape.fix")
@@ -33,7 +34,7 @@ class SessionRecord:
 
 
 def find_session(db: Engine, sender: str, target: str) -> SessionRecord | None:
-    with db.connect() as conn:
+    with reading(db) as conn:
         row = conn.execute(sa.select(fix_sessions).where(
             fix_sessions.c.sender_comp_id == sender, fix_sessions.c.target_comp_id == target)).first()
     if row is None:
@@ -60,7 +61,7 @@ def open_session(db: Engine, sender: str, target: str, mpid: str, username: str,
 
 def stored_messages(db: Engine, session_id: int, begin: int, end: int) -> list[tuple[int, str, str]]:
     """(seq, msg_type, message) of sent application messages with begin <= seq <= end."""
-    with db.connect() as conn:
+    with reading(db) as conn:
         rows = conn.execute(sa.select(fix_messages.c.seq, fix_messages.c.msg_type, fix_messages.c.message).where(
             fix_messages.c.session_id == session_id, fix_messages.c.seq >= begin,
             fix_messages.c.seq <= end).order_by(fix_messages.c.seq)).all()

@@ -7,6 +7,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from bondtape.db import reading
 from bondtape.journal.projection import Event, as_mapping, project
 from bondtape.journal.schema import journal, journal_head, trade_reports
 
@@ -59,7 +60,7 @@ _BOOLS = {c.name for c in trade_reports.columns if isinstance(c.type, sa.Boolean
 
 def verify(engine: Engine) -> VerifyReport:
     report = VerifyReport()
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         count, low, high = conn.execute(sa.select(sa.func.count(), sa.func.min(journal.c.seq), sa.func.max(journal.c.seq))).one()
         report.events = count
         if count and (low != 1 or high != count):

@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from bondtape.db import reading
 from bondtape.web.routing import Ctx, GuardedRoute, _handle
 
 CHECK_TIMEOUT_SECONDS = 2.0
@@ -57,7 +58,7 @@ def _database_check(state) -> tuple[bool, int | None, str]:
     from bondtape.journal.schema import journal_head
 
     try:
-        with state.db.connect() as conn:
+        with reading(state.db) as conn:
             head = conn.execute(sa.select(journal_head.c.last_seq).where(journal_head.c.id == 1)).scalar_one()
         return True, head, "ok"
     except Exception as exc:  # noqa: BLE001 - any failure means not ready
