@@ -44,8 +44,8 @@ def _commands(n: int, cusips: list[str], start: int, day: int = 4) -> list[Comma
     return out
 
 
-def run(url: str, reports: int, batch: int) -> dict:
-    db = connect(url)
+def _setup(db: sa.Engine) -> list[str]:
+    """The benchmark's 500 securities and 20 dealers; returns the CUSIPs."""
     cusips = []
     for i in range(500):
         base = f"{i:06d}AA"
@@ -54,6 +54,12 @@ def run(url: str, reports: int, batch: int) -> dict:
         upsert_securities(conn, [Security(c, f"S{i:05d}", "Issuer", Decimal("5"), dt.date(2040, 1, 1), "CORP",
                                           "IG" if i % 3 else "HY", False, dt.date(2002, 7, 1)) for i, c in enumerate(cusips)])
         upsert_firms(conn, [Firm(f"D{i:03d}", f"Dealer {i}") for i in range(20)])
+    return cusips
+
+
+def run(url: str, reports: int, batch: int) -> dict:
+    db = connect(url)
+    cusips = _setup(db)
     engine = Engine(db)
     engine.submit(_commands(100, cusips, 10_000_000, day=1))  # warm-up: reference data loaded
     commands = _commands(reports, cusips, 0)
