@@ -377,6 +377,15 @@ def test_bad_requests_have_codes_and_leave_nothing_half_written(market, tmp_path
     with pytest.raises(OSError):
         build_data_set(market, "corporate", 2024, AS_OF_2024, tmp_path / "b")
     assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+
+    def bad_records(*args, **kwargs):  # records are derived in their own thread: its failure still ends the build
+        raise ValueError("a value does not fit decimal128(18, 2)")
+
+    monkeypatch.setattr(builder_module, "records", bad_records)
+    with pytest.raises(ValueError, match="does not fit"):
+        build_data_set(market, "corporate", 2024, AS_OF_2024, tmp_path / "c")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_data_dictionary_is_generated_and_documented(built):

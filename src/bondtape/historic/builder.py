@@ -40,8 +40,8 @@ from bondtape import __version__
 from bondtape.clock import MARKET_TZ, to_us
 from bondtape.historic import layout
 from bondtape.historic.layout import COLUMNS, FINRA_COLUMNS, HEADER, LAYOUT, RECORD_FORMAT
-from bondtape.historic.records import (DAY, SOURCE_SCHEMA, SettlementDays, closed_select, created_select, day_table,
-                                       records)
+from bondtape.historic.records import (SOURCE_SCHEMA, SettlementDays, closed_select, created_select, day_table,
+                                       records, report_day)
 from bondtape.historic.source import open_source
 from bondtape.rulebook import Rulebook, default_rulebook, historic_available_from
 
@@ -134,17 +134,22 @@ def _midnight_us(day: dt.date) -> int:
     return to_us(dt.datetime.combine(day, dt.time(0), tzinfo=MARKET_TZ))
 
 
-def _days(batches: Iterator[pa.RecordBatch], created: bool, sub: str,
-          settlement_days: SettlementDays) -> Iterator[tuple[dt.date, list[pa.Table]]]:
+Piece = tuple[Future, int, int]  # a batch's records (being derived), and the slice of it: start, length
+
+
+def _days(batches: Iterator[pa.RecordBatch], created: bool, sub: str, settlement_days: SettlementDays,
+          deriver: ThreadPoolExecutor) -> Iterator[tuple[dt.date, list[Piece]]]:
     """A statement's records grouped by trade report date, in date order.
 
     The statements return their rows in date order, so a day is complete when the next one
-    starts: memory holds one day and one batch of each statement.
+    starts: memory holds one day and one batch of each statement. Each batch's records are
+    derived in the ``deriver`` thread while this one reads on; only the report date of
+    each row (which names its day) is worked out here.
     """
     day, pieces = None, []
     for batch in batches:
-        recs = records(batch, created, sub, settlement_days)
-        runs = pc.run_end_encode(recs.column(DAY).combine_chunks())
+        derived = deriver.submit(records, batch, created, sub, settlement_days)
+        runs = pc.run_end_encode(report_day(batch))
         start = 0
         for value, end in zip(runs.values.to_pylist(), runs.run_ends.to_pylist()):
             if day is not None and value < day:
@@ -154,7 +159,7 @@ def _days(batches: Iterator[pa.RecordBatch], created: bool, sub: str,
                 if pieces:
                     yield day, pieces
                 day, pieces = value, []
-            pieces.append(recs.slice(start, end - start))
+            pieces.append((derived, start, end - start))
             start = end
     if pieces:
         yield day, pieces  # type: ignore[misc]
@@ -311,22 +316,26 @@ _IN_FLIGHT = 2  # days handed to the writers and not yet written: bounds memory
 
 def _build(db, sub, data_set, year, as_of, available, first_day, last_day, work: Path, rulebook: Rulebook,
            progress, reader: str) -> BuildResult:
-    """Read both statements side by side, day by day; a writer thread writes each day's files
-    while the next day is read and derived (Arrow and the drivers release the GIL)."""
+    """Read both statements side by side, day by day: the main thread reads, a deriver thread
+    turns each batch into records, a writer thread writes each day's files (Arrow and the
+    drivers release the GIL)."""
     settlement_days = SettlementDays(rulebook.at(last_day).calendar)
     lo_us, end_us = _midnight_us(first_day), _midnight_us(last_day + dt.timedelta(days=1))
     files: list[dict[str, Any]] = []
     totals = {"records": 0, "final_records": 0, "days": 0, "by_status": {s: 0 for s in "TXCRY"}}
-    with open_source(db, reader) as source, ThreadPoolExecutor(_WRITERS, thread_name_prefix="historic-writer") as writer:
+    with open_source(db, reader) as source, \
+            ThreadPoolExecutor(_WRITERS, thread_name_prefix="historic-writer") as writer, \
+            ThreadPoolExecutor(1, thread_name_prefix="historic-deriver") as deriver:  # one: SettlementDays is not shared
         streams = [_days(source.stream(created_select(sub, first_day, last_day, end_us), SOURCE_SCHEMA), True, sub,
-                         settlement_days),
-                   _days(source.stream(closed_select(sub, lo_us, end_us), SOURCE_SCHEMA), False, sub, settlement_days)]
+                         settlement_days, deriver),
+                   _days(source.stream(closed_select(sub, lo_us, end_us), SOURCE_SCHEMA), False, sub, settlement_days,
+                         deriver)]
         heads = [next(stream, None) for stream in streams]
         pending: deque[Future] = deque()
         try:
             day = first_day
             while day <= last_day:
-                pieces: list[pa.Table] = []
+                pieces: list[Piece] = []
                 for i, stream in enumerate(streams):
                     head = heads[i]
                     if head is not None and head[0] == day:
@@ -335,7 +344,7 @@ def _build(db, sub, data_set, year, as_of, available, first_day, last_day, work:
                     elif head is not None and head[0] < day:
                         raise HistoricError("JOURNAL_INCONSISTENT", "report_date",
                                             f"trade_reports returned a report dated outside {first_day}..{last_day}")
-                n = sum(p.num_rows for p in pieces)
+                n = sum(length for _, _, length in pieces)
                 if n:
                     schema = layout.arrow_schema(**{"bondtape.data_set": data_set, "bondtape.year": str(year),
                                                     "bondtape.trd_rpt_dt": day.isoformat()})
@@ -356,6 +365,7 @@ def _build(db, sub, data_set, year, as_of, available, first_day, last_day, work:
         except BaseException:
             for future in pending:
                 future.cancel()
+            deriver.shutdown(wait=False, cancel_futures=True)
             raise
         finally:
             for stream in streams:
@@ -397,11 +407,12 @@ def _collect(written: tuple[list[dict[str, Any]], dict[str, int]], files: list[d
     totals["final_records"] += sum(f["rows"] for f in entries if f["kind"] == "final")
 
 
-def _write_day(work: Path, day: dt.date, pieces: list[pa.Table],
+def _write_day(work: Path, day: dt.date, pieces: list[Piece],
                schema: pa.Schema) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """One trade report date's records put in file order, and its three files: their
     manifest entries and the day's count of records by status."""
-    table, standing, seqs = day_table(pieces, schema)
+    table, standing, seqs = day_table([derived.result().slice(start, length) for derived, start, length in pieces],
+                                      schema)
     del pieces
     by_status = {s.as_py(): n.as_py() for s, n in zip(*pc.value_counts(table.column("trc_st")).flatten())}
     name = day.isoformat()

@@ -216,6 +216,12 @@ class SettlementDays:
         return pc.max_element_wise(count, pa.scalar(0, pa.int32()))
 
 
+def report_day(batch: pa.RecordBatch) -> pa.Array:
+    """The trade report date (America/New_York) of each row of a statement's batch: the
+    date of its event (the report, or the cancel, correction or reversal)."""
+    return _local(batch.column("event_us")).cast(pa.date32())
+
+
 def records(batch: pa.RecordBatch, created: bool, sub: str, settlement_days: SettlementDays) -> pa.Table:
     """One batch of either statement -> its records: the layout's columns (``rec_ct_nb`` still
     0) and the keys DAY, EVENT_US, EVENT_SEQ, ORDER, STANDING."""
