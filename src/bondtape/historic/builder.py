@@ -198,7 +198,8 @@ def _hhmmss_values(seconds: pa.Array) -> pa.Array:
 @functools.cache
 def _clock() -> pa.Array:
     """HHMMSS of every second of a day, indexed by the second."""
-    return _hhmmss_values(pa.array(range(_SECONDS_A_DAY), pa.int32()))
+    seconds = pc.subtract(pc.cumulative_sum(pa.repeat(pa.scalar(1, pa.int32()), _SECONDS_A_DAY)), pa.scalar(1, pa.int32()))
+    return _hhmmss_values(seconds)
 
 
 def _hhmmss(col: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
