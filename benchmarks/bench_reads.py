@@ -44,9 +44,10 @@ def _writer(url: str, batch: int, ready, stop, counts) -> None:  # the child: in
 
 
 def _percentiles(values: list[float]) -> dict:
-    v = sorted(values)
-    return {"reads": len(v), "p50_ms": round(v[len(v) // 2], 3), "p99_ms": round(v[int(len(v) * 0.99)], 3),
-            "max_ms": round(v[-1], 3)}
+    from bondtape.production.loadkit import percentile
+
+    return {"reads": len(values), **{f"{k}_ms": round(percentile(values, p), 3)
+                                     for k, p in (("p50", 50), ("p99", 99), ("max", 100))}}
 
 
 def main(argv: list[str]) -> dict:
