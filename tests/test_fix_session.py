@@ -291,15 +291,18 @@ def test_tls(lite_market, tmp_path):
         server.stop()
 
 
-def test_cli_serve(market, db_url):
+@pytest.mark.parametrize("stop_with", ["SIGINT", "SIGTERM"])
+def test_cli_serve(market, db_url, stop_with):
     import re
     import signal
     import subprocess
     import sys
 
     add_users(market, ("alice", "DLRA"))
+    # started as a shell starts a background job: SIGINT ignored; it must stop all the same
     proc = subprocess.Popen([sys.executable, "-m", "bondtape", "fix", "serve", "--db", db_url, "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         line = proc.stdout.readline()
         found = re.search(r"on 127\.0\.0\.1:(\d+)", line)
@@ -307,6 +310,11 @@ def test_cli_serve(market, db_url):
         c = RawClient(int(found.group(1)))
         assert c.logon().msg_type == "A"
         c.close()
+        proc.send_signal(getattr(signal, stop_with))
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert out.strip() == "stopped", out
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(15)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

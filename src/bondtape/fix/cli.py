@@ -43,17 +43,27 @@ def serve(db_url: str | None, host: str, port: int, comp_id: str, tls_cert: str 
             raise click.ClickException(f"cannot listen on {host}:{port}: {exc}") from exc
         from bondtape.batching import freeze_after_startup
 
-        freeze_after_startup()
-        click.echo(f"FIX 4.4 acceptor {comp_id} on {host}:{server.port}{' (TLS)' if ssl else ''}; Ctrl-C stops it")
-        try:
-            await server.serve_forever()
-        finally:
-            await server.close()
+        from bondtape.serve import stop_signal
 
-    try:
-        asyncio.run(main())
-    except KeyboardInterrupt:
+        # SIGINT or SIGTERM stops it gracefully, even where SIGINT came in ignored (a
+        # process started in the background by a shell)
+        stop = stop_signal(None)
+        freeze_after_startup()
+        click.echo(f"FIX 4.4 acceptor {comp_id} on {host}:{server.port}{' (TLS)' if ssl else ''}; "
+                   "Ctrl-C or SIGTERM stops it")
+        serving = asyncio.ensure_future(server.serve_forever())
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait([serving, stopping], return_when=asyncio.FIRST_COMPLETED)
+            if serving.done():
+                serving.result()  # the listener failed: say why
+        finally:
+            serving.cancel()
+            stopping.cancel()
+            await server.close()
         click.echo("stopped")
+
+    asyncio.run(main())
 
 
 COMMANDS = [fix_group]
