@@ -6,6 +6,7 @@ Each capability adds its own group of subcommands in its own ``cli`` module, reg
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -25,6 +26,7 @@ _SUBCOMMANDS = [
     ("bondtape.serve", "COMMANDS"),
 ]
 
+DEBUG_VAR = "BONDTAPE_DEBUG"
 DB_HELP = f"Database URL (SQLite or PostgreSQL). Default: ${ENV_VAR}, else sqlite:///bondtape.db"
 
 
@@ -36,7 +38,8 @@ def open_db(db_url: str | None):
     try:
         return connect(db_url)
     except Exception as exc:  # a user sees what failed, not a traceback
-        raise click.ClickException(f"cannot open database {resolve_url(db_url)}: {exc}") from exc
+        reason = str(exc).split("\n(Background on this error", 1)[0].strip()
+        raise click.ClickException(f"cannot open database {resolve_url(db_url)}: {reason}") from exc
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -66,3 +69,9 @@ def main() -> None:
         cli(standalone_mode=True)
     except KeyboardInterrupt:  # pragma: no cover
         sys.exit(130)
+    except Exception as exc:  # a failure no command foresaw: one line, not a traceback
+        if os.environ.get(DEBUG_VAR):
+            raise
+        click.echo(f"Error: internal error ({type(exc).__name__}: {str(exc)[:300]}); nothing more was done. "
+                   f"Run again with {DEBUG_VAR}=1 for the traceback, and report it.", err=True)
+        sys.exit(1)

@@ -28,6 +28,17 @@ def progress_bar(transient: bool = False) -> Progress:
 # --- reference data ---------------------------------------------------------------------
 
 
+def _import_file(load, db_url: str | None, file: Path):
+    from bondtape.reference.store import ImportFileError
+
+    try:
+        return load(open_db(db_url), file)
+    except ImportFileError as exc:
+        raise click.ClickException(f"{file}: {exc}") from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot read {file}: {exc.strerror or exc}") from None
+
+
 def _report_import(result, what: str) -> None:
     for line, reason in result.errors:
         click.echo(f"line {line}: {reason}", err=True)
@@ -48,12 +59,14 @@ def securities_import(file: Path, db_url: str | None) -> None:
     """Load securities from FILE.csv.
 
     Columns: cusip,symbol,issuer,coupon,maturity,data_set,grade,rule_144a and optionally
-    eligible_from,eligible_to. data_set CORP or AGCY; grade IG or HY; rule_144a Y or N.
-    Bad rows are reported with their line number; good rows load.
+    eligible_from,eligible_to (no others). data_set CORP or AGCY; grade IG or HY; rule_144a Y
+    or N; coupon percent, at most 6 decimals; dates YYYY-MM-DD. Bad rows are reported with
+    their line number; good rows load. A file that is not UTF-8 CSV, or whose header repeats
+    or misspells a column, loads nothing.
     """
     from bondtape.reference.store import import_securities
 
-    _report_import(import_securities(open_db(db_url), file), "securities")
+    _report_import(_import_file(import_securities, db_url, file), "securities")
 
 
 @securities.command("list")
@@ -81,10 +94,14 @@ def firms() -> None:
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @db_option
 def firms_import(file: Path, db_url: str | None) -> None:
-    """Load firms from FILE.csv: columns mpid,name and optionally finra_member,test_only (Y/N)."""
+    """Load firms from FILE.csv: columns mpid,name and optionally finra_member,test_only (Y/N).
+
+    Bad rows are reported with their line number; good rows load. A file that is not UTF-8
+    CSV, or whose header repeats or misspells a column, loads nothing.
+    """
     from bondtape.reference.store import import_firms
 
-    _report_import(import_firms(open_db(db_url), file), "firms")
+    _report_import(_import_file(import_firms, db_url, file), "firms")
 
 
 @firms.command("list")
@@ -128,29 +145,47 @@ def _print_rows(cols: list[str], rows: list[list], fmt: str, title: str) -> None
 @click.option("--use-report-time", is_flag=True,
               help="Take each row's time of receipt from its report_time column (back-filling and "
                    "simulation only; production uses the real clock).")
-@click.option("--batch-size", default=5000, show_default=True, help="Rows per group commit.")
+@click.option("--batch-size", type=click.IntRange(1, 100_000), default=5000, show_default=True,
+              help="Rows per group commit.")
 @db_option
 def report(file: Path, results_path: Path | None, use_report_time: bool, batch_size: int, db_url: str | None) -> None:
     """Submit a bulk FILE.csv of NEW, CANCEL, CORRECT and REVERSE actions.
 
     Writes one result row per input line: line,client_ref,status,control_number,
-    reject_code,field,message. Columns of the input: docs/reporting.md.
+    reject_code,field,message. Columns of the input: docs/reporting.md. A file that cannot
+    be read as a whole (not UTF-8, not CSV, empty, a column named twice or unknown) is
+    refused before anything is submitted.
     """
     from bondtape.engine import Engine, EngineUnavailable
-    from bondtape.intake.bulk import count_lines, run_bulk
+    from bondtape.intake.bulk import BulkFileError, check_file, check_utf8, run_bulk
 
-    engine = Engine(open_db(db_url))
     results_path = results_path or file.with_suffix(".results.csv")
-    total = count_lines(file)
+    if results_path.resolve() == file.resolve():
+        raise click.BadParameter("the results file would overwrite the input FILE; choose another path",
+                                 param_hint="'--results'")
+    if not results_path.parent.is_dir():
+        raise click.BadParameter(f"folder {str(results_path.parent)!r} does not exist", param_hint="'--results'")
     try:
-        with open(file, newline="", encoding="utf-8-sig") as src, open(results_path, "w", newline="") as out, progress_bar() as bar:
+        check_utf8(file)
+        with open(file, newline="", encoding="utf-8-sig") as src:
+            total = check_file(src)
+    except BulkFileError as exc:
+        raise click.ClickException(f"{file}: {exc.code} ({exc.field}): {exc.message}") from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot read {file}: {exc.strerror or exc}") from None
+    engine = Engine(open_db(db_url))
+    try:
+        out_file = open(results_path, "w", newline="")
+    except OSError as exc:
+        raise click.ClickException(f"cannot write the results file {results_path}: {exc.strerror or exc}") from None
+    try:
+        with open(file, newline="", encoding="utf-8-sig") as src, out_file as out, progress_bar() as bar:
             task = bar.add_task("reporting", total=total, rate="")
             summary = run_bulk(engine, src, out, use_report_time=use_report_time, batch_size=batch_size,
                                progress=lambda n: bar.update(task, advance=n))
     except EngineUnavailable as exc:
-        raise click.ClickException(f"database unavailable, nothing more was journaled; retry: {exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise click.ClickException(f"{file} is not UTF-8 text: {exc}") from exc
+        raise click.ClickException(f"database unavailable, nothing more was journaled; the results so far are in "
+                                   f"{results_path}; send the file again to complete it: {exc}") from exc
     click.echo(f"{summary.lines} lines: {summary.accepted} accepted, {summary.rejected} rejected; results in {results_path}")
 
 
@@ -193,8 +228,8 @@ def journal_replay(db_url: str | None) -> None:
 
 
 @journal.command("show")
-@click.option("--from-seq", default=1, show_default=True)
-@click.option("--limit", default=20, show_default=True)
+@click.option("--from-seq", type=click.IntRange(1, 2**62), default=1, show_default=True)
+@click.option("--limit", type=click.IntRange(1, 10_000_000), default=20, show_default=True)
 @db_option
 def journal_show(from_seq: int, limit: int, db_url: str | None) -> None:
     """Print journal events as JSON lines."""

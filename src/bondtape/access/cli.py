@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -16,6 +18,22 @@ from bondtape.db import reading
 
 def _fail(exc) -> None:
     raise click.ClickException(str(exc))
+
+
+# a database id: a positive 64-bit integer (a larger number is no row, not a crash)
+ID = click.IntRange(1, 2**63 - 1)
+_HOST_RE = re.compile(r"(?=.{1,253}$)(?!-)[A-Za-z0-9-]{1,63}(?<!-)(?:\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+
+
+def _load_ca(ca_dir: Path):
+    """The certificate authority of CA_DIR, or a clear error when its files cannot be read."""
+    from bondtape.access.ca import CertificateAuthority
+
+    try:
+        return CertificateAuthority.load(ca_dir)
+    except (ValueError, TypeError, OSError) as exc:  # not PEM, not a key, unreadable
+        _fail(f"CA_INVALID (ca_dir): the certificate authority in {ca_dir} cannot be read ({type(exc).__name__}: "
+              f"{str(exc)[:120]}); it needs ca-cert.pem and ca-key.pem as `bondtape certs init` writes them")
 
 
 def _operator_source() -> str:
@@ -122,7 +140,7 @@ def _send_invitation(settings, row, token: str, print_link: bool) -> None:
 
 
 @users.command("add")
-@click.option("--org", "org_id", type=int, required=True)
+@click.option("--org", "org_id", type=ID, required=True)
 @click.option("--username", required=True)
 @click.option("--email", required=True)
 @click.option("--full-name", required=True)
@@ -193,7 +211,7 @@ def users_invite_mfa(db_url) -> None:
 
 
 @users.command("list")
-@click.option("--org", "org_id", type=int)
+@click.option("--org", "org_id", type=ID)
 @fmt_option
 @db_option
 def users_list(org_id, fmt, db_url) -> None:
@@ -288,11 +306,18 @@ def certs_init(ca_dir, name) -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
 def certs_server(ca_dir, hosts, out) -> None:
     """Issue the TLS server certificate for the website, REST API and download service."""
-    from bondtape.access.ca import CertificateAuthority
     from bondtape.access.model import AccessError
 
+    for host in hosts:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            if not _HOST_RE.fullmatch(host):
+                raise click.BadParameter(f"{host[:80]!r} is neither an IP address nor a DNS name (letters, digits, "
+                                         "hyphens and dots)", param_hint="'--host'") from None
+    ca = _load_ca(ca_dir)
     try:
-        cert, key = CertificateAuthority.load(ca_dir).issue_server(list(hosts), out, now_us=now_us())
+        cert, key = ca.issue_server(list(hosts), out, now_us=now_us())
     except AccessError as exc:
         _fail(exc)
     click.echo(f"server certificate {cert}, key {key}")
@@ -303,17 +328,17 @@ def certs_server(ca_dir, hosts, out) -> None:
 @ca_option
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Folder for USERNAME.crt and USERNAME.key (give both to the user; the service keeps no key)")
-@click.option("--days", type=int, default=365, show_default=True)
+@click.option("--days", type=click.IntRange(1, 825), default=365, show_default=True,
+              help="How long the certificate is valid (1 to 825 days).")
 @db_option
 def certs_issue(username, ca_dir, out, days, db_url) -> None:
     """Issue a client certificate to a user."""
     import os
 
-    from bondtape.access.ca import CertificateAuthority
     from bondtape.access.model import AccessError
 
+    ca = _load_ca(ca_dir)
     try:
-        ca = CertificateAuthority.load(ca_dir)
         with open_db(db_url).begin() as conn:
             cert_pem, key_pem, serial = ca.issue_client(conn, _user_id(conn, username), now_us=now_us(), days=days)
             out.mkdir(parents=True, exist_ok=True)
@@ -349,14 +374,14 @@ def certs_list(username, fmt, db_url) -> None:
 @db_option
 def certs_revoke(serial, reason, ca_dir, db_url) -> None:
     """Revoke a client certificate: refused from the next request on."""
-    from bondtape.access.ca import CertificateAuthority, revoke
+    from bondtape.access.ca import revoke
     from bondtape.access.model import AccessError
 
     try:
         with open_db(db_url).begin() as conn:
             revoke(conn, serial, now_us=now_us(), reason=reason, source="cli")
             if ca_dir:
-                CertificateAuthority.load(ca_dir).write_crl(conn, now_us=now_us())
+                _load_ca(ca_dir).write_crl(conn, now_us=now_us())
     except AccessError as exc:
         _fail(exc)
     click.echo(f"certificate {serial} revoked")
@@ -371,10 +396,10 @@ def entitlements_group() -> None:
 
 
 @entitlements_group.command("grant")
-@click.option("--org", "org_id", type=int, required=True)
+@click.option("--org", "org_id", type=ID, required=True)
 @click.option("--product", required=True, type=click.Choice(["REALTIME", "HISTORIC", "REFERENCE"], case_sensitive=False))
 @click.option("--data-set", default="", help="CORP, AGCY or 144A (none for REFERENCE)")
-@click.option("--year", type=int, help="HISTORIC: the calendar year purchased")
+@click.option("--year", type=click.IntRange(1900, 9999), help="HISTORIC: the calendar year purchased")
 @click.option("--from", "start", help="YYYY-MM-DD (default: now)")
 @click.option("--to", "end", help="YYYY-MM-DD, exclusive (default: open)")
 @click.option("--note")
@@ -396,7 +421,7 @@ def ent_grant(org_id, product, data_set, year, start, end, note, db_url) -> None
 
 
 @entitlements_group.command("end")
-@click.argument("entitlement_id", type=int)
+@click.argument("entitlement_id", type=ID)
 @click.option("--at", help="YYYY-MM-DD (default: now)")
 @db_option
 def ent_end(entitlement_id, at, db_url) -> None:
@@ -413,7 +438,7 @@ def ent_end(entitlement_id, at, db_url) -> None:
 
 
 @entitlements_group.command("list")
-@click.option("--org", "org_id", type=int)
+@click.option("--org", "org_id", type=ID)
 @fmt_option
 @db_option
 def ent_list(org_id, fmt, db_url) -> None:
@@ -442,7 +467,7 @@ def audit_group() -> None:
 @click.option("--target")
 @click.option("--since", help="YYYY-MM-DD (market date)")
 @click.option("--until", help="YYYY-MM-DD inclusive")
-@click.option("--limit", type=int, default=200, show_default=True)
+@click.option("--limit", type=click.IntRange(1, 100_000), default=200, show_default=True)
 @fmt_option
 @db_option
 def audit_search(actor, action, outcome, target, since, until, limit, fmt, db_url) -> None:
@@ -450,6 +475,8 @@ def audit_search(actor, action, outcome, target, since, until, limit, fmt, db_ur
     from bondtape.access import audit
 
     until_us = _day_us(until)
+    if since and until and until < since:
+        raise click.BadParameter(f"--until {until} is before --since {since}", param_hint="'--until'")
     with reading(open_db(db_url)) as conn:
         rows = audit.search(conn, actor=actor, action=action, outcome=outcome, target=target, since_us=_day_us(since),
                             until_us=until_us + 86_400_000_000 if until_us else None, limit=limit)
@@ -468,7 +495,7 @@ def web() -> None:
 
 @web.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=int, default=8443, show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8443, show_default=True)
 @click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
 @ca_option

@@ -64,7 +64,8 @@ def invoice_cmd(month: str, out_dir: Path, formats: str, db_url: str | None) -> 
 @click.option("--data-set", help="CORP or AGCY (all products but CTCI).")
 @click.option("--start", "start_date", required=True, metavar="YYYY-MM-DD", help="First day of service.")
 @click.option("--end", "end_date", metavar="YYYY-MM-DD", help="Last day of service (inclusive).")
-@click.option("--quantity", default=1, show_default=True, help="Terminals (BTDS_TERMINAL only).")
+@click.option("--quantity", type=click.IntRange(1, 10**6), default=1, show_default=True,
+              help="Terminals (BTDS_TERMINAL only).")
 @click.option("--reference", help="Terminal ids, circuit id or contract number.")
 @db_option
 def subscribe_cmd(organisation: str, product: str, data_set: str | None, start_date: str, end_date: str | None,
@@ -81,7 +82,7 @@ def subscribe_cmd(organisation: str, product: str, data_set: str | None, start_d
 
 
 @fees.command("unsubscribe")
-@click.option("--subscription", "subscription_id", required=True, type=int)
+@click.option("--subscription", "subscription_id", required=True, type=click.IntRange(1, 2**63 - 1))
 @click.option("--end", "end_date", required=True, metavar="YYYY-MM-DD", help="Last day of service (inclusive).")
 @db_option
 def unsubscribe_cmd(subscription_id: int, end_date: str, db_url: str | None) -> None:
@@ -100,9 +101,9 @@ def unsubscribe_cmd(subscription_id: int, end_date: str, db_url: str | None) -> 
 @click.option("--product", required=True, type=click.Choice(HISTORIC_PRODUCTS, case_sensitive=False))
 @click.option("--date", "order_date", required=True, metavar="YYYY-MM-DD", help="Billed in this date's month.")
 @click.option("--data-set", help="CORP or AGCY (DATA, REDISTRIBUTION).")
-@click.option("--year", type=int, help="Calendar year of the data (DATA, REDISTRIBUTION).")
+@click.option("--year", type=click.IntRange(1900, 9999), help="Calendar year of the data (DATA, REDISTRIBUTION).")
 @click.option("--recipient", help="REDISTRIBUTION: who receives the data.")
-@click.option("--cusips", type=int, help="REDISTRIBUTION: CUSIPs delivered to the recipient.")
+@click.option("--cusips", type=click.IntRange(0, 10**9), help="REDISTRIBUTION: CUSIPs delivered to the recipient.")
 @click.option("--media-cost", help="AD_HOC: cost of the media, dollars.")
 @click.option("--delivery-cost", help="AD_HOC: cost of delivery, dollars.")
 @click.option("--amount", help="OTHER_REQUEST: the charge, dollars.")

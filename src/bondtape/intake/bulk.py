@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Iterator, TextIO
 
 from bondtape.engine import Engine, Result
 from bondtape.reporting.codes import Reject, Rejected
-from bondtape.reporting.commands import Command, parse_command
+from bondtape.reporting.commands import FIELDS, Command, parse_command
 
 RESULT_COLUMNS = ("line", "client_ref", "status", "control_number", "reject_code", "field", "message")
 
@@ -26,11 +26,77 @@ class BulkSummary:
     rejected: int = 0
 
 
+class BulkFileError(Exception):
+    """The file as a whole cannot be taken (nothing of it was submitted): a stable code,
+    the field at fault (a column name, or ``file``) and a message saying what is accepted."""
+
+    def __init__(self, code: str, message: str, field: str = "file"):
+        super().__init__(message)
+        self.code, self.field, self.message = code, field, message
+
+    def as_dict(self) -> dict[str, str]:
+        return {"code": self.code, "field": self.field, "message": self.message}
+
+
+def header_names(fieldnames: list[str] | None) -> list[str]:
+    """The header's column names as every channel reads them (trimmed, lower case); refuses an
+    empty file, a column named twice and a column that is not a report field (a misspelt
+    ``test`` or ``settlement_date`` column would otherwise be dropped without a word)."""
+    if not fieldnames or not any(h.strip() for h in fieldnames):
+        raise BulkFileError("FILE_INVALID", "the file is empty: its first line names the columns, e.g. "
+                            "action,client_ref,reporting_mpid,cusip,side,capacity,contra,quantity,price,execution_time")
+    names = [h.strip().lower().lstrip("\ufeff") for h in fieldnames]
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names, start=1):
+        if not name:  # a blank header cell (a trailing comma): its cells are ignored
+            continue
+        if name in seen:
+            raise BulkFileError("FILE_INVALID", f"column {name!r} appears twice in the header (columns {seen[name]} "
+                                f"and {i}); name each column once", name[:64])
+        seen[name] = i
+    unknown = [n for n in seen if n not in FIELDS]
+    if unknown:
+        shown = ", ".join(repr(n[:64]) for n in unknown[:5])
+        raise BulkFileError("FILE_INVALID", f"unknown column(s) {shown} in the header; the columns are: "
+                            f"{', '.join(FIELDS)} (docs/reporting.md)", unknown[0][:64])
+    return names
+
+
+def check_file(stream: TextIO) -> int:
+    """Read the whole file without submitting anything: the header (:func:`header_names`) and
+    every line as CSV. Raises :class:`BulkFileError`; returns the number of data lines."""
+    reader = csv.reader(stream)
+    try:
+        header = next(reader, None)
+        header_names(header)
+        n = 0
+        for row in reader:
+            if row:
+                n += 1
+    except csv.Error as exc:
+        raise BulkFileError("FILE_INVALID", f"line {reader.line_num} is not CSV: {exc}; nothing was submitted") from None
+    except UnicodeDecodeError as exc:
+        raise BulkFileError("FILE_INVALID", f"the file is not UTF-8 text near line {reader.line_num + 1} ({exc.reason}); "
+                            "save it as UTF-8 (nothing was submitted)") from None
+    return n
+
+
+def check_utf8(path: Path) -> None:
+    """Refuse a file that is not UTF-8 text, naming the first bad line, before anything is submitted."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise BulkFileError("FILE_INVALID", f"line {n} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at "
+                                    f"character {exc.start + 1}); save the file as UTF-8 (nothing was submitted)") from None
+
+
 def _rows(stream: TextIO) -> Iterator[tuple[int, dict[str, str] | None, Reject | None]]:
     reader = csv.DictReader(stream)
     if reader.fieldnames is None:
         return
-    reader.fieldnames = [h.strip().lower() for h in reader.fieldnames]
+    reader.fieldnames = header_names(reader.fieldnames)
     for row in reader:
         if None in row:  # more cells than the header has columns
             yield reader.line_num, None, Reject("FIELD_INVALID", "line", f"the line has {len(reader.fieldnames) + len(row[None])} cells; the header has {len(reader.fieldnames)}")
@@ -101,8 +167,3 @@ def run_bulk(
     if pending:
         flush()
     return summary
-
-
-def count_lines(path: Path) -> int:
-    with open(path, "rb") as f:
-        return max(sum(1 for _ in f) - 1, 0)

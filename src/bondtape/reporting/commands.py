@@ -7,6 +7,7 @@ journals them. Field names (also the bulk-file columns) are documented in docs/r
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Mapping
@@ -29,6 +30,18 @@ FIELDS = (
     "original_control_number", "report_time",
 )
 _TRUE = {"Y", "YES", "TRUE", "1"}
+# A number as people write it: ASCII digits, an optional decimal point, thousands separators
+# only in groups of three (so a decimal comma, 101,5, is not read as 1015), no exponent (a
+# spreadsheet's 1.23E+06 has lost digits), no NaN, Infinity, underscores or other scripts' digits.
+_NUMBER_RE = re.compile(r"[+-]?(?:[0-9]+|[0-9]{1,3}(?:,[0-9]{3})+)?(?:\.[0-9]*)?")
+_NUMBER_ACCEPTED = "digits with an optional decimal point, e.g. 101.25 or 1,000,000"
+_MAX_INT_DIGITS = 16  # above any plausible par amount, price, yield or commission; keeps scaling exact
+_MAX_DECIMALS = 12
+_DATE_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+# instants outside these years cannot be shown in market time (datetime ends at year 9999)
+_MIN_US = -2_208_988_800_000_000  # 1900-01-01T00:00:00Z
+_MAX_US = 253_402_128_000_000_000  # 9999-12-30T00:00:00Z
+_ECHO = 40  # characters of a rejected value repeated in a message
 _FALSE = {"N", "NO", "FALSE", "0", ""}
 
 
@@ -73,6 +86,11 @@ class Command:
     report_us: int | None = None  # receipt time, only when an operator back-fills on a clock
 
 
+def _echo(value: str) -> str:
+    """A rejected value as a message repeats it: quoted, and cut short if long."""
+    return repr(value) if len(value) <= _ECHO else repr(value[:_ECHO]) + f"... ({len(value)} characters)"
+
+
 def _text(fields: Mapping[str, object], name: str) -> str:
     value = fields.get(name)
     if value is None:
@@ -94,7 +112,7 @@ def _choice(fields: Mapping[str, object], name: str, choices: tuple[str, ...], d
             return default
         raise Rejected("FIELD_REQUIRED", name, f"{name} is required: one of {', '.join(choices)}")
     if value not in choices:
-        raise Rejected("FIELD_INVALID", name, f"{name} {value!r} is not accepted: one of {', '.join(choices)}")
+        raise Rejected("FIELD_INVALID", name, f"{name} {_echo(value)} is not accepted: one of {', '.join(choices)}")
     return value
 
 
@@ -106,41 +124,52 @@ def _flag(fields: Mapping[str, object], name: str) -> bool:
         return True
     if value in _FALSE:
         return False
-    raise Rejected("FIELD_INVALID", name, f"{name} {value!r} is not accepted: Y or N")
+    raise Rejected("FIELD_INVALID", name, f"{name} {_echo(value)} is not accepted: Y or N (also true/false, 1/0)")
 
 
 def _decimal(fields: Mapping[str, object], name: str, code: str, required: bool) -> Decimal | None:
-    text = _text(fields, name).replace(",", "")
+    text = _text(fields, name)
     if not text:
         if required:
-            raise Rejected("FIELD_REQUIRED", name, f"{name} is required: {'a positive number' if required else ''}")
+            raise Rejected("FIELD_REQUIRED", name, f"{name} is required: a positive number ({_NUMBER_ACCEPTED})")
         return None
-    try:
-        value = Decimal(text)
-    except InvalidOperation:
-        raise Rejected(code, name, f"{name} {text!r} is not a number") from None
-    if not value.is_finite():
-        raise Rejected(code, name, f"{name} {text!r} is not a finite number")
-    return value
+    whole, _, fraction = text.partition(".")
+    if (whole.isdigit() and text.isascii() and (not fraction or fraction.isdigit())
+            and len(whole) <= _MAX_INT_DIGITS and len(fraction) <= _MAX_DECIMALS):
+        return Decimal(text)  # the usual case: plain digits, e.g. 101.25
+    if not _NUMBER_RE.fullmatch(text) or not any(c.isdigit() for c in text):
+        raise Rejected(code, name, f"{name} {_echo(text)} is not a number: {_NUMBER_ACCEPTED}")
+    whole, _, fraction = text.replace(",", "").lstrip("+-").partition(".")
+    if len(whole.lstrip("0")) > _MAX_INT_DIGITS or len(fraction.rstrip("0")) > _MAX_DECIMALS:
+        raise Rejected(code, name, f"{name} {_echo(text)} is out of range: at most {_MAX_INT_DIGITS} digits before "
+                                   f"the decimal point and {_MAX_DECIMALS} after")
+    return Decimal(text.replace(",", ""))
 
 
 def _time(fields: Mapping[str, object], name: str, required: bool = True) -> int | None:
     value = fields.get(name)
     if type(value) is int:  # already UTC microseconds (a channel that parsed its own format)
-        return value
-    if isinstance(value, dt.datetime):
+        us = value
+    elif isinstance(value, dt.datetime):
         if value.tzinfo is None:
             raise Rejected("TIME_INVALID", name, f"{name} needs a time zone")
-        return to_us(value)
-    text = _text(fields, name)
-    if not text:
-        if required:
-            raise Rejected("FIELD_REQUIRED", name, f"{name} is required: ISO 8601, e.g. 2024-03-01T10:15:00-05:00")
-        return None
-    try:
-        return to_us(parse_timestamp(text))
-    except (ValueError, OverflowError):
-        raise Rejected("TIME_INVALID", name, f"{name} {text!r} is not ISO 8601 (e.g. 2024-03-01T10:15:00-05:00)") from None
+        us = to_us(value)
+    else:
+        text = _text(fields, name)
+        if not text:
+            if required:
+                raise Rejected("FIELD_REQUIRED", name, f"{name} is required: ISO 8601, e.g. 2024-03-01T10:15:00-05:00")
+            return None
+        if len(text) <= 10:  # a date alone would be read as midnight
+            raise Rejected("TIME_INVALID", name, f"{name} {_echo(text)} has no time of day: ISO 8601 date and time, "
+                                                 "e.g. 2024-03-01T10:15:00-05:00")
+        try:
+            us = to_us(parse_timestamp(text))
+        except (ValueError, OverflowError):
+            raise Rejected("TIME_INVALID", name, f"{name} {_echo(text)} is not ISO 8601 (e.g. 2024-03-01T10:15:00-05:00)") from None
+    if not _MIN_US <= us <= _MAX_US:
+        raise Rejected("TIME_INVALID", name, f"{name} is outside the years 1900 to 9999")
+    return us
 
 
 def _date(fields: Mapping[str, object], name: str) -> dt.date | None:
@@ -151,9 +180,11 @@ def _date(fields: Mapping[str, object], name: str) -> dt.date | None:
     if not text:
         return None
     try:
+        if not _DATE_RE.fullmatch(text):
+            raise ValueError(text)
         return dt.date.fromisoformat(text)
     except ValueError:
-        raise Rejected("DATE_INVALID", name, f"{name} {text!r} is not a date (YYYY-MM-DD)") from None
+        raise Rejected("DATE_INVALID", name, f"{name} {_echo(text)} is not a date (YYYY-MM-DD)") from None
 
 
 def parse_terms(fields: Mapping[str, object]) -> Terms:
@@ -172,7 +203,7 @@ def parse_terms(fields: Mapping[str, object]) -> Terms:
     trading_market = _choice(fields, "trading_market", TRADING_MARKETS, default="S1")
     remuneration = _text(fields, "remuneration").upper() or None
     if remuneration is not None and remuneration not in REMUNERATION:
-        raise Rejected("FIELD_INVALID", "remuneration", f"remuneration {remuneration!r} is not accepted: C, M, N or blank")
+        raise Rejected("FIELD_INVALID", "remuneration", f"remuneration {_echo(remuneration)} is not accepted: C, M, N or blank")
     assert quantity is not None and price is not None and execution_us is not None
     # positional, in the order of Terms' fields
     return Terms(cusip, side, capacity, contra, quantity, price, yield_, execution_us, settlement_date, commission,
@@ -184,16 +215,17 @@ def parse_command(fields: Mapping[str, object], *, channel: str, use_report_time
     """Build a command from text fields; raises :class:`Rejected` for malformed input."""
     action = _text(fields, "action").upper() or "NEW"
     if action not in ACTIONS:
-        raise Rejected("ACTION_INVALID", "action", f"action {action!r} is not accepted: one of {', '.join(ACTIONS)}")
+        raise Rejected("ACTION_INVALID", "action", f"action {_echo(action)} is not accepted: one of {', '.join(ACTIONS)}")
     mpid = _required(fields, "reporting_mpid", "the reporting firm's MPID").upper()
     client_ref = _text(fields, "client_ref") or None
     if client_ref is not None and len(client_ref) > 64:
-        raise Rejected("FIELD_INVALID", "client_ref", "client_ref is at most 64 characters")
+        raise Rejected("FIELD_INVALID", "client_ref", f"client_ref is at most 64 characters; got {len(client_ref)}")
     original = None
     if action != "NEW":
         text = _required(fields, "original_control_number", "the control number of the report acted on")
-        if not text.isdigit() or len(text) > 18:
-            raise Rejected("FIELD_INVALID", "original_control_number", f"original_control_number {text!r} is not a control number (digits)")
+        if not (text.isascii() and text.isdigit()) or len(text) > 18:
+            raise Rejected("FIELD_INVALID", "original_control_number",
+                           f"original_control_number {_echo(text)} is not a control number (up to 18 digits)")
         original = int(text)
     terms = parse_terms(fields) if action in ("NEW", "CORRECT") else None
     report_us = _time(fields, "report_time") if use_report_time else None

@@ -33,6 +33,7 @@ from bondtape.web.routes_trading import AfterCommit, report_mpid, scaled, submit
 from bondtape.web.routing import Ctx, route
 
 MAX_BATCH = 500
+_CUSIP_CHARS = frozenset("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ*@#")
 STATUSES = ("ACTIVE", "CANCELLED", "CORRECTED", "REVERSED")
 
 
@@ -72,9 +73,39 @@ def _decode(ctype: str, raw: bytes, *, required: bool) -> Any:
     if ctype not in ("application/json", ""):
         raise ApiError(415, "CONTENT_TYPE", f"send application/json, not {ctype}")
     try:
-        return json.loads(raw, parse_float=Decimal, parse_int=Decimal)
-    except (ValueError, RecursionError):
-        raise ApiError(400, "JSON_INVALID", "the body is not valid JSON") from None
+        return json.loads(raw, parse_float=Decimal, parse_int=Decimal, object_pairs_hook=_no_repeats)
+    except _RepeatedKey as exc:
+        raise ApiError(400, "FIELD_REPEATED", f"field {exc.key[:64]!r} appears twice in one object; send it once",
+                       exc.key[:64]) from None
+    except (ValueError, RecursionError):  # UnicodeDecodeError too: not UTF-8
+        raise ApiError(400, "JSON_INVALID", "the body is not valid JSON (UTF-8)") from None
+
+
+class _RepeatedKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads keeps the last of repeated keys without a word: refuse them instead."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _RepeatedKey(key)
+            seen.add(key)
+    return out
+
+
+def _number_text(value: Decimal) -> str:
+    """A JSON number as plain digits; one whose exponent is absurd stays as written (e.g.
+    1E+999999999, which parse_command refuses) rather than becoming a billion digits."""
+    exponent = value.as_tuple().exponent
+    if isinstance(exponent, int) and -40 <= exponent <= 40:
+        return format(value, "f")
+    return str(value)
 
 
 def _text_fields(item: Any, where: str) -> dict[str, str]:
@@ -83,7 +114,7 @@ def _text_fields(item: Any, where: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for key, value in item.items():
         if key not in FIELDS:
-            raise ApiError(400, "FIELD_UNKNOWN", f"{where}: unknown field {key!r}; the fields are: {', '.join(FIELDS)}",
+            raise ApiError(400, "FIELD_UNKNOWN", f"{where}: unknown field {str(key)[:64]!r}; the fields are: {', '.join(FIELDS)}",
                            str(key)[:64])
         if value is None:
             continue
@@ -91,7 +122,7 @@ def _text_fields(item: Any, where: str) -> dict[str, str]:
             value = "Y" if value else "N"
         if isinstance(value, (dict, list)):
             raise ApiError(400, "FIELD_INVALID", f"{where}: {key} must be a string or a number", key)
-        out[key] = format(value, "f") if isinstance(value, Decimal) else str(value)
+        out[key] = _number_text(value) if isinstance(value, Decimal) else str(value)
     return out
 
 
@@ -219,9 +250,40 @@ def _date_param(ctx: Ctx, name: str) -> str | None:
     if not text:
         return None
     try:
+        if len(text) != 10 or not text.isascii():
+            raise ValueError(text)
         return dt.date.fromisoformat(text).isoformat()
     except ValueError:
-        raise ApiError(400, "DATE_INVALID", f"{name} must be YYYY-MM-DD", name) from None
+        raise ApiError(400, "DATE_INVALID", f"{name} must be a date, YYYY-MM-DD", name) from None
+
+
+def _date_range(ctx: Ctx) -> tuple[str | None, str | None]:
+    d0, d1 = _date_param(ctx, "date_from"), _date_param(ctx, "date_to")
+    if d0 and d1 and d1 < d0:
+        raise ApiError(400, "FILTER_INVALID", f"date_to {d1} is before date_from {d0}", "date_to")
+    return d0, d1
+
+
+def _digits(text: str) -> bool:
+    return text.isascii() and text.isdigit()
+
+
+def _limit(ctx: Ctx) -> int:
+    limit = ctx.request.query_params.get("limit", "100")
+    if not _digits(limit) or len(limit) > 4 or not 1 <= int(limit) <= 1000:
+        raise ApiError(400, "LIMIT_INVALID", "limit is a whole number from 1 to 1000", "limit")
+    return int(limit)
+
+
+def _cusip_param(ctx: Ctx, *, required: bool) -> str:
+    cusip = (ctx.request.query_params.get("cusip") or "").strip().upper()
+    if not cusip:
+        if required:
+            raise ApiError(400, "FIELD_REQUIRED", "cusip is required: a 9-character CUSIP", "cusip")
+        return ""
+    if len(cusip) != 9 or not set(cusip) <= _CUSIP_CHARS:
+        raise ApiError(400, "CUSIP_MALFORMED", "cusip is 9 characters: 8 of A-Z, 0-9, *, @, # and a check digit", "cusip")
+    return cusip
 
 
 @_guarded
@@ -232,13 +294,14 @@ def get_reports(ctx: Ctx):
     stmt = sa.select(trade_reports)
     if ctx.actor.mpid:
         stmt = stmt.where(t.reporting_mpid == ctx.actor.mpid)
-    d0, d1 = _date_param(ctx, "date_from"), _date_param(ctx, "date_to")
+    d0, d1 = _date_range(ctx)
     if d0:
         stmt = stmt.where(t.execution_date >= d0)
     if d1:
         stmt = stmt.where(t.execution_date <= d1)
-    if q.get("cusip"):
-        stmt = stmt.where(t.cusip == q["cusip"].strip().upper())
+    cusip = _cusip_param(ctx, required=False)
+    if cusip:
+        stmt = stmt.where(t.cusip == cusip)
     if q.get("client_ref"):
         stmt = stmt.where(t.client_ref == q["client_ref"])
     status = (q.get("status") or "").upper()
@@ -252,17 +315,15 @@ def get_reports(ctx: Ctx):
             if value not in ("true", "false"):
                 raise ApiError(400, "FILTER_INVALID", f"{flag} is true or false", flag)
             stmt = stmt.where(getattr(t, flag).is_(value == "true"))
-    limit = q.get("limit", "100")
-    if not limit.isdigit() or not 1 <= int(limit) <= 1000:
-        raise ApiError(400, "LIMIT_INVALID", "limit is 1 to 1000", "limit")
+    limit = _limit(ctx)
     after = q.get("after")
     if after:
-        if not after.isdigit() or len(after) > 18:
-            raise ApiError(400, "FILTER_INVALID", "after is a control number", "after")
+        if not _digits(after) or len(after) > 18:
+            raise ApiError(400, "FILTER_INVALID", "after is a control number (digits), the next of the previous page", "after")
         stmt = stmt.where(t.control_number < int(after))
-    rows = ctx.conn.execute(stmt.order_by(t.control_number.desc()).limit(int(limit))).all()
+    rows = ctx.conn.execute(stmt.order_by(t.control_number.desc()).limit(limit)).all()
     return JSONResponse({"reports": [report_json(r) for r in rows],
-                         "next": str(rows[-1].control_number) if len(rows) == int(limit) else None})
+                         "next": str(rows[-1].control_number) if len(rows) == limit else None})
 
 
 @_guarded
@@ -281,7 +342,7 @@ def get_report(ctx: Ctx):
 @_guarded
 def post_bulk(ctx: Ctx):
     """A bulk file (CSV, the columns of docs/reporting.md) in; its results file out."""
-    from bondtape.intake.bulk import run_bulk
+    from bondtape.intake.bulk import BulkFileError, check_file, header_names, run_bulk
     from bondtape.serve import services
 
     ctype = ctx.request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -290,18 +351,23 @@ def post_bulk(ctx: Ctx):
     try:
         text = _body(ctx).decode("utf-8-sig")
     except UnicodeDecodeError:
-        raise ApiError(400, "FILE_INVALID", "the bulk file must be UTF-8 text") from None
+        raise ApiError(400, "FILE_INVALID", "the bulk file must be UTF-8 text", "file") from None
     try:
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        if not reader.fieldnames or "reporting_mpid" not in reader.fieldnames:
-            raise ApiError(400, "FILE_INVALID", "the first line names the columns, reporting_mpid among them")
-        for n, row in enumerate(reader, start=2):
-            mpid = str(row.get("reporting_mpid") or "").strip().upper()
-            if mpid and mpid != ctx.actor.mpid:
-                raise ApiError(400, "FILE_INVALID", f"line {n}: reporting_mpid {mpid} is not your firm's MPID "
-                               f"{ctx.actor.mpid}; nothing was submitted", "reporting_mpid")
-    except csv.Error as exc:
-        raise ApiError(400, "FILE_INVALID", f"the bulk file is not CSV: {exc}") from None
+        check_file(io.StringIO(text, newline=""))
+    except BulkFileError as exc:
+        raise ApiError(400, exc.code, exc.message, exc.field) from None
+    # every line must be the caller's firm's: read reporting_mpid as run_bulk will (the
+    # header checked above: trimmed, lower case, no column twice)
+    reader = csv.reader(io.StringIO(text, newline=""))
+    names = header_names(next(reader))
+    col = names.index("reporting_mpid") if "reporting_mpid" in names else None
+    if col is None:
+        raise ApiError(400, "FILE_INVALID", "the first line names the columns, reporting_mpid among them", "reporting_mpid")
+    for row in reader:
+        mpid = (row[col] if col < len(row) else "").strip().upper()
+        if mpid and mpid != ctx.actor.mpid:
+            raise ApiError(400, "FILE_INVALID", f"line {reader.line_num}: reporting_mpid {mpid[:16]!r} is not your "
+                           f"firm's MPID {ctx.actor.mpid}; nothing was submitted", "reporting_mpid")
     ctx.audit("report.bulk", target=f"mpid:{ctx.actor.mpid}", detail={"bytes": len(text)})
 
     def work() -> Response:
@@ -326,17 +392,13 @@ def get_time_and_sales(ctx: Ctx):
     from bondtape.dissemination.publisher import FeedError
     from bondtape.dissemination.query import time_and_sales
 
-    q = ctx.request.query_params
-    cusip = (q.get("cusip") or "").strip().upper()
-    if not cusip:
-        raise ApiError(400, "FIELD_REQUIRED", "cusip is required: a 9-character CUSIP", "cusip")
-    limit = q.get("limit", "100")
-    if not limit.isdigit() or not 1 <= int(limit) <= 1000:
-        raise ApiError(400, "LIMIT_INVALID", "limit is 1 to 1000", "limit")
+    cusip = _cusip_param(ctx, required=True)
+    limit = _limit(ctx)
+    d0, d1 = _date_range(ctx)
 
     def work() -> Response:  # the query opens its own connection: after the route's transaction
         try:
-            data = time_and_sales(ctx.state.db, cusip, q.get("date_from"), q.get("date_to"), int(limit))
+            data = time_and_sales(ctx.state.db, cusip, d0, d1, limit)
         except FeedError as exc:
             return _error(ApiError(404 if exc.code == "SECURITY_UNKNOWN" else 400, exc.code, exc.message, exc.field))
         if data["data_set"] not in ("CORP", "AGCY"):
@@ -351,9 +413,8 @@ def get_securities(ctx: Ctx):
     """Reference data: the TRACE-eligible securities on a date (default today)."""
     from bondtape.reference.store import load_securities
 
-    q = ctx.request.query_params
     day = _date_param(ctx, "date") or market_date(ctx.now_us).isoformat()
-    cusip = (q.get("cusip") or "").strip().upper()
+    cusip = _cusip_param(ctx, required=False)
     day_d = dt.date.fromisoformat(day)
     out = []
     for s in load_securities(ctx.conn).values():

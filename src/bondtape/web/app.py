@@ -58,6 +58,25 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
+async def _api_http_error(request, exc):
+    """A path or method the REST API does not have answers JSON with a stable code, like
+    every other API refusal (the website keeps Starlette's plain pages)."""
+    from starlette.responses import JSONResponse, PlainTextResponse
+
+    status = exc.status_code
+    if not request.url.path.startswith("/api/"):  # Starlette's own answer
+        return PlainTextResponse(str(exc.detail), status_code=status, headers=exc.headers)
+    if status == 404:
+        body = {"code": "NOT_FOUND", "field": None, "message": "no such API path; a report is "
+                "/api/v1/reports/{control_number} with a control number of digits (docs/api.md)"}
+    elif status == 405:
+        body = {"code": "METHOD_NOT_ALLOWED", "field": None, "message": f"{request.method} is not accepted here "
+                f"(allowed: {(exc.headers or {}).get('Allow', 'see docs/api.md')})"}
+    else:
+        body = {"code": f"HTTP_{status}", "field": None, "message": str(exc.detail)}
+    return JSONResponse(body, status_code=status, headers=exc.headers)
+
+
 def route_modules() -> list[str]:
     import bondtape.web as package
 
@@ -89,6 +108,7 @@ def create_app(
     app = Starlette(
         routes=all_routes() + [Mount("/static", StaticFiles(directory=STATIC_DIR), name="static")],
         middleware=[Middleware(SecurityHeaders)],
+        exception_handlers={404: _api_http_error, 405: _api_http_error},
     )
     app.state.db = engine
     app.state.settings = settings

@@ -108,10 +108,31 @@ def _source(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
+async def _read_body(request: Request) -> bytes | None:
+    """The request body, or None when it is larger than MAX_FORM_BYTES: counted as it
+    arrives, so a body sent without a content-length (chunked) is bounded too. Kept on the
+    request, where request.body() and request.form() find it."""
+    declared = request.headers.get("content-length") or "0"
+    if not declared.isdigit() or int(declared) > MAX_FORM_BYTES:
+        return None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_FORM_BYTES:
+            return None
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    request._body = body  # noqa: SLF001 - Starlette's own cache of the body
+    return body
+
+
 async def _handle(request: Request, r: GuardedRoute) -> Response:
     form: dict[str, str] = {}
     if request.method == "POST":
-        if int(request.headers.get("content-length") or 0) > MAX_FORM_BYTES:
+        if await _read_body(request) is None:
+            if r.auth == "certificate":
+                return _error_response(r, 413, "BODY_TOO_LARGE", f"a request body may carry at most {MAX_FORM_BYTES} "
+                                       "bytes (64 KiB): send fewer reports per request, or a bulk file in parts")
             return _error_response(r, 413, "FORM_TOO_LARGE", f"a form may carry at most {MAX_FORM_BYTES} bytes")
         try:
             data = await request.form()
@@ -123,7 +144,7 @@ async def _handle(request: Request, r: GuardedRoute) -> Response:
 
 def _error_response(r: GuardedRoute, status: int, code: str, message: str) -> Response:
     if r.auth == "certificate":
-        return JSONResponse({"code": code, "message": message}, status_code=status,
+        return JSONResponse({"code": code, "field": None, "message": message}, status_code=status,
                             headers={"WWW-Authenticate": 'Basic realm="bondtape"'} if status == 401 else None)
     return HTMLResponse(f"<!doctype html><title>{status}</title><h1>{code}</h1><p>{message}</p>", status_code=status)
 
