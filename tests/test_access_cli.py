@@ -25,6 +25,12 @@ def test_operator_workflow(tmp_path):
     run(["orgs", "create", "Dealer A", "--kind", "FIRM", "--mpid", "dlra"], env)
     bad = run(["orgs", "create", "Dealer B", "--kind", "FIRM"], env, ok=False)
     assert bad.exit_code == 1 and "ORG_MPID" in bad.output and "Traceback" not in bad.output
+    # an MPID already held by an open organisation: its reports would be billed to one and
+    # traded by the other
+    taken = run(["orgs", "create", "Dealer A2", "--kind", "FIRM", "--mpid", "DLRA"], env, ok=False)
+    assert taken.exit_code == 1 and "ORG_MPID_TAKEN" in taken.output and "'Dealer A'" in taken.output
+    bad_email = run(["orgs", "create", "Vendor V", "--kind", "VENDOR", "--email", "notanemail"], env, ok=False)
+    assert bad_email.exit_code == 1 and "ORG_EMAIL" in bad_email.output
     out = run(["users", "add", "--org", "1", "--username", "root-op", "--email", "op@example.test", "--full-name",
                "Olive Operator", "--roles", "operator_admin", "--print-link"], env).output
     assert re.search(r"https://traqs.example/enroll/[A-Za-z0-9_-]{20,}", out)

@@ -57,8 +57,18 @@ def create_organisation(
         mpid = mpid.upper()
     elif mpid:
         raise AccessError("ORG_MPID", "only a reporting firm (kind FIRM) has an MPID", "mpid")
+    if email is not None:
+        email = email.strip()
+        if not EMAIL_RE.match(email) or len(email) > 200:
+            raise AccessError("ORG_EMAIL", f"email must be an address like billing@example.com (at most 200 characters); got {email[:60]!r}", "email")
     if conn.execute(sa.select(organisations.c.id).where(organisations.c.name == name)).first():
         raise AccessError("ORG_EXISTS", f"an organisation named {name!r} exists", "name")
+    if mpid:
+        # one open organisation per MPID: its reports are billed to, and traded by, that one
+        holder = conn.execute(sa.select(organisations.c.name).where(
+            organisations.c.mpid == mpid, organisations.c.closed_us.is_(None))).first()
+        if holder is not None:
+            raise AccessError("ORG_MPID_TAKEN", f"MPID {mpid} belongs to the organisation {holder.name!r}", "mpid")
     org_id = conn.execute(
         organisations.insert().values(name=name, kind=kind, mpid=mpid, email=email, created_us=at_us)
     ).inserted_primary_key[0]
