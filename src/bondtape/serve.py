@@ -12,6 +12,7 @@ website's market pages and the WebSocket/SSE routes read.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import threading
@@ -120,24 +121,85 @@ def _uvicorn_config(app, host: str, port: int, tls: dict | None):
     from bondtape.web.tls import server_config
 
     if tls:
-        return server_config(app, host=host, port=port, certfile=tls["cert"], keyfile=tls["key"],
-                             ca_certs=tls["ca"], log_level="warning")
-    return uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off", access_log=False)
+        config = server_config(app, host=host, port=port, certfile=tls["cert"], keyfile=tls["key"],
+                               ca_certs=tls["ca"], log_level="warning")
+    else:
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off", access_log=False)
+    # a stalled client (a download it stopped reading) cannot hold a stopping server for ever
+    config.timeout_graceful_shutdown = SHUTDOWN_TIMEOUT
+    return config
 
 
-def stop_signal(stop: threading.Event | None) -> asyncio.Event:
+def own_signals(server: Any) -> Any:
+    """A uvicorn server that leaves SIGINT and SIGTERM to us (:func:`stop_signal`). Left to
+    itself, uvicorn (0.29 and later) takes them over while it serves and raises each again
+    once it has stopped: a SIGTERM then killed the process before the sequencer and the
+    feed were closed, and a stop looked like a second Ctrl-C."""
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
+    return server
+
+
+def stop_signal(stop: threading.Event | None, again: Callable[[], None] | None = None) -> asyncio.Event:
     """In the running loop: an event set on SIGINT or SIGTERM, or once ``stop`` is set (a
-    server run from a thread, where signal handlers cannot be installed)."""
+    server run from a thread, where signal handlers cannot be installed). They are installed
+    even where SIGINT came in ignored (a shell's background job). ``again``: called on each
+    later signal (a second Ctrl-C: stop at once)."""
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
+
+    def on_signal() -> None:
+        if done.is_set() and again is not None:
+            again()
+        done.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
-            loop.add_signal_handler(sig, done.set)
+            loop.add_signal_handler(sig, on_signal)
         except (NotImplementedError, RuntimeError):  # not the main thread (tests)
             pass
     if stop is not None:
         loop.run_in_executor(None, lambda: (stop.wait(), loop.call_soon_threadsafe(done.set)))
     return done
+
+
+@contextlib.contextmanager
+def signals_held():
+    """While a stopped server finishes (the sequencer journals what it queued, the feed and
+    the bus are flushed): SIGINT and SIGTERM are noted, not acted on, so a second Ctrl-C or
+    a supervisor's SIGTERM cannot cut that short with a traceback or a kill. Each step has
+    its own time limit; SIGKILL still ends the process."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = (signal.SIGINT, signal.SIGTERM)
+    old = {sig: signal.signal(sig, lambda signum, _frame: log.warning(
+        "%s while finishing the shutdown: still finishing", signal.Signals(signum).name)) for sig in held}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+SHUTDOWN_TIMEOUT = 30.0  # seconds a stopping HTTP server waits for its requests before it cancels them
+
+
+def end_servers(servers: list[Any], publisher: Any) -> None:
+    """The first stop signal: the feed's WebSocket and SSE clients are ended (they resume
+    from their last position), the HTTP servers stop accepting and finish their requests."""
+    if publisher is not None:
+        publisher.end_streams()
+    for s in servers:
+        s.should_exit = True
+
+
+def force_servers(servers: list[Any]) -> None:
+    """A second stop signal: the HTTP servers stop at once (requests still running are
+    cancelled; reports a client has not been answered for are not lost: the engine
+    answers only after its commit, and a client resends by its client_ref)."""
+    log.warning("second stop signal: stopping at once")
+    for s in servers:
+        s.force_exit = True
 
 
 async def wait_started(servers: list[Any], tasks: list[asyncio.Task]) -> None:
@@ -170,12 +232,12 @@ def run_serve(db: SAEngine, settings, *, host: str = "127.0.0.1", port: int = 80
         tls = {"cert": tls_cert, "key": tls_key, "ca": settings.ca_dir / CA_CERT}
         servers.append(("https", uvicorn.Server(_uvicorn_config(app, host, tls_port, tls))))
     for _, server in servers:
-        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # we handle Ctrl-C once
+        own_signals(server)
 
     async def main() -> None:
         from bondtape.fix.server import start_fix_server
 
-        done = stop_signal(stop)
+        done = stop_signal(stop, again=lambda: force_servers([s for _, s in servers]))
         tasks = [asyncio.create_task(s.serve()) for _, s in servers]
         fix = None
         if fix_port is not None:
@@ -187,8 +249,7 @@ def run_serve(db: SAEngine, settings, *, host: str = "127.0.0.1", port: int = 80
         if ready is not None:
             ready(addresses)
         await done.wait()
-        for _, s in servers:
-            s.should_exit = True
+        end_servers([s for _, s in servers], svc.publisher)
         if fix is not None:
             await fix.close()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -196,7 +257,8 @@ def run_serve(db: SAEngine, settings, *, host: str = "127.0.0.1", port: int = 80
     try:
         asyncio.run(main())
     finally:
-        svc.close()
+        with signals_held():
+            svc.close()
 
 
 
@@ -257,13 +319,14 @@ def serve_command(ctx, host, port, tls_port, tls_cert, tls_key, ca_dir, fix_port
         freeze_after_startup()
         for name, address in addresses.items():
             click.echo(f"{name}: {address}", err=True)
-        click.echo("Ctrl-C stops the server", err=True)
+        click.echo("Ctrl-C or SIGTERM stops the server (a second one: at once)", err=True)
 
     try:
         run_serve(db, settings, host=host, port=port, tls_port=tls_port, tls_cert=tls_cert, tls_key=tls_key,
                   fix_port=fix_port, ready=ready)
     except (ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
+    click.echo("stopped", err=True)
 
 
 COMMANDS = [serve_command]

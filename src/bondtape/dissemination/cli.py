@@ -216,29 +216,67 @@ def feed_rebuild(db_url: str | None) -> None:
 
 @feed.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8000, show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0: any free port.")
 @click.option("--poll-interval", default=0.05, show_default=True, help="Seconds between reads of the journal.")
 @click.option("--nats", "nats_url", default=None, metavar="URL", help="Also publish to NATS JetStream here.")
 @db_option
 def feed_serve(host: str, port: int, poll_interval: float, nats_url: str | None, db_url: str | None) -> None:
-    """Serve the feed over WebSocket and SSE (and publish to NATS), following the journal."""
+    """Serve the feed over WebSocket and SSE (and publish to NATS), following the journal.
+
+    Ctrl-C or SIGTERM stops it gracefully (also when started in the background): the
+    WebSocket and SSE clients are ended (they resume from their last position), what was
+    handed to NATS is sent, and it exits 0. A second signal stops it at once.
+    """
+    import asyncio
+
     import uvicorn
 
     from bondtape.dissemination.publisher import Publisher
     from bondtape.dissemination.web import create_app
+    from bondtape.serve import SHUTDOWN_TIMEOUT, end_servers, force_servers, own_signals, signals_held, stop_signal
 
     pub = Publisher(open_db(db_url)).start(poll_interval=poll_interval)
     js = None
-    if nats_url:
-        from bondtape.dissemination.jetstream import JetStreamPublisher
-
-        js = JetStreamPublisher(pub, nats_url).start()
     try:
-        uvicorn.run(create_app(pub), host=host, port=port, log_level="warning")
+        if nats_url:
+            from bondtape.dissemination.jetstream import JetStreamPublisher
+
+            try:
+                js = JetStreamPublisher(pub, nats_url).start()
+            except Exception as exc:  # noqa: BLE001 - e.g. NATS not there: say so, no traceback
+                raise click.ClickException(f"cannot publish to NATS JetStream at {nats_url}: {exc}") from None
+        config = uvicorn.Config(create_app(pub), host=host, port=port, log_level="warning", lifespan="off",
+                                access_log=False, timeout_graceful_shutdown=SHUTDOWN_TIMEOUT)
+        server = own_signals(uvicorn.Server(config))
+
+        async def main() -> None:
+            done = stop_signal(None, again=lambda: force_servers([server]))
+            task = asyncio.create_task(server.serve())
+            while not server.started:
+                if task.done():
+                    task.result()  # could not listen: say why
+                    return
+                await asyncio.sleep(0.02)
+            bound = server.servers[0].sockets[0].getsockname()[1]
+            click.echo(f"feed: http://{host}:{bound}/feed/ws (WebSocket), /feed/sse (SSE)"
+                       + (f"; NATS JetStream at {nats_url}" if js else ""), err=True)
+            click.echo("Ctrl-C or SIGTERM stops it (a second one: at once)", err=True)
+            stopping = asyncio.create_task(done.wait())
+            await asyncio.wait([task, stopping], return_when=asyncio.FIRST_COMPLETED)
+            end_servers([server], pub)
+            await task
+            stopping.cancel()
+
+        try:
+            asyncio.run(main())
+        except (OSError, SystemExit) as exc:  # uvicorn exits 1 where it cannot bind
+            raise click.ClickException(f"cannot serve on {host}:{port}: {exc}") from None
     finally:
-        if js is not None:
-            js.stop()
-        pub.stop()
+        with signals_held():
+            if js is not None:
+                js.stop()
+            pub.stop()
+    click.echo("stopped", err=True)
 
 
 COMMANDS = [feed]

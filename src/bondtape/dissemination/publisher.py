@@ -136,9 +136,11 @@ class Subscription:
     holds the position of the last message delivered per data set.
     """
 
-    def __init__(self, publisher: "Publisher", deliver: Callable[[FeedMessage], None], data_sets: Iterable[str]):
+    def __init__(self, publisher: "Publisher", deliver: Callable[[FeedMessage], None], data_sets: Iterable[str],
+                 on_shutdown: Callable[[], None] | None = None):
         self.publisher = publisher
         self.deliver = deliver
+        self.on_shutdown = on_shutdown
         self.data_sets = frozenset(data_sets)
         self.last: dict[str, tuple[str, int] | None] = {ds: None for ds in self.data_sets}
         self._buffer: list[FeedMessage] | None = []
@@ -279,6 +281,7 @@ class Publisher:
         self._engine_lock: Any = None
         self._broken = False
         self._subscriptions: list[Subscription] = []
+        self.shutting_down = False  # end_streams() was called: subscriptions with on_shutdown end at once
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._engine = None
@@ -917,17 +920,28 @@ class Publisher:
 
     # -- subscribers -------------------------------------------------------------------
     def subscribe(self, deliver: Callable[[FeedMessage], None], data_sets: Iterable[str] = DATA_SETS,
-                  start: dict[str, tuple[str, int]] | None = None) -> Subscription:
+                  start: dict[str, tuple[str, int]] | None = None, *,
+                  on_shutdown: Callable[[], None] | None = None) -> Subscription:
         """Follow the feed: stored messages from ``start`` (per data set: (date, seq), the
         first to send), then live, with no gap and no repeat. Without a start position for
-        a data set, only messages published from now on are sent."""
-        sub = Subscription(self, deliver, [ds for ds in data_sets if ds in DATA_SETS])
+        a data set, only messages published from now on are sent.
+
+        ``on_shutdown``: a subscriber that serves a client (WebSocket, SSE) and must end
+        when the server stops: :meth:`end_streams` closes it and calls this (from any
+        thread; it must be quick). Once the server stops, such a subscription ends at once."""
+        sub = Subscription(self, deliver, [ds for ds in data_sets if ds in DATA_SETS], on_shutdown)
         # Registered between two applications, once everything handed out before is stored:
         # the stored part then holds every earlier message, and later ones are buffered.
         with self._lock:
             self._store()
             with self._fanout:
-                self._subscriptions.append(sub)
+                if on_shutdown is not None and self.shutting_down:
+                    sub.closed = True
+                else:
+                    self._subscriptions.append(sub)
+        if sub.closed:  # the server is stopping: this client ends at once
+            on_shutdown()
+            return sub
         for ds, (date, seq) in (start or {}).items():
             if ds in sub.data_sets:
                 sub.last[ds] = (date, seq - 1)  # nothing before the start, even if it races in
@@ -959,6 +973,24 @@ class Publisher:
         with self._fanout:
             if sub in self._subscriptions:
                 self._subscriptions.remove(sub)
+
+    def end_streams(self) -> int:
+        """The server stops: end every subscription made with ``on_shutdown`` (the feed's
+        WebSocket and SSE clients, which resume from their last position on another
+        server), now and from now on. Other subscribers (the NATS bridge) go on until
+        they close. Returns how many were ended."""
+        with self._fanout:
+            self.shutting_down = True
+            ending = [sub for sub in self._subscriptions if sub.on_shutdown is not None]
+            for sub in ending:
+                sub.closed = True
+                self._subscriptions.remove(sub)
+        for sub in ending:
+            try:
+                sub.on_shutdown()
+            except Exception:  # noqa: BLE001 - one subscriber never stops the others ending
+                log.exception("feed subscriber failed to end")
+        return len(ending)
 
     def _fan_out(self, messages: list[FeedMessage]) -> None:
         if not messages:

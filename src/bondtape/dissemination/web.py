@@ -111,6 +111,7 @@ class _Stream:
         self.start = dict(start)
         self.sub = None
         self.overflow = False
+        self.ended = False  # the server stops (Publisher.end_streams): the client resumes elsewhere
         self._filled = False
 
     async def _fill_start(self) -> None:
@@ -130,6 +131,9 @@ class _Stream:
         positions = dict(self.start)
         for ds in self.data_sets:  # the stored part: paced by the client
             while True:
+                if self.publisher.shutting_down:
+                    self.ended = True
+                    return
                 def read(ds=ds) -> list[FeedMessage]:
                     with reading(self.publisher.db) as conn:
                         return read_messages(conn, ds, positions[ds], limit=REPLAY_CHUNK)
@@ -141,13 +145,15 @@ class _Stream:
                 if len(batch) < REPLAY_CHUNK:
                     break
         handoff = LoopHandoff(asyncio.get_running_loop(), limit=QUEUE_LIMIT)
-        self.sub = await run_in_threadpool(self.publisher.subscribe, handoff.put, self.data_sets, positions)
+        self.sub = await run_in_threadpool(lambda: self.publisher.subscribe(handoff.put, self.data_sets, positions,
+                                                                            on_shutdown=handoff.end))
         try:
             while True:
                 batch = await handoff.get_batch()
                 if not batch:
-                    self.overflow = True
-                    return  # too slow: the client reconnects from its last position
+                    # too slow, or the server stops: the client reconnects from its last position
+                    self.overflow, self.ended = handoff.overflow, not handoff.overflow
+                    return
                 for m in batch:
                     yield m
         finally:
@@ -181,7 +187,10 @@ def feed_routes(publisher: Publisher, *, entitled: Entitled | None = None) -> li
         async def pump() -> None:
             async for m in stream:
                 await websocket.send_text(m.body)
-            await websocket.close(code=4008)  # the subscriber fell too far behind
+            if stream.overflow:
+                await websocket.close(code=4008)  # the subscriber fell too far behind
+            else:  # the server stops (1012: service restart): reconnect, to this server or another
+                await websocket.close(code=1012, reason="the server is stopping: reconnect from your last position")
 
         async def watch() -> None:
             while True:

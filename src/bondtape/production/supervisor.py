@@ -39,7 +39,8 @@ class Supervisor:
         fds = {name: s.fileno() for name, s in self.sockets.items()}
         argv = [sys.executable, "-m", "bondtape.production.worker", json.dumps(self.cfg.as_dict()), str(index),
                 *[f"{n}={fd}" for n, fd in fds.items()]]
-        proc = subprocess.Popen(argv, pass_fds=list(fds.values()), stdout=subprocess.PIPE, text=True)
+        env = {**os.environ, "BONDTAPE_SUPERVISOR_PID": str(os.getpid())}  # a worker stops when this process dies
+        proc = subprocess.Popen(argv, pass_fds=list(fds.values()), stdout=subprocess.PIPE, text=True, env=env)
         os.set_blocking(proc.stdout.fileno(), False)
         return proc
 

@@ -128,16 +128,30 @@ def _settings(cfg: ServeConfig):
     return AccessSettings.from_env(**overrides)
 
 
+async def _watch_parent(parent: int, done: asyncio.Event, interval: float = 0.5) -> None:
+    """Set ``done`` once this process's parent is no longer ``parent`` (it died and this
+    worker was handed to init): a worker never outlives its supervisor, holding its ports."""
+    while not done.is_set():
+        if os.getppid() != parent:
+            log.error("the supervisor (pid %d) is gone; stopping", parent)
+            done.set()
+            return
+        await asyncio.sleep(interval)
+
+
 def run_worker(cfg: ServeConfig, *, index: int = 0, sockets: dict[str, socket.socket] | None = None,
-               ready: Callable[[dict], None] | None = None, stop: threading.Event | None = None) -> None:
-    """Serve until SIGTERM/SIGINT (or ``stop``). ``sockets`` ("http", "https") are shared
-    listening sockets from the supervisor; without them the worker binds its own."""
+               ready: Callable[[dict], None] | None = None, stop: threading.Event | None = None,
+               parent: int | None = None) -> None:
+    """Serve until SIGTERM/SIGINT (or ``stop``, or the process ``parent`` is gone).
+    ``sockets`` ("http", "https") are shared listening sockets from the supervisor; without
+    them the worker binds its own."""
     import uvicorn
 
     from bondtape.db import connect
     from bondtape.observability import configure_logging
     from bondtape.production import resilience
-    from bondtape.serve import _uvicorn_config, build_app, stop_signal, wait_started
+    from bondtape.serve import (_uvicorn_config, build_app, end_servers, force_servers, own_signals, signals_held,
+                                stop_signal, wait_started)
 
     configure_logging(cfg.log_level, cfg.log_format == "json")
     primary = index == 0
@@ -173,14 +187,15 @@ def run_worker(cfg: ServeConfig, *, index: int = 0, sockets: dict[str, socket.so
         served = FeedElsewhere(app, cfg.feed_port) if (multi and name != "feed") else app
         config = _uvicorn_config(served, cfg.host, 0, tls)
         config.timeout_graceful_shutdown = cfg.shutdown_timeout
-        server = uvicorn.Server(config)
-        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        server = own_signals(uvicorn.Server(config))
         servers.append((name, server, sock))
 
     async def main() -> None:
         from bondtape.fix.server import start_fix_server
 
-        done = stop_signal(stop)
+        done = stop_signal(stop, again=lambda: force_servers([s for _, s, _ in servers]))
+        if parent is not None:  # the supervisor died (SIGKILL, OOM): stop as if it had sent SIGTERM
+            asyncio.create_task(_watch_parent(parent, done))
         tasks = [asyncio.create_task(s.serve(sockets=[sock])) for _, s, sock in servers]
         fix = None
         if primary and cfg.fix_port is not None:
@@ -196,8 +211,7 @@ def run_worker(cfg: ServeConfig, *, index: int = 0, sockets: dict[str, socket.so
         await done.wait()
         log.info("worker %d stopping: no new input; finishing what was accepted", index, extra={"worker": index})
         app.state.draining = True
-        for _, s, _ in servers:
-            s.should_exit = True
+        end_servers([s for _, s, _ in servers], svc.publisher if primary else None)
         if fix is not None:
             await fix.close()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -206,16 +220,17 @@ def run_worker(cfg: ServeConfig, *, index: int = 0, sockets: dict[str, socket.so
     try:
         asyncio.run(main())
     finally:
-        svc.close()  # the sequencer journals what it queued; the publisher stops after it
-        if bus is not None:
-            try:  # what was journaled goes on the bus before it closes
-                if svc.publisher is not None:
-                    svc.publisher.catch_up()
-            except Exception:  # noqa: BLE001 - the next start catches up from the journal
-                log.exception("feed catch-up at shutdown failed")
-            bus.close(cfg.shutdown_timeout)
-        db.dispose()
-        log.info("worker %d stopped", index, extra={"worker": index, "uptime_s": round(time.monotonic() - started, 1)})
+        with signals_held():
+            svc.close()  # the sequencer journals what it queued; the publisher stops after it
+            if bus is not None:
+                try:  # what was journaled goes on the bus before it closes
+                    if svc.publisher is not None:
+                        svc.publisher.catch_up()
+                except Exception:  # noqa: BLE001 - the next start catches up from the journal
+                    log.exception("feed catch-up at shutdown failed")
+                bus.close(cfg.shutdown_timeout)
+            db.dispose()
+            log.info("worker %d stopped", index, extra={"worker": index, "uptime_s": round(time.monotonic() - started, 1)})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -224,6 +239,8 @@ def main(argv: list[str] | None = None) -> None:
     from bondtape.batching import configure_gc
 
     configure_gc()
+    # the supervisor, whose death stops this worker (named by it: it may die before this runs)
+    parent = int(os.environ.get("BONDTAPE_SUPERVISOR_PID") or os.getppid())
     argv = sys.argv[1:] if argv is None else argv
     cfg = ServeConfig.from_dict(json.loads(argv[0]))
     index = int(argv[1])
@@ -238,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
         freeze_after_startup()
         print(json.dumps({"ready": index, **addresses}), flush=True)
 
-    run_worker(cfg, index=index, sockets=sockets, ready=ready)
+    run_worker(cfg, index=index, sockets=sockets, ready=ready, parent=parent)
 
 
 if __name__ == "__main__":
