@@ -248,7 +248,10 @@ def simulate_market(
                 summary.results[(cmd.action, res.status)] += 1
                 if res.reject:
                     summary.reject_codes[res.reject.code] += 1
-                elif res.control_number and not res.repeated:
+                elif res.control_number:
+                    # a repeated client_ref (a run resumed after an interruption) counts as the
+                    # first answer did: the lifecycle below then draws the same cancels and
+                    # corrections, and the resumed run equals an uninterrupted one
                     accepted_today.append((rus, res.control_number, cmd.reporting_mpid, cmd.terms))
         # lifecycle: cancels and corrections of today's reports, reversals of old ones
         later: list[tuple[int, Command]] = []
