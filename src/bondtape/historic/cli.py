@@ -1,12 +1,39 @@
 """``bondtape historic build``: publish a Historic TRACE data set."""
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import signal
+import sys
+import threading
 from pathlib import Path
 
 import click
 
 from bondtape.cli import db_option, open_db
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during a build: it ends as Ctrl-C does (the half-built folder is removed)."""
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """SIGTERM raises :class:`Terminated` in the main thread (as Ctrl-C raises
+    KeyboardInterrupt), so that an interrupted build cleans up instead of dying where it is.
+    SIGINT keeps the disposition it came with (ignored in a shell's background job)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminated(_signum, _frame):
+        raise Terminated()
+
+    old = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 @click.group()
@@ -29,6 +56,10 @@ def build(data_set: str, year: int, as_of: dt.datetime | None, out: Path, db_url
     Writes ehts/ (FINRA Enhanced Time and Sales, one pipe-delimited file per trade report
     date), parquet/ (WRDS trace_enhanced column names), final/ (each trade as it stands
     after its cancels, corrections and reversals), data_dictionary.json and manifest.json.
+
+    The folder is built beside OUT and renamed to OUT only when complete. Ctrl-C or SIGTERM
+    stops the build, removes the half-built folder and exits 130 (SIGTERM: 143); the same
+    command then builds it again from the start.
     """
     from bondtape.clock import market_date, now_us
     from bondtape.cli_core import progress_bar
@@ -44,7 +75,7 @@ def build(data_set: str, year: int, as_of: dt.datetime | None, out: Path, db_url
     db = open_db(db_url)
     total = (last - first).days + 1
     try:
-        with progress_bar() as bar:
+        with terminate_as_interrupt(), progress_bar() as bar:
             task = bar.add_task(f"{data_set.lower()} {year}", total=total, rate="")
             count = [0]
 
@@ -53,6 +84,10 @@ def build(data_set: str, year: int, as_of: dt.datetime | None, out: Path, db_url
                 bar.update(task, advance=1, rate=f"{day} {count[0]:,} records")
 
             result = build_data_set(db, data_set, year, day, out, progress=advance)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated): the builder removed its folder
+        click.echo(f"interrupted: {out} was not written (nothing half-built is left); "
+                   "run the same command again to build it", err=True)
+        sys.exit(143 if isinstance(exc, Terminated) else 130)
     except HistoricError as exc:
         raise click.ClickException(f"{exc.code} ({exc.field}): {exc.message}") from exc
     except OSError as exc:
