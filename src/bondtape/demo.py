@@ -116,7 +116,7 @@ def run_demo(directory: Path, *, days: int, trades_per_day: int, console: Consol
 
         def ready(addresses: dict) -> None:
             say("\n[bold]Serving[/] " + ", ".join(f"{k} {v}" for k, v in addresses.items())
-                          + ". Ctrl-C stops it.")
+                          + ". Ctrl-C or SIGTERM stops it.")
 
         run_serve(db, settings, host=host, port=port, tls_port=tls_port, tls_cert=access.tls_cert,
                   tls_key=access.tls_key, fix_port=fix_port, ready=ready)
@@ -194,7 +194,10 @@ def build_demo_historic(db, directory: Path, year: int, console: Console) -> Pat
     if not (out / "manifest.json").exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         try:
-            build_data_set(db, "corporate", year, market_date(now_us()), out)
+            # the DB-API reader: this process goes on serving the same SQLite file, and ADBC's
+            # own copy of SQLite, once closed, left the feed's connections failing with "file
+            # is not a database" (two SQLite libraries in one process do not share POSIX locks)
+            build_data_set(db, "corporate", year, market_date(now_us()), out, reader="dbapi")
             console.print(f"Historic data: corporate {year} built in {out}")
         except HistoricError as exc:
             console.print(f"Historic data: corporate {year} not built ({exc.code}: {exc.message})")
