@@ -296,17 +296,17 @@ def build_data_set(
     work = out.parent / f".{out.name}.building"
     if work.exists():
         shutil.rmtree(work)  # a build that stopped half-way: ours, never published
-    for sub_dir in ("ehts", "parquet", "final"):
-        (work / sub_dir).mkdir(parents=True)
-    try:
+    try:  # from the first folder made: an interruption (Ctrl-C, SIGTERM) anywhere leaves nothing
+        for sub_dir in ("ehts", "parquet", "final"):
+            (work / sub_dir).mkdir(parents=True)
         result = _build(db, sub, data_set, year, as_of, available, first_day, last_day, work, rulebook, progress,
                         reader)
+        if out.exists():
+            out.rmdir()
+        os.replace(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    if out.exists():
-        out.rmdir()
-    os.replace(work, out)
     result.out = out
     return result
 
