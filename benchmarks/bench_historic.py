@@ -8,7 +8,8 @@
    record type, three output formats); builds 2025; and, as the baseline, copies the same
    rows the 2024 builds read (each data set's reports created in the year and reports
    closed in it, every column the build reads, as stored) to Parquet with no
-   transformation, through the same reader (ADBC: ``bondtape.historic.source``).
+   transformation, through the same reader (``bondtape.historic.source``: on SQLite the
+   engine's own driver, on PostgreSQL ADBC).
 3. Prints records/s of the build, the ratio copy time / build time (1.0: the build
    costs no more than copying the rows), and each child's peak RSS (its own ``VmHWM``), so
    that memory for the large and the small year can be compared.
@@ -58,7 +59,7 @@ from bondtape.historic.source import open_source
 db = connect(sys.argv[1])
 out, year = sys.argv[2], int(sys.argv[3])
 # every column of trade_reports the build reads, as stored (nullable text as '' when null, so
-# that the ADBC SQLite driver, which infers a column's type from its first batch, cannot
+# that a reader inferring a column's type from its first batch (the ADBC drivers do) cannot
 # mistake an all-null text column for an integer one)
 INTS = ["control_number", "seq", "report_us", "first_control_number", "prior_control_number", "quantity_c",
         "price_u", "yield_u", "execution_us", "commission_c", "closed_seq", "closed_us", "successor_control_number"]

@@ -50,11 +50,34 @@ def simulated(db):
     return db
 
 
-def test_the_default_reader_is_adbc_on_files_and_postgresql(db):
+def test_the_default_reader_is_adbc_on_postgresql_and_dbapi_on_sqlite(db):
     with open_source(db) as source:
-        assert source.name == "adbc"
+        assert source.name == ("dbapi" if db.dialect.name == "sqlite" else "adbc")
     with open_source(db, "dbapi") as source:
         assert source.name == "dbapi"
+    if db.dialect.name == "sqlite":
+        with pytest.raises(ValueError, match="own copy of SQLite"):
+            with open_source(db, "adbc"):
+                pass
+
+
+def test_a_build_leaves_the_process_s_sqlite_connections_working(simulated, tmp_path):
+    """A process goes on using the file after a build (bondtape demo serves on it). The ADBC
+    SQLite driver's own copy of SQLite, once closed, dropped this process's POSIX locks on the
+    file: the next write through a new connection failed with 'disk I/O error'."""
+    from bondtape.db import connect
+
+    build_data_set(simulated, "agency", 2024, AS_OF, tmp_path / "agency")
+    other = connect(simulated.url.render_as_string(hide_password=False))
+    try:
+        for i in range(1, 4):
+            with other.begin() as conn:
+                conn.exec_driver_sql("CREATE TABLE IF NOT EXISTS probe (x INTEGER)")
+                conn.exec_driver_sql("INSERT INTO probe VALUES (1)")
+            with simulated.begin() as conn:
+                assert conn.exec_driver_sql("SELECT count(*) FROM probe").scalar() == i
+    finally:
+        other.dispose()
 
 
 @pytest.mark.parametrize("reader", ["auto", "dbapi"])

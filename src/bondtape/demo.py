@@ -194,10 +194,7 @@ def build_demo_historic(db, directory: Path, year: int, console: Console) -> Pat
     if not (out / "manifest.json").exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         try:
-            # the DB-API reader: this process goes on serving the same SQLite file, and ADBC's
-            # own copy of SQLite, once closed, left the feed's connections failing with "file
-            # is not a database" (two SQLite libraries in one process do not share POSIX locks)
-            build_data_set(db, "corporate", year, market_date(now_us()), out, reader="dbapi")
+            build_data_set(db, "corporate", year, market_date(now_us()), out)
             console.print(f"Historic data: corporate {year} built in {out}")
         except HistoricError as exc:
             console.print(f"Historic data: corporate {year} not built ({exc.code}: {exc.message})")

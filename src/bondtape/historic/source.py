@@ -3,14 +3,17 @@
 The build reads two streams at once (reports created, reports closed), both inside one
 consistent snapshot:
 
-- ``adbc`` (the default wherever it applies): Arrow's columnar database drivers. SQLite: one
-  connection, one read transaction, both statements stepping side by side. PostgreSQL: one
-  connection per stream, the second joining the first one's exported snapshot (``REPEATABLE
-  READ``, ``READ ONLY``); rows travel as binary ``COPY`` and land in Arrow without a Python
-  object per value.
+- ``adbc`` (the default on PostgreSQL): Arrow's columnar database drivers. One connection
+  per stream, the second joining the first one's exported snapshot (``REPEATABLE READ``,
+  ``READ ONLY``); rows travel as binary ``COPY`` and land in Arrow without a Python object per
+  value.
 - ``dbapi``: the engine's own driver through SQLAlchemy, rows converted to Arrow batch by
-  batch. Used for an in-memory SQLite database (which only its own connection can see) and
-  any database the ADBC drivers do not serve.
+  batch: one connection, one read transaction, both statements stepping side by side. Always
+  used on SQLite. The ADBC SQLite driver carries its own copy of SQLite, and two copies of
+  SQLite in one process do not share POSIX advisory locks: closing the driver's file released
+  the locks of this process's own ``sqlite3`` connections to the same file, and the next
+  write through them failed ("disk I/O error"; a process serving on after a build saw "file
+  is not a database") -- the corruption hazard SQLite's documentation warns of.
 
 Both give batches of the same Arrow schema (the caller's), so everything after reading is
 the same code.
@@ -121,25 +124,6 @@ class _Adbc:
                 handle.close()
 
 
-class _AdbcSqlite(_Adbc):
-    def __init__(self, path: str, dialect: sa.Dialect) -> None:
-        import adbc_driver_manager as adbc
-        import adbc_driver_sqlite
-
-        super().__init__(dialect)
-        self.options = {"adbc.sqlite.query.batch_rows": str(BATCH_ROWS)}
-        database = adbc_driver_sqlite.connect(path)
-        self.handles.append(database)
-        self.conn = adbc.AdbcConnection(database)
-        self.handles.append(self.conn)
-        # autocommit off: one transaction, so both statements read the same snapshot (WAL:
-        # the engine goes on writing meanwhile); it is rolled back when the connection closes.
-        self.conn.set_autocommit(False)
-
-    def _connection(self) -> Any:
-        return self.conn
-
-
 class _AdbcPostgres(_Adbc):
     def __init__(self, uri: str, dialect: sa.Dialect) -> None:
         import adbc_driver_postgresql
@@ -233,16 +217,9 @@ def _dbapi_snapshot(db: sa.Engine) -> Iterator[sa.Connection]:
 
 
 def _adbc_target(db: sa.Engine) -> tuple[str, str] | None:
-    """("sqlite", path) or ("postgresql", libpq URI) where an ADBC driver can read ``db``."""
+    """("postgresql", libpq URI) where an ADBC driver may read ``db`` (never SQLite: see the
+    module's docstring)."""
     url = db.url
-    if db.dialect.name == "sqlite":
-        if url.database in (None, "", ":memory:") or url.database.startswith("file:"):
-            return None
-        try:
-            import adbc_driver_sqlite  # noqa: F401
-        except ImportError:
-            return None
-        return "sqlite", url.database
     if db.dialect.name == "postgresql":
         try:
             import adbc_driver_postgresql  # noqa: F401
@@ -259,13 +236,14 @@ def open_source(db: sa.Engine, reader: str = "auto") -> Iterator[Source]:
         raise ValueError(f"reader {reader!r}: one of {', '.join(READERS)}")
     target = _adbc_target(db) if reader != "dbapi" else None
     if reader == "adbc" and target is None:
-        raise ValueError(f"no ADBC driver reads {db.dialect.name} database {db.url.database!r} here")
+        why = (": its own copy of SQLite would drop this process's locks on the file" if db.dialect.name == "sqlite"
+               else "")
+        raise ValueError(f"the ADBC reader does not read {db.dialect.name} databases here{why}; use the dbapi reader")
     if target is None:
         with _dbapi_snapshot(db) as conn:
             yield _Dbapi(conn)
         return
-    kind, where = target
-    source = _AdbcSqlite(where, db.dialect) if kind == "sqlite" else _AdbcPostgres(where, db.dialect)
+    source = _AdbcPostgres(target[1], db.dialect)
     try:
         yield source
     finally:
