@@ -202,6 +202,33 @@ def test_serve_stops_with_an_sse_subscriber_connected(market, db_url, tmp_path, 
         kill_group(proc)
 
 
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("stop_with", ["SIGINT", "SIGTERM"])
+def test_web_serve_stops_gracefully(db_url, tmp_path, stop_with):
+    """``bondtape web serve`` (HTTPS only) started in the background answers, then stops on
+    SIGINT or SIGTERM: its services closed (it says `stopped` only after), exit 0, no
+    traceback. Before: uvicorn owned the signals; SIGTERM killed it (-15) once uvicorn had
+    stopped, and SIGINT exited without closing the sequencer and the publisher."""
+    env = {"BONDTAPE_SECRET_KEY": secrets.token_hex(32), "BONDTAPE_CA_DIR": str(tmp_path / "ca")}
+    for args in (["certs", "init"], ["certs", "server", "--out", str(tmp_path / "tls")]):
+        made = bondtape(*args, env=env)
+        _o, err = made.communicate(timeout=120)
+        assert made.returncode == 0, err
+    port = free_port()
+    proc = bondtape("web", "serve", "--port", str(port), "--tls-cert", str(tmp_path / "tls" / "server-cert.pem"),
+                    "--tls-key", str(tmp_path / "tls" / "server-key.pem"), "--db", db_url, env=env)
+    try:
+        read_stderr_until(proc, r"serving https://127\.0\.0\.1:%d/" % port, timeout=120)
+        page = httpx.get(f"https://127.0.0.1:{port}/", verify=False, timeout=30)
+        assert page.status_code == 200
+        code, _out, err = stopped(proc, getattr(signal, stop_with))
+        assert code == 0, err
+        assert "Traceback" not in err, err
+        assert err.strip().splitlines()[-1] == "stopped", err
+    finally:
+        kill_group(proc)
+
+
 # --- the production supervisor --------------------------------------------------------------
 
 

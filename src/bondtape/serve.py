@@ -202,6 +202,16 @@ def force_servers(servers: list[Any]) -> None:
         s.force_exit = True
 
 
+async def serving(server: Any, **kwargs: Any) -> None:
+    """``server.serve(...)``; uvicorn exits the process (SystemExit) when it cannot listen,
+    having logged why: that becomes an OSError, so the caller closes what it started and
+    says so in one line, instead of a traceback from the task."""
+    try:
+        await server.serve(**kwargs)
+    except SystemExit as exc:
+        raise OSError(f"the server could not start (uvicorn exit status {exc.code}; its error is above)") from None
+
+
 async def wait_started(servers: list[Any], tasks: list[asyncio.Task]) -> None:
     """Until every uvicorn server listens; one whose task ended meanwhile raises its error."""
     while not all(s.started for s in servers):
@@ -213,15 +223,18 @@ async def wait_started(servers: list[Any], tasks: list[asyncio.Task]) -> None:
 
 def run_serve(db: SAEngine, settings, *, host: str = "127.0.0.1", port: int = 8000, tls_port: int | None = None,
               tls_cert: Path | None = None, tls_key: Path | None = None, fix_port: int | None = None,
-              ready: Callable[[dict], None] | None = None, stop: threading.Event | None = None) -> None:
-    """Serve until Ctrl-C (or ``stop`` is set): HTTP on ``port`` (the website; 0 = off),
-    HTTPS with client certificates on ``tls_port`` (website, REST API, downloads), and
-    the FIX gateway on ``fix_port``. ``ready`` gets the addresses once all listen."""
+              ready: Callable[[dict], None] | None = None, stop: threading.Event | None = None,
+              feed: bool = True) -> None:
+    """Serve until Ctrl-C or SIGTERM (or ``stop`` is set): HTTP on ``port`` (the website;
+    None = none, 0 = any free port), HTTPS with client certificates on ``tls_port`` (website,
+    REST API, downloads), and the FIX gateway on ``fix_port``. ``ready`` gets the addresses
+    once all listen. ``feed=False``: without the feed's WebSocket/SSE routes (``bondtape web
+    serve``); the publisher still runs."""
     import uvicorn
 
     from bondtape.access.ca import CA_CERT
 
-    app = build_app(db, settings)
+    app = build_app(db, settings, feed=feed)
     svc: Services = app.state.services
     servers: list[tuple[str, uvicorn.Server]] = []
     if port is not None:
@@ -238,7 +251,7 @@ def run_serve(db: SAEngine, settings, *, host: str = "127.0.0.1", port: int = 80
         from bondtape.fix.server import start_fix_server
 
         done = stop_signal(stop, again=lambda: force_servers([s for _, s in servers]))
-        tasks = [asyncio.create_task(s.serve()) for _, s in servers]
+        tasks = [asyncio.create_task(serving(s)) for _, s in servers]
         fix = None
         if fix_port is not None:
             fix = await start_fix_server(db, host, fix_port, sequencer=svc.sequencer)

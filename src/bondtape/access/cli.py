@@ -5,7 +5,6 @@ import datetime as dt
 import ipaddress
 import json
 import re
-import sys
 from pathlib import Path
 
 import click
@@ -502,21 +501,31 @@ def web() -> None:
 @db_option
 def web_serve(host, port, tls_cert, tls_key, ca_dir, db_url) -> None:
     """Serve over HTTPS; client certificates (from this CA) are requested, and required by
-    the REST API and the download service. Needs BONDTAPE_SECRET_KEY."""
-    import uvicorn
+    the REST API and the download service. Needs BONDTAPE_SECRET_KEY.
 
+    Ctrl-C or SIGTERM stops it gracefully (also when started in the background): the
+    requests under way are finished, the reports queued are journaled, it prints `stopped`
+    and exits 0. A second signal stops the requests at once."""
     from bondtape.access.ca import CA_CERT
-    from bondtape.web.app import create_app
-    from bondtape.web.tls import server_config
+    from bondtape.serve import run_serve
 
     settings = _settings(ca_dir=ca_dir)
     if not (ca_dir / CA_CERT).exists():
         _fail(f"no certificate authority in {ca_dir}: run `bondtape certs init --ca-dir {ca_dir}`")
-    app = create_app(open_db(db_url), settings)
-    click.echo(f"serving https://{host}:{port}/", err=True)
-    uvicorn.Server(server_config(app, host=host, port=port, certfile=tls_cert, keyfile=tls_key,
-                                 ca_certs=ca_dir / CA_CERT, log_level="info")).run()
-    sys.exit(0)
+
+    def ready(addresses: dict) -> None:
+        from bondtape.batching import freeze_after_startup
+
+        freeze_after_startup()
+        click.echo(f"serving {addresses['https']}/", err=True)
+        click.echo("Ctrl-C or SIGTERM stops the server (a second one: at once)", err=True)
+
+    try:  # the one serving loop of bondtape serve: HTTPS only, without the feed's routes
+        run_serve(open_db(db_url), settings, host=host, port=None, tls_port=port, tls_cert=tls_cert,
+                  tls_key=tls_key, ready=ready, feed=False)
+    except (ValueError, OSError) as exc:
+        _fail(exc)
+    click.echo("stopped", err=True)
 
 
 COMMANDS = [orgs, users, certs, entitlements_group, audit_group, web]
