@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bondtape.db import connect as connect_db
 from tests.conftest import POSTGRES_URL, drop_postgres, fresh_postgres_url
 
 STOP_WITHIN = 60.0  # seconds; a server that stops takes well under one
@@ -319,11 +320,88 @@ def test_simulate_interrupted_by_ctrl_c_then_run_again(tmp_path):
             time.sleep(0.02)
         code, _out, err = stopped(proc, signal.SIGINT)
         assert "Traceback" not in err, err
-        assert code in (0, 1), err  # 1: interrupted (click's "Aborted!"); 0: it had finished already
+        assert code in (0, 130), err  # 130: interrupted; 0: it had finished already
+        if code == 130:
+            assert err.strip().splitlines()[-1].startswith("interrupted: what was journaled stays; run the same "
+                                                           "command again"), err
     finally:
         kill_group(proc)
     assert _simulate(cut, 3, 1500).wait(120) == 0
     assert _journal(cut) == _journal(whole)
+
+
+def _bulk_file(path: Path, n: int) -> None:
+    from tests.conftest import IG
+
+    with open(path, "w", newline="") as f:
+        f.write("action,client_ref,reporting_mpid,cusip,side,capacity,contra,quantity,price,execution_time,"
+                "report_time\n")
+        for i in range(n):
+            f.write(f"NEW,k{i},DLRA,{IG},S,P,C,{1000 + i},100,2024-03-04T10:00:00-05:00,2024-03-04T10:01:00-05:00\n")
+
+
+def _result_rows(path: Path) -> list[dict]:
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("stop_with", ["SIGINT", "SIGTERM"])
+def test_report_interrupted_says_what_was_answered_then_run_again(market, db_url, tmp_path, stop_with):
+    """Ctrl-C or SIGTERM during ``bondtape report``: one line saying how many rows are answered
+    in the results file (each of them journaled), exit 130/143, no traceback; the same file
+    again answers every row, the first ones with their first answers, and journals none
+    twice. Before: Ctrl-C said "Aborted!" (exit 1) and SIGTERM killed it (-15) silently."""
+    import sqlalchemy as sa
+
+    from bondtape.journal.schema import journal
+    from bondtape.journal.verify import verify
+
+    n = 60_000
+    src, results = tmp_path / "big.csv", tmp_path / "results.csv"
+    _bulk_file(src, n)
+    args = ["report", str(src), "--results", str(results), "--use-report-time", "--batch-size", "500",
+            "--db", db_url]
+    proc = bondtape(*args, ignore_sigint=False)
+    try:
+        deadline = time.monotonic() + 240
+        while proc.poll() is None and time.monotonic() < deadline:  # once some rows are answered
+            if results.exists() and results.stat().st_size > 20_000:
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "the report finished before it could be interrupted: make the file larger"
+        os.kill(proc.pid, signal.SIGSTOP)  # held while the signal is sent
+        proc.send_signal(getattr(signal, stop_with))
+        os.kill(proc.pid, signal.SIGCONT)
+        _o, err = proc.communicate(timeout=STOP_WITHIN)
+    finally:
+        kill_group(proc)
+    assert proc.returncode == (130 if stop_with == "SIGINT" else 143), err
+    assert "Traceback" not in err and "Aborted" not in err, err
+    found = re.fullmatch(r"interrupted: ([\d,]+) rows answered in (.+); run the same file again to continue "
+                         r"\(client_ref gives the first answers back\)", err.strip().splitlines()[-1])
+    assert found and found.group(2) == str(results), err
+    first = _result_rows(results)
+    assert int(found.group(1).replace(",", "")) == len(first) and 0 < len(first) < n
+    db = connect_db(db_url)
+    try:
+        with db.connect() as conn:
+            journaled = dict(conn.execute(sa.select(journal.c.client_ref, journal.c.control_number)).all())
+        assert all(r["status"] == "ACCEPTED" and journaled[r["client_ref"]] == int(r["control_number"])
+                   for r in first)
+        again = bondtape(*args)
+        _o, err = again.communicate(timeout=480)
+        assert again.returncode == 0, err
+        rows = _result_rows(results)
+        assert len(rows) == n and all(r["status"] == "ACCEPTED" for r in rows)
+        assert rows[:len(first)] == first  # the first answers, given back
+        with db.connect() as conn:
+            assert conn.execute(sa.select(sa.func.count()).select_from(journal)).scalar_one() == n
+        assert verify(db).ok
+    finally:
+        db.dispose()
 
 
 def _historic_db(tmp_path: Path) -> str:

@@ -5,10 +5,14 @@ Each capability adds its own group of subcommands in its own ``cli`` module, reg
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
@@ -42,7 +46,55 @@ def open_db(db_url: str | None):
         raise click.ClickException(f"cannot open database {resolve_url(db_url)}: {reason}") from exc
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as Ctrl-C raises KeyboardInterrupt: a finite command
+    stopped by a supervisor cleans up as it does on Ctrl-C (see :func:`terminate_as_interrupt`)."""
+
+
+def _raise_terminated(_signum, _frame) -> NoReturn:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """While inside: SIGTERM raises :class:`Terminated` in the main thread, so the work stops
+    where it is with the cleanup of Ctrl-C (``finally`` blocks, rollbacks, temporary folders
+    removed) instead of the process dying on the spot. SIGINT keeps the disposition it came
+    with (ignored in a shell's background job), and so does a SIGTERM that came in ignored.
+    The servers take both signals over with their loop's handlers while they serve
+    (:func:`bondtape.serve.stop_signal`) and stop gracefully instead."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) == signal.SIG_IGN:
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def interrupt_status(exc: BaseException) -> int:
+    """The exit status of an interrupted command: 143 for SIGTERM, 130 for Ctrl-C (128 + signal)."""
+    return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
+
+
+def interrupted(message: str, exc: BaseException) -> NoReturn:
+    """End an interrupted command: one line ``interrupted: MESSAGE`` on stderr (saying what
+    was left and how to go on), exit 130 (Ctrl-C) or 143 (SIGTERM); no "Aborted!"."""
+    click.echo(f"interrupted: {message}", err=True)
+    sys.exit(interrupt_status(exc))
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as exc:  # a command that says nothing of its own
+            interrupted("the command stopped before it finished", exc)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="bondtape")
 def cli() -> None:
     """bondtape: trade reporting and transparency for OTC bonds (a TRACE-like system).
@@ -66,9 +118,10 @@ def main() -> None:
 
     configure_gc()
     try:
-        cli(standalone_mode=True)
-    except KeyboardInterrupt:  # pragma: no cover
-        sys.exit(130)
+        with terminate_as_interrupt():  # every finite command: SIGTERM cleans up as Ctrl-C does
+            cli(standalone_mode=True)
+    except KeyboardInterrupt as exc:  # before or after a command ran (click turns the rest into Abort)
+        sys.exit(interrupt_status(exc))
     except Exception as exc:  # a failure no command foresaw: one line, not a traceback
         if os.environ.get(DEBUG_VAR):
             raise

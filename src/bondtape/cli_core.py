@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from bondtape.cli import db_option, open_db
+from bondtape.cli import db_option, interrupted, open_db
 from bondtape.db import reading
 
 console = Console(stderr=True, soft_wrap=True)  # long lines (URLs, commands) stay whole
@@ -186,7 +186,22 @@ def report(file: Path, results_path: Path | None, use_report_time: bool, batch_s
     except EngineUnavailable as exc:
         raise click.ClickException(f"database unavailable, nothing more was journaled; the results so far are in "
                                    f"{results_path}; send the file again to complete it: {exc}") from exc
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the batch under way rolled back or was committed
+        interrupted(f"{_answered(results_path):,} rows answered in {results_path}; run the same file again to "
+                    "continue (client_ref gives the first answers back)", exc)
     click.echo(f"{summary.lines} lines: {summary.accepted} accepted, {summary.rejected} rejected; results in {results_path}")
+
+
+def _answered(results_path: Path) -> int:
+    """The result rows in a results file (closed, so every row written is in it): each is a
+    row of a batch that was committed before it was written."""
+    import csv
+
+    try:
+        with open(results_path, newline="") as f:
+            return max(0, sum(1 for _ in csv.reader(f)) - 1)  # less the header
+    except OSError:
+        return 0
 
 
 # --- journal ----------------------------------------------------------------------------
@@ -262,10 +277,14 @@ def simulate(start: dt.datetime, days: int, trades_per_day: int, seed: int, n_se
     from bondtape.simulate.market import simulate_market
 
     db = open_db(db_url)
-    with progress_bar() as bar:
-        task = bar.add_task("simulating", total=days, rate="")
-        summary = simulate_market(db, start.date(), days, trades_per_day, seed, n_securities=n_securities,
-                                  progress=lambda day, n: bar.update(task, advance=1, rate=f"{day} {n} reports"))
+    try:
+        with progress_bar() as bar:
+            task = bar.add_task("simulating", total=days, rate="")
+            summary = simulate_market(db, start.date(), days, trades_per_day, seed, n_securities=n_securities,
+                                      progress=lambda day, n: bar.update(task, advance=1, rate=f"{day} {n} reports"))
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: every group commit so far stays (docs/simulate.md)
+        interrupted("what was journaled stays; run the same command again to finish the market (it ends as one "
+                    "uninterrupted run would)", exc)
     click.echo(summary.text())
 
 

@@ -1,39 +1,12 @@
 """``bondtape historic build``: publish a Historic TRACE data set."""
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import signal
-import sys
-import threading
 from pathlib import Path
 
 import click
 
-from bondtape.cli import db_option, open_db
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM during a build: it ends as Ctrl-C does (the half-built folder is removed)."""
-
-
-@contextlib.contextmanager
-def terminate_as_interrupt():
-    """SIGTERM raises :class:`Terminated` in the main thread (as Ctrl-C raises
-    KeyboardInterrupt), so that an interrupted build cleans up instead of dying where it is.
-    SIGINT keeps the disposition it came with (ignored in a shell's background job)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def terminated(_signum, _frame):
-        raise Terminated()
-
-    old = signal.signal(signal.SIGTERM, terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
+from bondtape.cli import db_option, interrupted, open_db, terminate_as_interrupt
 
 
 @click.group()
@@ -85,9 +58,8 @@ def build(data_set: str, year: int, as_of: dt.datetime | None, out: Path, db_url
 
             result = build_data_set(db, data_set, year, day, out, progress=advance)
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated): the builder removed its folder
-        click.echo(f"interrupted: {out} was not written (nothing half-built is left); "
-                   "run the same command again to build it", err=True)
-        sys.exit(143 if isinstance(exc, Terminated) else 130)
+        interrupted(f"{out} was not written (nothing half-built is left); run the same command again to build it",
+                    exc)
     except HistoricError as exc:
         raise click.ClickException(f"{exc.code} ({exc.field}): {exc.message}") from exc
     except OSError as exc:
