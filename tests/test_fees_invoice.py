@@ -459,3 +459,95 @@ def test_web_access_level_set_from_the_cli_is_billed(market, db_url):
         assert r.exit_code == 2 and code in r.output, (args, r.output)
     r = runner.invoke(cli, ["fees", "web-access", "--user", "nobody", "--level", "NONE", "--db", db_url])
     assert r.exit_code == 2 and "USER_UNKNOWN" in r.output
+
+
+# --- the output folder: written whole or not at all ------------------------------------------
+
+
+@pytest.fixture
+def many_orgs(market):
+    """600 organisations billed in April 2010 (one Level I user ID each): a run that takes
+    long enough to be interrupted while it writes."""
+    with market.begin() as conn:
+        for i in range(600):
+            org = add_org(conn, f"Subscriber {i:03d}", "PROFESSIONAL")
+            add_user(conn, org, f"user{i:03d}", "LEVEL_I", activated=et(2010, 1, 4, 9, 0))
+    return market
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_an_earlier_run_is_replaced_whole_and_other_folders_refused(many_orgs, db_url, tmp_path):
+    """Running a month again into its folder replaces it whole: an invoice the new run does not
+    make is gone (before: left beside the new summary.json). A folder holding anything else
+    (another month's invoices, other files) is refused with OUT_NOT_EMPTY, untouched."""
+    runner = CliRunner()
+    out = tmp_path / "inv" / "april"
+    r = runner.invoke(cli, ["fees", "invoice", "--month", "2010-04", "--out", str(out), "--db", db_url])
+    assert r.exit_code == 0, r.output
+    (out / "2010-04-999999.json").write_text("{}")  # an invoice this month's run no longer makes
+    r = runner.invoke(cli, ["fees", "invoice", "--month", "2010-04", "--out", str(out), "--format", "json",
+                            "--db", db_url])
+    assert r.exit_code == 0, r.output
+    names = set(_files(out))
+    assert "2010-04-999999.json" not in names and not any(n.endswith((".csv", ".html")) for n in names)
+    assert len(json.loads((out / "summary.json").read_text())["invoices"]) == 600 == len(names) - 1
+    assert sorted(p.name for p in out.parent.iterdir()) == ["april"]  # nothing hidden left beside it
+    for month, folder in (("2010-05", out), ("2010-04", tmp_path / "inv")):  # another month; other files
+        before = _files(folder) if folder == out else sorted(p.name for p in folder.iterdir())
+        r = runner.invoke(cli, ["fees", "invoice", "--month", month, "--out", str(folder), "--db", db_url])
+        assert r.exit_code == 2 and "OUT_NOT_EMPTY (out)" in r.output and "Traceback" not in r.output, r.output
+        assert before == (_files(folder) if folder == out else sorted(p.name for p in folder.iterdir()))
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("stop_with", ["SIGINT", "SIGTERM"])
+def test_invoice_run_interrupted_leaves_the_earlier_run_as_it_was(many_orgs, db_url, tmp_path, stop_with):
+    """Ctrl-C or SIGTERM while ``fees invoice`` writes a month into the folder of an earlier
+    run: one line, exit 130/143, the folder exactly as the earlier run left it and nothing
+    hidden beside it; the same command then writes it. Before: the earlier summary.json
+    stood beside a mix of old and new invoice files, so the folder looked complete."""
+    import os
+    import signal
+    import time
+
+    from tests.test_signals import STOP_WITHIN, bondtape, kill_group
+
+    sig = getattr(signal, stop_with)
+    for attempt in range(5):  # the writing must be caught while it runs: a fast machine may finish first
+        parent = tmp_path / f"try{attempt}"
+        out = parent / "april"
+        r = CliRunner().invoke(cli, ["fees", "invoice", "--month", "2010-04", "--out", str(out), "--format", "json",
+                                     "--db", db_url])
+        assert r.exit_code == 0, r.output
+        earlier, inode = _files(out), os.stat(out).st_ino
+        proc = bondtape("fees", "invoice", "--month", "2010-04", "--out", str(out), "--db", db_url,
+                        ignore_sigint=False)
+        try:
+            deadline = time.monotonic() + 240
+            while proc.poll() is None and time.monotonic() < deadline:  # until it writes (anywhere)
+                if len(os.listdir(parent)) > 1 or len(os.listdir(out)) > len(earlier):
+                    break
+            os.kill(proc.pid, signal.SIGSTOP)  # held while the signal is sent
+            if proc.poll() is not None or os.stat(out).st_ino != inode:
+                os.kill(proc.pid, signal.SIGCONT)  # it had finished (its folder renamed into place)
+                proc.communicate(timeout=120)
+                continue
+            proc.send_signal(sig)
+            os.kill(proc.pid, signal.SIGCONT)
+            _o, err = proc.communicate(timeout=STOP_WITHIN)
+        finally:
+            kill_group(proc)
+        assert proc.returncode == (130 if sig == signal.SIGINT else 143), err
+        assert "Traceback" not in err and "Aborted" not in err, err
+        assert err.strip().splitlines()[-1].startswith(f"interrupted: {out} was not written"), err
+        assert _files(out) == earlier
+        assert os.listdir(parent) == ["april"]
+        again = bondtape("fees", "invoice", "--month", "2010-04", "--out", str(out), "--db", db_url)
+        _o, err = again.communicate(timeout=240)
+        assert again.returncode == 0, err
+        assert len(_files(out)) == 3 * 600 + 1 and os.listdir(parent) == ["april"]
+        return
+    pytest.skip("the run always finished before it could be interrupted")

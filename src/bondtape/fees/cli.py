@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from bondtape.cli import db_option, open_db
+from bondtape.cli import db_option, interrupted, open_db
 from bondtape.clock import now_us
 from bondtape.db import reading
 from bondtape.fees.schedule import FeeError
@@ -28,7 +28,8 @@ def fees() -> None:
 @fees.command("invoice")
 @click.option("--month", required=True, metavar="YYYY-MM", help="The billing month (market time).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Directory for the invoice files and summary.json.")
+              help="Directory for the invoice files and summary.json: new, empty, or an earlier run of "
+                   "MONTH (replaced whole).")
 @click.option("--format", "formats", default="json,csv,html", show_default=True,
               help="Comma-separated formats: json, csv, html.")
 @db_option
@@ -37,22 +38,40 @@ def invoice_cmd(month: str, out_dir: Path, formats: str, db_url: str | None) -> 
 
     Reporting fees go to the organisation whose MPID reported; reports of an MPID with no
     (or more than one) organisation are listed under "unbilled" and warned about.
+
+    OUT is written beside itself under a hidden name and renamed into place when complete.
+    It may be new, empty, or an earlier run of MONTH (replaced whole). Ctrl-C or SIGTERM
+    leaves OUT as it was and exits 130 (SIGTERM: 143).
     """
     from bondtape.fees.invoice import build_invoices
-    from bondtape.fees.writers import FORMATS, write_invoices
+    from bondtape.fees.schedule import default_schedules
+    from bondtape.fees.writers import FORMATS, check_out, write_invoices
 
     chosen = [f.strip().lower() for f in formats.split(",") if f.strip()]
     bad = [f for f in chosen if f not in FORMATS]
     if bad or not chosen:
         _fail(FeeError("FORMAT_INVALID", "format", f"choose from {', '.join(FORMATS)}; got {formats!r}"))
-    db = open_db(db_url)
+    month = month.strip()
     try:
-        invoices, unbilled, schedule = build_invoices(db, month.strip())
+        default_schedules().for_month(month)  # MONTH_INVALID, NO_SCHEDULE
+        check_out(out_dir, month)  # refused before the month is read
     except FeeError as exc:
         _fail(exc)
-    path = write_invoices(out_dir, month.strip(), schedule.name, invoices, unbilled, chosen)
+    except OSError as exc:
+        raise click.ClickException(f"cannot use {out_dir}: {exc}") from None
+    db = open_db(db_url)
+    try:
+        invoices, unbilled, schedule = build_invoices(db, month)
+        path = write_invoices(out_dir, month, schedule.name, invoices, unbilled, chosen)
+    except FeeError as exc:
+        _fail(exc)
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the hidden folder was removed
+        interrupted(f"{out_dir} was not written (it is as it was; nothing half-written is left); "
+                    "run the same command again to write it", exc)
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {out_dir}: {exc}") from None
     total = sum((i.total for i in invoices), start=__import__("decimal").Decimal("0.00"))
-    click.echo(f"{len(invoices)} invoices for {month.strip()} (schedule {schedule.name}), total ${total:,}: {path}")
+    click.echo(f"{len(invoices)} invoices for {month} (schedule {schedule.name}), total ${total:,}: {path}")
     for u in unbilled:
         click.echo(f"warning: MPID {u.mpid} not billed ({u.reason}): {u.reports} reports, {u.actions} "
                    f"cancel/correct/reversal events", err=True)

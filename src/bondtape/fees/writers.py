@@ -3,10 +3,18 @@
 Amounts are written as decimal strings (never floats). A run writes, in ``DIR``:
 ``<invoice number>.json``, ``.csv`` and ``.html`` for each invoice, and ``summary.json``
 listing every invoice with its total and any MPIDs whose reports could not be billed.
+
+The folder is written beside ``DIR`` under a hidden name and renamed to ``DIR`` only when
+complete (as ``historic build`` does): an interrupted run leaves ``DIR`` as it was. ``DIR``
+may be new, empty, or the folder of an earlier run of the same month, which is replaced
+whole; anything else is refused (``OUT_NOT_EMPTY``).
 """
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 from decimal import Decimal
 from pathlib import Path
 from typing import Iterable
@@ -14,8 +22,9 @@ from typing import Iterable
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from bondtape.fees.invoice import Invoice, Unbilled, plain, rate_text
+from bondtape.fees.schedule import FeeError
 
-__all__ = ["CSV_COLUMNS", "FORMATS", "invoice_csv", "invoice_html", "invoice_json", "write_invoices"]
+__all__ = ["CSV_COLUMNS", "FORMATS", "check_out", "invoice_csv", "invoice_html", "invoice_json", "write_invoices"]
 
 FORMATS = ("json", "csv", "html")
 CSV_COLUMNS = ["invoice_number", "month", "organisation_id", "mpid", "code", "description", "data_set",
@@ -82,26 +91,92 @@ def invoice_html(inv: Invoice) -> str:
 _RENDER = {"json": invoice_json, "csv": invoice_csv, "html": invoice_html}
 
 
+_INVOICE_FILE = re.compile(r"(\d{4}-\d{2})-\d{6}\.(?:json|csv|html)")
+
+
+def _hidden(out: Path, what: str) -> Path:
+    return out.parent / f".{out.name}.{what}"
+
+
+def _recover(out: Path) -> None:
+    """A run killed (SIGKILL, power loss) after it moved the earlier run aside and before its
+    own folder took its place: the earlier run goes back. Once ``out`` is there, it is stale."""
+    old = _hidden(out, "replaced")
+    if old.is_dir():
+        if out.exists():
+            shutil.rmtree(old)
+        else:
+            os.replace(old, out)
+
+
+def check_out(out: Path, month: str) -> Path:
+    """``out`` may not exist, be an empty folder, or hold an earlier run of ``month`` (only its
+    invoice files and ``summary.json``), which a run replaces whole; anything else is refused
+    with ``OUT_NOT_EMPTY``: another month's invoices or other files are never mixed in or
+    deleted."""
+    out = Path(out)
+    if out.name in ("", ".", ".."):  # "." has no name to hide a folder beside it under
+        out = Path(os.path.abspath(out))
+    _recover(out)
+    if not out.exists():
+        return out
+    if not out.is_dir():
+        raise FeeError("OUT_NOT_EMPTY", "out", f"{out} exists and is not a folder: choose a new folder")
+    for entry in out.iterdir():
+        found = _INVOICE_FILE.fullmatch(entry.name)
+        if entry.name == "summary.json" and entry.is_file():
+            try:
+                other = json.loads(entry.read_text(encoding="utf-8")).get("month", month)
+            except (ValueError, AttributeError):
+                other = month  # cut short by an earlier run (before runs were atomic): replaced
+            if other == month:
+                continue
+        elif found and found.group(1) == month and entry.is_file():
+            continue
+        raise FeeError("OUT_NOT_EMPTY", "out", f"{out} holds {entry.name}, which is not part of an invoice run of "
+                       f"{month}: choose a new or empty folder, or the folder of an earlier run of {month} "
+                       "(it is replaced whole)")
+    return out
+
+
 def write_invoices(out: Path, month: str, schedule: str, invoices: Iterable[Invoice], unbilled: Iterable[Unbilled],
                    formats: Iterable[str] = FORMATS) -> Path:
     """Write every invoice in each format, then ``summary.json``; returns the summary's path.
 
-    The summary is written last, so its presence means every invoice file is there.
+    Everything is written into a hidden folder beside ``out`` (``.<name>.invoicing``), then
+    renamed to ``out``: the folder appears whole or not at all. An earlier run of the month
+    in ``out`` is replaced whole (invoices it had and this run has not are gone with it);
+    an interruption (Ctrl-C, SIGTERM: KeyboardInterrupt) or an error removes the hidden
+    folder and leaves ``out`` as it was. ``out`` is checked by :func:`check_out`.
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_out(Path(out), month)
+    work, old = _hidden(out, "invoicing"), _hidden(out, "replaced")
     formats = tuple(formats)
     listed = []
     grand = Decimal("0.00")
-    for inv in invoices:
-        for fmt in formats:
-            (out / f"{inv.number}.{fmt}").write_text(_RENDER[fmt](inv), encoding="utf-8")
-        grand += inv.total
-        org = inv.organisation
-        listed.append({"invoice_number": inv.number, "organisation": {"id": org.id, "mpid": org.mpid, "name": org.name},
-                       "lines": len(inv.lines), "total": str(inv.total)})
-    summary = {"month": month, "schedule": schedule, "invoices": listed, "total": str(grand),
-               "unbilled": [u.as_dict() for u in unbilled]}
-    path = out / "summary.json"
-    path.write_text(json.dumps(summary, indent=1), encoding="utf-8")
-    return path
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if work.exists():
+        shutil.rmtree(work)  # a run that was killed half-way: ours, never published
+    try:  # from the first folder made: an interruption anywhere leaves out as it was
+        work.mkdir()
+        for inv in invoices:
+            for fmt in formats:
+                (work / f"{inv.number}.{fmt}").write_text(_RENDER[fmt](inv), encoding="utf-8")
+            grand += inv.total
+            org = inv.organisation
+            listed.append({"invoice_number": inv.number,
+                           "organisation": {"id": org.id, "mpid": org.mpid, "name": org.name},
+                           "lines": len(inv.lines), "total": str(inv.total)})
+        summary = {"month": month, "schedule": schedule, "invoices": listed, "total": str(grand),
+                   "unbilled": [u.as_dict() for u in unbilled]}
+        (work / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+        if out.exists():
+            os.replace(out, old)
+        os.replace(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        if old.exists() and not out.exists():
+            os.replace(old, out)  # interrupted between the two renames: the earlier run stays
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return out / "summary.json"
