@@ -69,6 +69,7 @@ FEE_ERROR_CODES: dict[str, str] = {
     "NO_SCHEDULE": "no fee schedule is in force in that month",
     "DATA_SETS_NOT_PRICED": "the schedule has no Level II rate for that many data sets",
     "SCHEDULE_INVALID": "a fee schedule file is malformed",
+    "OUT_NOT_EMPTY": "--out holds something other than an earlier run of the same month",
 }
 
 
