@@ -12,10 +12,17 @@ from bondtape.db import create_tables, metadata, migration
 
 CONTROL_BASE = 1_000_000_000  # control number = CONTROL_BASE + journal seq of the event
 
+# The two tables' keys: BIGINT, except that on SQLite they are INTEGER, which makes the key
+# the table's rowid. A BIGINT PRIMARY KEY on SQLite is a second B-tree beside the table, one
+# more insert for each journal row and each report (about 8 % of a bare insert's CPU,
+# docs/benchmarks.md). The values stored are the same 64-bit integers. Databases created
+# before keep their BIGINT keys: both work alike.
+_KEY = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
 journal = sa.Table(
     "journal",
     metadata,
-    sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("seq", _KEY, primary_key=True, autoincrement=False),
     sa.Column("recorded_us", sa.BigInteger, nullable=False),  # time of receipt
     sa.Column("event_type", sa.String(16), nullable=False),
     sa.Column("channel", sa.String(16), nullable=False),
@@ -37,7 +44,7 @@ journal_head = sa.Table(
 trade_reports = sa.Table(
     "trade_reports",
     metadata,
-    sa.Column("control_number", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("control_number", _KEY, primary_key=True, autoincrement=False),
     sa.Column("seq", sa.BigInteger, nullable=False),  # journal event that created it
     sa.Column("report_us", sa.BigInteger, nullable=False),
     sa.Column("report_date", sa.String(10), nullable=False),  # market date of receipt
