@@ -119,3 +119,38 @@ def test_every_code_is_documented():
     text = (ROOT / "docs" / "reject-codes.md").read_text()
     documented = set(re.findall(r"^\| `([A-Z_]+)` \|", text, re.M))
     assert documented == set(REJECT_CODES)
+
+
+def test_commission_above_the_rulebook_maximum_is_refused(market):
+    import dataclasses
+    import datetime as dt
+
+    from tests.conftest import et
+    from tests.helpers import new
+
+    cmd = new(execution_us=et(2024, 3, 4, 10, 0), report_us=et(2024, 3, 4, 10, 1))
+    engine = Engine(market)
+    top = engine.rulebook.at(dt.date(2024, 3, 4)).max_commission
+    over = dataclasses.replace(cmd, client_ref="over", terms=dataclasses.replace(cmd.terms, commission=top + 1))
+    at = dataclasses.replace(cmd, client_ref="at", terms=dataclasses.replace(
+        cmd.terms, commission=top, quantity=cmd.terms.quantity + 1000))  # other terms: not a duplicate
+    r_over, r_at = engine.submit([over, at])
+    assert r_over.reject.code == "COMMISSION_INVALID" and "above" in r_over.reject.message
+    assert r_at.accepted
+
+
+def test_scaling_is_exact_whatever_the_number_of_digits():
+    """Under the default 28-digit context scaleb rounded silently: 99.999...9 (32 digits) became
+    price 100.000000, and 1E-999999999 became 0. Every channel's parser bounds digits, but the
+    validation that stores the scaled integer must not depend on it."""
+    from decimal import Decimal
+
+    from bondtape.reporting.codes import Rejected
+    from bondtape.reporting.validation import scaled
+
+    assert scaled(Decimal("101.253"), 6, "price", "PRICE_IMPLAUSIBLE", "percent of par") == 101_253_000
+    assert scaled(Decimal("100.000000000"), 6, "price", "PRICE_IMPLAUSIBLE", "percent of par") == 100_000_000
+    for text in ("99.99999999999999999999999999999", "1E-999999999", "100.0000001"):
+        with pytest.raises(Rejected) as info:
+            scaled(Decimal(text), 6, "price", "PRICE_IMPLAUSIBLE", "percent of par")
+        assert info.value.reject.code == "PRICE_IMPLAUSIBLE" and info.value.reject.field == "price"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+import decimal
 from decimal import Decimal
 from functools import lru_cache
 from typing import Any, Mapping
@@ -33,9 +34,17 @@ class Checked:
     rulebook_version: str
 
 
+# exact: scaleb under the default context (28 digits) would round a long value silently,
+# e.g. 99.99999999999999999999999999999 to 100.000000
+_EXACT = decimal.Context(prec=60, traps=[decimal.Inexact, decimal.Rounded, decimal.InvalidOperation])
+
+
 def scaled(value: Decimal, decimals: int, field: str, code: str, what: str) -> int:
-    shifted = value.scaleb(decimals)
-    if shifted != shifted.to_integral_value():
+    try:
+        shifted = value.scaleb(decimals, _EXACT)
+    except decimal.DecimalException:
+        shifted = None
+    if shifted is None or shifted != shifted.to_integral_value():
         raise Rejected(code, field, f"{field} {value} has more than {decimals} decimals ({what})")
     return int(shifted)
 
@@ -100,6 +109,8 @@ def check_terms(
     if terms.commission is not None:
         if terms.commission < 0:
             raise Rejected("COMMISSION_INVALID", "commission", f"commission {terms.commission} is negative")
+        if terms.commission > rules.max_commission:
+            raise Rejected("COMMISSION_INVALID", "commission", f"commission {terms.commission} is above {rules.max_commission} dollars")
         commission_c = scaled(terms.commission, rules.commission_decimals, "commission", "COMMISSION_INVALID", "dollars")
     if terms.execution_us > report_us:
         raise Rejected("EXECUTION_IN_FUTURE", "execution_time", "execution_time is after the report was received")

@@ -54,6 +54,7 @@ class Rules:
     max_price: Decimal
     max_quantity: Decimal
     max_abs_yield: Decimal
+    max_commission: Decimal
     price_decimals: int
     quantity_decimals: int
     yield_decimals: int
@@ -105,6 +106,7 @@ def _rules_from(data: dict[str, Any], effective: dt.date, names: tuple[str, ...]
         max_price=Decimal(rep["max_price"]),
         max_quantity=Decimal(rep["max_quantity"]),
         max_abs_yield=Decimal(rep["max_abs_yield"]),
+        max_commission=Decimal(rep["max_commission"]),
         price_decimals=int(rep["price_decimals"]),
         quantity_decimals=int(rep["quantity_decimals"]),
         yield_decimals=int(rep["yield_decimals"]),
