@@ -40,6 +40,7 @@ class Services:
 
     def close(self) -> None:
         self.sequencer.close()
+        self.engine.close()  # a last WAL checkpoint on SQLite, now rather than at exit
         if self.publisher is not None:
             self.publisher.stop()
 

@@ -167,6 +167,7 @@ class FixServer:
         await asyncio.to_thread(self.store.close)
         if self._owns_sequencer:
             await asyncio.to_thread(self.sequencer.close)
+            await asyncio.to_thread(self.sequencer.engine.close)  # a last WAL checkpoint on SQLite
 
 
 async def start_fix_server(
