@@ -4,7 +4,7 @@ from __future__ import annotations
 from decimal import Decimal
 
 from bondtape.reporting.commands import Command, Terms
-from tests.conftest import IG, et
+from tests.conftest import IG, STANDARD_FIRMS, STANDARD_SECURITIES, et
 
 DEFAULT_EXEC = et(2024, 3, 4, 10, 0, 0)  # a Monday
 
@@ -24,3 +24,16 @@ def new(mpid="DLRA", report_us=None, ref=None, test=False, allow_duplicate=False
 def act(action, cn, mpid="DLRA", report_us=None, ref=None, **kw) -> Command:
     return Command(action, mpid, ref, terms(**kw) if action == "CORRECT" else None, original_control_number=cn,
                    report_us=report_us if report_us is not None else DEFAULT_EXEC + 120_000_000)
+
+
+def standard_sqlite(path):
+    """A SQLite database at ``path`` holding the standard securities and firms (SQLite only:
+    for tests whose logic does not depend on the database)."""
+    from bondtape.db import connect
+    from bondtape.reference.store import upsert_firms, upsert_securities
+
+    db = connect(f"sqlite:///{path}")
+    with db.begin() as conn:
+        upsert_securities(conn, STANDARD_SECURITIES)
+        upsert_firms(conn, STANDARD_FIRMS)
+    return db

@@ -18,15 +18,12 @@ from bondtape.engine import Engine
 from bondtape.journal.schema import journal
 from bondtape.reference.store import upsert_firms, upsert_securities
 from tests.conftest import STANDARD_FIRMS, STANDARD_SECURITIES
-from tests.helpers import new
+from tests.helpers import new, standard_sqlite
 
 
 @pytest.fixture
 def lite(tmp_path):
-    db = connect(f"sqlite:///{tmp_path / 'ck.db'}")
-    with db.begin() as conn:
-        upsert_securities(conn, STANDARD_SECURITIES)
-        upsert_firms(conn, STANDARD_FIRMS)
+    db = standard_sqlite(tmp_path / 'ck.db')
     yield db
     db.dispose()
 

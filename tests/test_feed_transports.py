@@ -17,14 +17,12 @@ import uvicorn
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
-from bondtape.db import connect
 from bondtape.dissemination.client import FeedClient
 from bondtape.dissemination.publisher import Publisher
 from bondtape.dissemination.web import create_app, format_positions, parse_positions
 from bondtape.engine import Engine
-from bondtape.reference.store import upsert_firms, upsert_securities
-from tests.conftest import AGCY, HY, IG, STANDARD_FIRMS, STANDARD_SECURITIES
-from tests.helpers import DEFAULT_EXEC, act, new
+from tests.conftest import AGCY, HY, IG
+from tests.helpers import DEFAULT_EXEC, act, new, standard_sqlite
 
 DAY = "2024-03-04"
 NATS_URL = os.environ.get("BONDTAPE_TEST_NATS_URL")
@@ -32,10 +30,7 @@ NATS_URL = os.environ.get("BONDTAPE_TEST_NATS_URL")
 
 @pytest.fixture
 def feed(tmp_path):
-    db = connect(f"sqlite:///{tmp_path / 'feed.db'}")
-    with db.begin() as conn:
-        upsert_securities(conn, STANDARD_SECURITIES)
-        upsert_firms(conn, STANDARD_FIRMS)
+    db = standard_sqlite(tmp_path / 'feed.db')
     engine = Engine(db)
     pub = Publisher(db)
     engine.listeners.append(pub.apply_live)

@@ -14,12 +14,12 @@ from click.testing import CliRunner
 from bondtape.access.schema import organisations, users
 from bondtape.cli import cli
 from bondtape.engine import Engine
-from bondtape.fees import build_invoices, record_historic_order, record_subscription, reporting_fee, write_invoices
+from bondtape.fees import build_invoices, record_historic_order, record_subscription, reporting_fee
 from bondtape.fees.records import end_subscription
 from bondtape.fees.schedule import FeeError, default_schedules, round_money
 from bondtape.journal.schema import trade_reports
 from bondtape.reporting.commands import Command
-from tests.conftest import AGCY, IG, et
+from tests.conftest import IG, et
 from tests.helpers import act, new
 
 D = Decimal
@@ -513,7 +513,7 @@ def test_invoice_run_interrupted_leaves_the_earlier_run_as_it_was(many_orgs, db_
     import signal
     import time
 
-    from tests.test_signals import STOP_WITHIN, bondtape, kill_group
+    from tests.test_signals import bondtape, kill_group, signal_mid_run
 
     sig = getattr(signal, stop_with)
     for attempt in range(5):  # the writing must be caught while it runs: a fast machine may finish first
@@ -530,14 +530,11 @@ def test_invoice_run_interrupted_leaves_the_earlier_run_as_it_was(many_orgs, db_
             while proc.poll() is None and time.monotonic() < deadline:  # until it writes (anywhere)
                 if len(os.listdir(parent)) > 1 or len(os.listdir(out)) > len(earlier):
                     break
-            os.kill(proc.pid, signal.SIGSTOP)  # held while the signal is sent
-            if proc.poll() is not None or os.stat(out).st_ino != inode:
-                os.kill(proc.pid, signal.SIGCONT)  # it had finished (its folder renamed into place)
-                proc.communicate(timeout=120)
+            # held stopped while the signal is sent; None: it had finished (its folder renamed into place)
+            got = signal_mid_run(proc, sig, lambda: os.stat(out).st_ino != inode)
+            if got is None:
                 continue
-            proc.send_signal(sig)
-            os.kill(proc.pid, signal.SIGCONT)
-            _o, err = proc.communicate(timeout=STOP_WITHIN)
+            _o, err = got
         finally:
             kill_group(proc)
         assert proc.returncode == (130 if sig == signal.SIGINT else 143), err

@@ -13,13 +13,12 @@ import pytest
 import sqlalchemy as sa
 
 from bondtape.access.api import create_active_user, create_organisation
-from bondtape.db import connect
-from bondtape.reference.store import upsert_firms, upsert_securities
 from bondtape.engine import Engine, Sequencer
 from bondtape.fix import codec
 from bondtape.fix.server import start_fix_server
 from bondtape.journal.schema import journal
-from tests.conftest import IG, STANDARD_FIRMS, STANDARD_SECURITIES, et
+from tests.conftest import IG, et
+from tests.helpers import standard_sqlite
 
 PASSWORD = "Correct-Horse-Battery-42"
 REPORT_TIME = et(2024, 3, 4, 10, 5, 0)  # a Monday, system open
@@ -30,10 +29,7 @@ EXEC_UTC = "20240304-15:00:00"  # 10:00 ET
 def lite_market(tmp_path):
     """The standard market on SQLite only: for session-layer tests whose logic does not
     depend on the database (the session store runs on both backends in the others)."""
-    db = connect(f"sqlite:///{tmp_path / 'fix.db'}")
-    with db.begin() as conn:
-        upsert_securities(conn, STANDARD_SECURITIES)
-        upsert_firms(conn, STANDARD_FIRMS)
+    db = standard_sqlite(tmp_path / 'fix.db')
     yield db
     db.dispose()
 

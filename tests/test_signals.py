@@ -89,6 +89,20 @@ def stopped(proc: subprocess.Popen, sig: int, timeout: float = STOP_WITHIN) -> t
     return proc.returncode, out, err
 
 
+def signal_mid_run(proc: subprocess.Popen, sig: int, finished) -> tuple[str, str] | None:
+    """Send ``sig`` to ``proc`` while it is held stopped (SIGSTOP) mid-run; its output. None
+    when it had finished first (it exited, or ``finished()`` is true once it is stopped): the
+    caller tries again."""
+    os.kill(proc.pid, signal.SIGSTOP)
+    if proc.poll() is not None or finished():
+        os.kill(proc.pid, signal.SIGCONT)
+        proc.communicate(timeout=120)
+        return None
+    proc.send_signal(sig)
+    os.kill(proc.pid, signal.SIGCONT)
+    return proc.communicate(timeout=STOP_WITHIN)
+
+
 def kill_group(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         try:
@@ -430,14 +444,10 @@ def test_historic_build_interrupted_leaves_nothing_and_says_so(tmp_path, stop_wi
             if proc.poll() is not None or not building.exists():
                 proc.communicate(timeout=60)
                 continue  # it had finished: again
-            os.kill(proc.pid, signal.SIGSTOP)  # held mid-build while the signal is sent
-            if (out / "manifest.json").exists():  # it finished before the stop
-                os.kill(proc.pid, signal.SIGCONT)
-                proc.communicate(timeout=60)
+            got = signal_mid_run(proc, sig, lambda: (out / "manifest.json").exists())
+            if got is None:  # it finished before the stop
                 continue
-            proc.send_signal(sig)
-            os.kill(proc.pid, signal.SIGCONT)
-            out_text, err = proc.communicate(timeout=STOP_WITHIN)
+            out_text, err = got
         finally:
             kill_group(proc)
         assert proc.returncode == (130 if sig == signal.SIGINT else 143), err
