@@ -15,6 +15,7 @@ import contextlib
 import datetime as dt
 import decimal
 import json
+import os
 from operator import itemgetter
 from typing import Any, Iterator, Sequence
 
@@ -50,15 +51,25 @@ def simulated(db):
     return db
 
 
-def test_the_default_reader_is_adbc_on_postgresql_and_dbapi_on_sqlite(db):
+def test_the_default_reader_is_adbc_on_files_and_postgresql(db):
     with open_source(db) as source:
-        assert source.name == ("dbapi" if db.dialect.name == "sqlite" else "adbc")
+        assert source.name == "adbc"
+        if db.dialect.name == "sqlite":  # never in this process (see the next test)
+            assert source.proc.pid != os.getpid() and source.proc.poll() is None
+    if db.dialect.name == "sqlite":
+        assert source.proc.returncode == 0  # closed with the source
     with open_source(db, "dbapi") as source:
         assert source.name == "dbapi"
-    if db.dialect.name == "sqlite":
-        with pytest.raises(ValueError, match="own copy of SQLite"):
-            with open_source(db, "adbc"):
-                pass
+
+
+def test_the_sqlite_reader_process_reports_errors(tmp_path):
+    from tests.helpers import standard_sqlite
+
+    db = standard_sqlite(tmp_path / "r.db")
+    with open_source(db) as source:
+        with pytest.raises(RuntimeError, match="ADBC reader process failed.*no such table"):
+            list(source.stream(sa.select(sa.column("x")).select_from(sa.table("no_such_table")),
+                               pa.schema([("x", pa.int64())])))
 
 
 def test_a_build_leaves_the_process_s_sqlite_connections_working(simulated, tmp_path):

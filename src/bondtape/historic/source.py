@@ -3,17 +3,20 @@
 The build reads two streams at once (reports created, reports closed), both inside one
 consistent snapshot:
 
-- ``adbc`` (the default on PostgreSQL): Arrow's columnar database drivers. One connection
-  per stream, the second joining the first one's exported snapshot (``REPEATABLE READ``,
-  ``READ ONLY``); rows travel as binary ``COPY`` and land in Arrow without a Python object per
-  value.
+- ``adbc`` (the default wherever it applies): Arrow's columnar database drivers.
+  PostgreSQL: one connection per stream, the second joining the first one's exported
+  snapshot (``REPEATABLE READ``, ``READ ONLY``); rows travel as binary ``COPY`` and land in
+  Arrow without a Python object per value. SQLite: in a process of its own
+  (``adbc_child.py``), one connection, one read transaction, both statements stepping side
+  by side, each batch sent back as Arrow IPC. Never in this process: the ADBC SQLite driver
+  carries its own copy of SQLite, and two copies of SQLite in one process do not share POSIX
+  advisory locks; closing the driver's file released the locks of this process's own
+  ``sqlite3`` connections to the same file, and the next write through them failed ("disk
+  I/O error"; a process serving on after a build saw "file is not a database"), the
+  corruption hazard SQLite's documentation warns of.
 - ``dbapi``: the engine's own driver through SQLAlchemy, rows converted to Arrow batch by
-  batch: one connection, one read transaction, both statements stepping side by side. Always
-  used on SQLite. The ADBC SQLite driver carries its own copy of SQLite, and two copies of
-  SQLite in one process do not share POSIX advisory locks: closing the driver's file released
-  the locks of this process's own ``sqlite3`` connections to the same file, and the next
-  write through them failed ("disk I/O error"; a process serving on after a build saw "file
-  is not a database") -- the corruption hazard SQLite's documentation warns of.
+  batch. Used for an in-memory SQLite database (which only its own connection can see) and
+  any database the ADBC drivers do not serve.
 
 Both give batches of the same Arrow schema (the caller's), so everything after reading is
 the same code.
@@ -21,6 +24,7 @@ the same code.
 from __future__ import annotations
 
 import contextlib
+from collections import deque
 from typing import Any, Iterator, Protocol
 
 import pyarrow as pa
@@ -156,6 +160,94 @@ class _AdbcPostgres(_Adbc):
         return conn
 
 
+class _AdbcProcess:
+    """SQLite through ADBC in a process of its own (``adbc_child.py``): safe, since no other
+    copy of SQLite shares that process, and the reading runs on another core. Each stream
+    keeps one request for its next batch in flight, so the child reads ahead while this
+    process works on the batch it has. Used only from the thread that iterates."""
+
+    name = "adbc"
+
+    def __init__(self, path: str, dialect: sa.Dialect) -> None:
+        import subprocess
+        import sys
+        import tempfile
+        from pathlib import Path
+
+        self.dialect = dialect
+        self._stderr = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("adbc_child.py")), path],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr)
+        self._count = 0
+        self._in_flight: deque[int] = deque()  # statement numbers whose answers are due, in order
+        self._early: dict[int, bytes] = {}  # answers read while waiting for another statement's
+
+    def _send(self, op: bytes, number: int, payload: bytes | None = None) -> None:
+        data = op + number.to_bytes(4, "little")
+        if payload is not None:
+            data += len(payload).to_bytes(8, "little") + payload
+        try:
+            self.proc.stdin.write(data)  # type: ignore[union-attr]
+            self.proc.stdin.flush()  # type: ignore[union-attr]
+        except BrokenPipeError:
+            self._failed("")
+        self._in_flight.append(number)
+
+    def _read(self, n: int) -> bytes:
+        data = self.proc.stdout.read(n)  # type: ignore[union-attr]
+        if len(data) != n:
+            self._failed("")
+        return data
+
+    def _answer(self, number: int) -> bytes:
+        if number in self._early:
+            return self._early.pop(number)
+        while True:
+            due = self._in_flight.popleft()
+            length = int.from_bytes(self._read(8), "little")
+            if length == _CHILD_ERROR:
+                self._failed(self._read(int.from_bytes(self._read(8), "little")).decode(errors="replace"))
+            data = self._read(length) if length else b""
+            if due == number:
+                return data
+            self._early[due] = data
+
+    def _failed(self, message: str) -> None:
+        self.proc.wait(10)
+        self._stderr.seek(0)
+        detail = message or self._stderr.read().decode(errors="replace").strip()[-2000:]
+        raise RuntimeError(f"the ADBC reader process failed (exit {self.proc.returncode}): {detail}")
+
+    def stream(self, stmt: sa.Select, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
+        self._count += 1
+        number = self._count
+        self._send(b"O", number, render(stmt, self.dialect).encode())
+        self._answer(number)
+        self._send(b"N", number)
+        while True:
+            data = self._answer(number)
+            if not data:
+                return
+            self._send(b"N", number)  # the child reads the next batch while this one is used
+            yield _conform(pa.ipc.open_stream(data).read_next_batch(), schema)
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()  # type: ignore[union-attr]  # the child rolls back and exits
+        except OSError:
+            pass
+        try:
+            self.proc.wait(10)
+        except Exception:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc.stdout.close()  # type: ignore[union-attr]
+        self._stderr.close()
+
+
+_CHILD_ERROR = (1 << 64) - 1
+
+
 # --- DB-API through SQLAlchemy ------------------------------------------------------------
 
 
@@ -217,9 +309,17 @@ def _dbapi_snapshot(db: sa.Engine) -> Iterator[sa.Connection]:
 
 
 def _adbc_target(db: sa.Engine) -> tuple[str, str] | None:
-    """("postgresql", libpq URI) where an ADBC driver may read ``db`` (never SQLite: see the
-    module's docstring)."""
+    """("sqlite", path) or ("postgresql", libpq URI) where an ADBC driver can read ``db``
+    (SQLite only from a process of its own: see the module's docstring)."""
     url = db.url
+    if db.dialect.name == "sqlite":
+        if url.database in (None, "", ":memory:") or url.database.startswith("file:"):
+            return None
+        try:
+            import adbc_driver_sqlite  # noqa: F401
+        except ImportError:
+            return None
+        return "sqlite", url.database
     if db.dialect.name == "postgresql":
         try:
             import adbc_driver_postgresql  # noqa: F401
@@ -236,14 +336,13 @@ def open_source(db: sa.Engine, reader: str = "auto") -> Iterator[Source]:
         raise ValueError(f"reader {reader!r}: one of {', '.join(READERS)}")
     target = _adbc_target(db) if reader != "dbapi" else None
     if reader == "adbc" and target is None:
-        why = (": its own copy of SQLite would drop this process's locks on the file" if db.dialect.name == "sqlite"
-               else "")
-        raise ValueError(f"the ADBC reader does not read {db.dialect.name} databases here{why}; use the dbapi reader")
+        raise ValueError(f"no ADBC driver reads {db.dialect.name} database {db.url.database!r} here")
     if target is None:
         with _dbapi_snapshot(db) as conn:
             yield _Dbapi(conn)
         return
-    source = _AdbcPostgres(target[1], db.dialect)
+    kind, where = target
+    source = _AdbcProcess(where, db.dialect) if kind == "sqlite" else _AdbcPostgres(where, db.dialect)
     try:
         yield source
     finally:
