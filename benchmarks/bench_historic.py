@@ -8,8 +8,8 @@
    record type, three output formats); builds 2025; and, as the baseline, copies the same
    rows the 2024 builds read (each data set's reports created in the year and reports
    closed in it, every column the build reads, as stored) to Parquet with no
-   transformation, through the same reader (``bondtape.historic.source``: on SQLite the
-   engine's own driver, on PostgreSQL ADBC).
+   transformation, through the same reader (ADBC, ``bondtape.historic.source``; on SQLite
+   in a process of its own).
 3. Prints records/s of the build, the ratio copy time / build time (1.0: the build
    costs no more than copying the rows), and each child's peak RSS (its own ``VmHWM``), so
    that memory for the large and the small year can be compared.
