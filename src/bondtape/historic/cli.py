@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from bondtape.cli import db_option, interrupted, open_db, terminate_as_interrupt
+from bondtape.cli import db_option, interrupted, open_db
 
 
 @click.group()
@@ -48,7 +48,7 @@ def build(data_set: str, year: int, as_of: dt.datetime | None, out: Path, db_url
     db = open_db(db_url)
     total = (last - first).days + 1
     try:
-        with terminate_as_interrupt(), progress_bar() as bar:
+        with progress_bar() as bar:  # SIGTERM arrives as KeyboardInterrupt (cli.main)
             task = bar.add_task(f"{data_set.lower()} {year}", total=total, rate="")
             count = [0]
 
