@@ -233,7 +233,8 @@ def feed_serve(host: str, port: int, poll_interval: float, nats_url: str | None,
 
     from bondtape.dissemination.publisher import Publisher
     from bondtape.dissemination.web import create_app
-    from bondtape.serve import SHUTDOWN_TIMEOUT, end_servers, force_servers, own_signals, signals_held, stop_signal
+    from bondtape.serve import (SHUTDOWN_TIMEOUT, end_servers, force_servers, own_signals, serving, signals_held,
+                                stop_signal, wait_started)
 
     pub = Publisher(open_db(db_url)).start(poll_interval=poll_interval)
     js = None
@@ -251,12 +252,8 @@ def feed_serve(host: str, port: int, poll_interval: float, nats_url: str | None,
 
         async def main() -> None:
             done = stop_signal(None, again=lambda: force_servers([server]))
-            task = asyncio.create_task(server.serve())
-            while not server.started:
-                if task.done():
-                    task.result()  # could not listen: say why
-                    return
-                await asyncio.sleep(0.02)
+            task = asyncio.create_task(serving(server))
+            await wait_started([server], [task])  # could not listen: its OSError says why
             bound = server.servers[0].sockets[0].getsockname()[1]
             click.echo(f"feed: http://{host}:{bound}/feed/ws (WebSocket), /feed/sse (SSE)"
                        + (f"; NATS JetStream at {nats_url}" if js else ""), err=True)
@@ -269,7 +266,7 @@ def feed_serve(host: str, port: int, poll_interval: float, nats_url: str | None,
 
         try:
             asyncio.run(main())
-        except (OSError, SystemExit) as exc:  # uvicorn exits 1 where it cannot bind
+        except OSError as exc:  # it could not listen (serving)
             raise click.ClickException(f"cannot serve on {host}:{port}: {exc}") from None
     finally:
         with signals_held():
