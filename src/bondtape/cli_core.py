@@ -157,7 +157,7 @@ def report(file: Path, results_path: Path | None, use_report_time: bool, batch_s
     refused before anything is submitted.
     """
     from bondtape.engine import Engine, EngineUnavailable
-    from bondtape.intake.bulk import BulkFileError, check_file, check_utf8, run_bulk
+    from bondtape.intake.bulk import BulkFileError, check_path, run_bulk
 
     results_path = results_path or file.with_suffix(".results.csv")
     if results_path.resolve() == file.resolve():
@@ -166,9 +166,7 @@ def report(file: Path, results_path: Path | None, use_report_time: bool, batch_s
     if not results_path.parent.is_dir():
         raise click.BadParameter(f"folder {str(results_path.parent)!r} does not exist", param_hint="'--results'")
     try:
-        check_utf8(file)
-        with open(file, newline="", encoding="utf-8-sig") as src:
-            total = check_file(src)
+        total = check_path(file)
     except BulkFileError as exc:
         raise click.ClickException(f"{file}: {exc.code} ({exc.field}): {exc.message}") from None
     except OSError as exc:
@@ -230,7 +228,6 @@ def journal_verify(db_url: str | None) -> None:
 def journal_replay(db_url: str | None) -> None:
     """Rebuild the trade state from the journal (from empty)."""
     from bondtape.journal.projection import replay
-    from bondtape.journal.projection import decode_payload
     from bondtape.journal.schema import journal as jt
 
     db = open_db(db_url)

@@ -7,7 +7,6 @@ each result row is written only after its batch is durable.
 from __future__ import annotations
 
 import csv
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, TextIO
@@ -62,9 +61,10 @@ def header_names(fieldnames: list[str] | None) -> list[str]:
     return names
 
 
-def check_file(stream: TextIO) -> int:
-    """Read the whole file without submitting anything: the header (:func:`header_names`) and
-    every line as CSV. Raises :class:`BulkFileError`; returns the number of data lines."""
+def check_file(stream: Iterable[str]) -> int:
+    """Read the whole file (its text lines) without submitting anything: the header
+    (:func:`header_names`) and every line as CSV. Raises :class:`BulkFileError`; returns the
+    number of data lines."""
     reader = csv.reader(stream)
     try:
         header = next(reader, None)
@@ -81,15 +81,18 @@ def check_file(stream: TextIO) -> int:
     return n
 
 
-def check_utf8(path: Path) -> None:
-    """Refuse a file that is not UTF-8 text, naming the first bad line, before anything is submitted."""
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, start=1):
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise BulkFileError("FILE_INVALID", f"line {n} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at "
-                                    f"character {exc.start + 1}); save the file as UTF-8 (nothing was submitted)") from None
+def check_path(path: Path) -> int:
+    """:func:`check_file` on a file, in one pass, naming the first line that is not UTF-8 text."""
+    def lines() -> Iterator[str]:
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, start=1):
+                try:
+                    yield raw.decode("utf-8-sig" if n == 1 else "utf-8")
+                except UnicodeDecodeError as exc:
+                    raise BulkFileError("FILE_INVALID", f"line {n} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at "
+                                        f"character {exc.start + 1}); save the file as UTF-8 (nothing was submitted)") from None
+
+    return check_file(lines())
 
 
 def _rows(stream: TextIO) -> Iterator[tuple[int, dict[str, str] | None, Reject | None]]:
