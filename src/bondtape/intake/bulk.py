@@ -61,18 +61,29 @@ def header_names(fieldnames: list[str] | None) -> list[str]:
     return names
 
 
-def check_file(stream: Iterable[str]) -> int:
+def check_file(stream: Iterable[str], *, only_mpid: str | None = None) -> int:
     """Read the whole file (its text lines) without submitting anything: the header
-    (:func:`header_names`) and every line as CSV. Raises :class:`BulkFileError`; returns the
-    number of data lines."""
+    (:func:`header_names`) and every line as CSV; with ``only_mpid``, every line's
+    ``reporting_mpid`` must be that firm's (read as intake reads it). Raises
+    :class:`BulkFileError`; returns the number of data lines."""
     reader = csv.reader(stream)
     try:
-        header = next(reader, None)
-        header_names(header)
+        names = header_names(next(reader, None))
+        col = None
+        if only_mpid is not None:
+            if "reporting_mpid" not in names:
+                raise BulkFileError("FILE_INVALID", "the first line names the columns, reporting_mpid among them",
+                                    "reporting_mpid")
+            col = names.index("reporting_mpid")
         n = 0
         for row in reader:
             if row:
                 n += 1
+                if col is not None:
+                    mpid = (row[col] if col < len(row) else "").strip().upper()
+                    if mpid and mpid != only_mpid:
+                        raise BulkFileError("FILE_INVALID", f"line {reader.line_num}: reporting_mpid {mpid[:16]!r} is "
+                                            f"not your firm's MPID {only_mpid}; nothing was submitted", "reporting_mpid")
     except csv.Error as exc:
         raise BulkFileError("FILE_INVALID", f"line {reader.line_num} is not CSV: {exc}; nothing was submitted") from None
     except UnicodeDecodeError as exc:

@@ -12,7 +12,6 @@ the website and FIX. Numbers may be JSON strings or numbers; they are read exact
 """
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import io
 import json
@@ -342,7 +341,7 @@ def get_report(ctx: Ctx):
 @_guarded
 def post_bulk(ctx: Ctx):
     """A bulk file (CSV, the columns of docs/reporting.md) in; its results file out."""
-    from bondtape.intake.bulk import BulkFileError, check_file, header_names, run_bulk
+    from bondtape.intake.bulk import BulkFileError, check_file, run_bulk
     from bondtape.serve import services
 
     ctype = ctx.request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -352,22 +351,10 @@ def post_bulk(ctx: Ctx):
         text = _body(ctx).decode("utf-8-sig")
     except UnicodeDecodeError:
         raise ApiError(400, "FILE_INVALID", "the bulk file must be UTF-8 text", "file") from None
-    try:
-        check_file(io.StringIO(text, newline=""))
+    try:  # the whole file, and every line the caller's firm's (reporting_mpid read as run_bulk reads it)
+        check_file(io.StringIO(text, newline=""), only_mpid=ctx.actor.mpid)
     except BulkFileError as exc:
         raise ApiError(400, exc.code, exc.message, exc.field) from None
-    # every line must be the caller's firm's: read reporting_mpid as run_bulk will (the
-    # header checked above: trimmed, lower case, no column twice)
-    reader = csv.reader(io.StringIO(text, newline=""))
-    names = header_names(next(reader))
-    col = names.index("reporting_mpid") if "reporting_mpid" in names else None
-    if col is None:
-        raise ApiError(400, "FILE_INVALID", "the first line names the columns, reporting_mpid among them", "reporting_mpid")
-    for row in reader:
-        mpid = (row[col] if col < len(row) else "").strip().upper()
-        if mpid and mpid != ctx.actor.mpid:
-            raise ApiError(400, "FILE_INVALID", f"line {reader.line_num}: reporting_mpid {mpid[:16]!r} is not your "
-                           f"firm's MPID {ctx.actor.mpid}; nothing was submitted", "reporting_mpid")
     ctx.audit("report.bulk", target=f"mpid:{ctx.actor.mpid}", detail={"bytes": len(text)})
 
     def work() -> Response:
