@@ -30,10 +30,10 @@ STOP_WITHIN = 60.0  # seconds; a server that stops takes well under one
 
 
 def bondtape(*args: str, env: dict | None = None, ignore_sigint: bool = True) -> subprocess.Popen:
-    """``python -m bondtape ARGS`` in its own session; SIGINT ignored as in a background job."""
+    """``python -m bondtape ARGS`` in its own session; SIGINT ignored as in a background job,
+    or (``ignore_sigint=False``) as in a terminal's foreground, whatever the test run inherited."""
     def preexec() -> None:
-        if ignore_sigint:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN if ignore_sigint else signal.SIG_DFL)
 
     return subprocess.Popen([sys.executable, "-m", "bondtape", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
