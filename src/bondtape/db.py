@@ -41,17 +41,24 @@ def resolve_url(url: str | None = None) -> str:
     return url
 
 
-def _sqlite_pragmas(dbapi_connection, _record) -> None:  # pragma: no cover - trivial
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
+# Run on every new SQLite connection (and by the journal writer process on its own).
+SQLITE_PRAGMAS = (
+    "PRAGMA journal_mode=WAL",
     # FULL: a committed transaction survives a power loss, not only a process crash.
-    cursor.execute("PRAGMA synchronous=FULL")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=30000")
+    "PRAGMA synchronous=FULL",
+    "PRAGMA foreign_keys=ON",
+    "PRAGMA busy_timeout=30000",
     # A page cache of 64 MiB per connection (SQLite's default is 2 MiB): intake inserts into
     # indexes keyed by CUSIP and by terms, all over their B-trees, so a small cache keeps
     # reading back the pages it has just evicted.
-    cursor.execute("PRAGMA cache_size=-65536")
+    "PRAGMA cache_size=-65536",
+)
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:  # pragma: no cover - trivial
+    cursor = dbapi_connection.cursor()
+    for pragma in SQLITE_PRAGMAS:
+        cursor.execute(pragma)
     cursor.close()
 
 

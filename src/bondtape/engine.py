@@ -9,6 +9,13 @@ the commit: an acknowledged report is durable.
 ``Sequencer`` puts a thread in front of the engine so that many callers (web requests,
 FIX sessions) share group commits: each caller waits for the batch its command joined.
 
+On a SQLite file the engine validates in its process and a journal writer process
+(``bondtape.journal.writer_child``) writes: a batch is validated in chunks, and each chunk's
+rows are inserted there while the next chunk is validated here, on the other core. The
+engine reads its snapshot only once the writer holds the database's write lock, and answers
+only after the writer's commit. On PostgreSQL (and an in-memory SQLite database) the engine
+writes on its own connection.
+
 On SQLite the engine's commits do not checkpoint the WAL themselves: a
 :class:`WalCheckpointer` thread does, on a connection of its own (see its docstring).
 """
@@ -17,6 +24,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -32,8 +40,10 @@ from sqlalchemy.engine import Connection, Engine as SAEngine
 
 from bondtape.batching import drain_batch, gc_paused
 from bondtape.clock import market_date, now_us
+from bondtape.db import reading
 from bondtape.journal.projection import Event, decode_payload, insert_rows, project, write
 from bondtape.journal.schema import CONTROL_BASE, journal, journal_head
+from bondtape.journal.writer import WriterError, WriterGone, WriterProcess
 from bondtape.reference.model import Firm, Security
 from bondtape.reference.store import load_firms, load_securities
 from bondtape.reporting.codes import Reject, Rejected
@@ -100,6 +110,17 @@ class _State:
     is_test: bool
     terms_key: str
     payload: dict[str, Any] | None = None  # for a correction's carried-over fields
+
+
+@dataclass(slots=True)
+class _Batch:
+    """What the earlier commands of a batch did, for its later ones (in every chunk)."""
+
+    seq: int  # the journal's last sequence number so far
+    now: int  # time of receipt of commands that carry none
+    states: dict[int, _State]  # reports looked up or created, as the batch left them
+    refs: dict[tuple[str, str], Result]  # (mpid, client_ref) -> first result in the batch
+    pending_keys: dict[str, int]  # terms keys of reports accepted in the batch
 
 
 def terms_key(mpid: str, cusip: str, side: str, quantity_c: int, price_u: int, execution_us: int, contra: str) -> str:
@@ -246,10 +267,19 @@ class Engine:
     # On SQLite: the engine's connections checkpoint the WAL on their commits only past this
     # many pages (SQLite's default: 1,000); below it the WalCheckpointer thread does.
     WAL_BOUND_PAGES = 20_000
+    # Through the writer process, a batch is validated and sent in chunks of this many
+    # commands: the first chunk's rows are inserted while the second is validated.
+    CHUNK = 1000
 
-    def __init__(self, db: SAEngine, rulebook: Rulebook | None = None, clock: Callable[[], int] = now_us):
+    def __init__(self, db: SAEngine, rulebook: Rulebook | None = None, clock: Callable[[], int] = now_us,
+                 writer: str = "auto"):
+        """``writer``: ``auto`` writes a SQLite file in WAL mode through a journal writer
+        process and anything else on the engine's own connection; ``inline`` always on the
+        engine's own connection."""
         if db.dialect.name not in self._LOOKUPS:
             raise ValueError(f"the engine runs on SQLite or PostgreSQL, not {db.dialect.name}")
+        if writer not in ("auto", "inline"):
+            raise ValueError(f"writer is auto or inline, not {writer!r}")
         self.db = db
         self.rulebook = rulebook or default_rulebook()
         self.clock = clock
@@ -264,10 +294,16 @@ class Engine:
         # SQLite in WAL mode: the background checkpointer, made at the first commit
         self.checkpointer: WalCheckpointer | None = None
         self._wal_checked = db.dialect.name != "sqlite"  # nothing to set up on PostgreSQL
+        self._use_writer = writer == "auto"
+        self._wal_path: str | None = None  # a SQLite file in WAL mode: written through a writer process
+        self._writer: WriterProcess | None = None
+        self._writer_pid = 0  # the process that started it (a forked child starts its own)
 
     def close(self) -> None:
-        """Stop the WAL checkpointer (after a last checkpoint). The engine stays usable; its
-        later commits checkpoint only past WAL_BOUND_PAGES. The database stays open."""
+        """Stop the journal writer process and the WAL checkpointer (after a last
+        checkpoint). The engine stays usable: its next batch starts another writer. The
+        database stays open."""
+        self._drop_writer(kill=False)
         if self.checkpointer is not None:
             self.checkpointer.close()
 
@@ -287,6 +323,7 @@ class Engine:
             if str(mode).lower() == "wal" and path:
                 self.checkpointer = WalCheckpointer(path)
                 weakref.finalize(self, self.checkpointer.close)
+                self._wal_path = path
         if self.checkpointer is not None and not conn.info.get("bondtape_wal_bound"):
             conn.exec_driver_sql(f"PRAGMA wal_autocheckpoint={self.WAL_BOUND_PAGES}")
             conn.info["bondtape_wal_bound"] = True
@@ -314,14 +351,14 @@ class Engine:
             return []
         with self._lock, gc_paused():
             try:
-                with self.db.begin() as conn:
-                    if self.checkpointer is not None or not self._wal_checked:
+                if not self._wal_checked:
+                    with self.db.connect() as conn:
                         self._wal_setup(conn)
-                    results, changes, events = self._process(conn, commands)
-                    if events:
-                        insert_rows(conn, journal, [e.journal_row() for e in events])
-                        write(conn, changes)
-                        conn.execute(journal_head.update().where(journal_head.c.id == 1).values(last_seq=events[-1].seq))
+                writer = self._writer_for_batch()
+                if writer is None:
+                    results, events = self._submit_inline(commands)
+                else:
+                    results, events = self._submit_through(writer, commands)
             except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:  # database down or unreachable
                 raise EngineUnavailable(_first_line(exc)) from exc
             except sa.exc.DBAPIError as exc:
@@ -334,6 +371,74 @@ class Engine:
                 for listener in self.listeners:
                     listener(events)
         return results
+
+    def _submit_inline(self, commands: Sequence[Command]) -> tuple[list[Result], list[Event]]:
+        """The batch validated and written on the engine's own connection, in one transaction."""
+        with self.db.begin() as conn:
+            if self.checkpointer is not None:
+                self._wal_setup(conn)
+            self._refresh_reference(conn)
+            batch = _Batch(self._head(conn), self.clock(), {}, {}, {})
+            results, events = self._process(conn, commands, batch)
+            if events:
+                insert_rows(conn, journal, [e.journal_row() for e in events])
+                write(conn, project(events))
+                conn.execute(journal_head.update().where(journal_head.c.id == 1).values(last_seq=events[-1].seq))
+        return results, events
+
+    def _submit_through(self, writer: WriterProcess, commands: Sequence[Command]) -> tuple[list[Result], list[Event]]:
+        """The batch validated here in chunks, each chunk's rows written by the writer process
+        (while the next chunk is validated), committed there."""
+        results: list[Result] = []
+        events: list[Event] = []
+        try:
+            writer.begin()  # the write lock: nobody else commits until this batch does
+            with reading(self.db) as conn, conn.begin():  # so this snapshot is the batch's base
+                self._refresh_reference(conn)
+                batch = _Batch(self._head(conn), self.clock(), {}, {}, {})
+                for i in range(0, len(commands), self.CHUNK):
+                    chunk_results, chunk_events = self._process(conn, commands[i:i + self.CHUNK], batch)
+                    results += chunk_results
+                    if chunk_events:
+                        changes = project(chunk_events)
+                        writer.write([e.journal_row() for e in chunk_events], changes.inserts, changes.updates)
+                        events += chunk_events
+            if events:
+                writer.commit(events[-1].seq)
+            else:
+                writer.rollback()
+        except WriterError as exc:  # the writer rolled back and stays usable
+            if exc.kind == "OperationalError":
+                raise EngineUnavailable(str(exc)) from exc
+            raise
+        except WriterGone as exc:
+            self._drop_writer()
+            raise EngineUnavailable(str(exc)) from exc
+        except BaseException:  # a failed read, Ctrl-C: end the writer, whose transaction is rolled back
+            self._drop_writer()
+            raise
+        return results, events
+
+    def _writer_for_batch(self) -> WriterProcess | None:
+        if self._wal_path is None or not self._use_writer:
+            return None
+        if self._writer is not None and (self._writer_pid != os.getpid() or not self._writer.alive):
+            if self._writer_pid == os.getpid():
+                self._writer.kill()
+            self._writer = None  # a forked process's copy: its parent's to use
+        if self._writer is None:
+            try:
+                self._writer = WriterProcess(self._wal_path, self.WAL_BOUND_PAGES)
+            except (WriterError, WriterGone) as exc:
+                raise EngineUnavailable(f"the journal writer process could not open the database: {exc}") from exc
+            self._writer_pid = os.getpid()
+            weakref.finalize(self, self._writer.close)
+        return self._writer
+
+    def _drop_writer(self, kill: bool = True) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None and self._writer_pid == os.getpid():
+            writer.kill() if kill else writer.close()
 
     def submit_one(self, command: Command) -> Result:
         return self.submit([command])[0]
@@ -380,9 +485,11 @@ class Engine:
             params = columns
         return conn.exec_driver_sql(sql, params).all()
 
-    def _preload(self, conn: Connection, commands: Sequence[Command]) -> tuple[dict, dict]:
-        states: dict[int, _State] = {}
-        refs = list({c.original_control_number for c in commands if c.original_control_number is not None})
+    def _preload(self, conn: Connection, commands: Sequence[Command], states: dict[int, _State]) -> dict:
+        """Into ``states``, the reports the commands act on that are not there yet; returns
+        the first results of the commands' (mpid, client_ref) pairs already journaled."""
+        refs = list({c.original_control_number for c in commands
+                     if c.original_control_number is not None and c.original_control_number not in states})
         if refs:
             for r in self._lookup(conn, "states", refs):
                 states[r[0]] = _State(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7])
@@ -391,7 +498,7 @@ class Engine:
         if keyed:
             for row in self._lookup(conn, "refs", [k[0] for k in keyed], [k[1] for k in keyed]):
                 seen[(row.mpid, row.client_ref)] = _result_from_journal(row)
-        return states, seen
+        return seen
 
     def _active_duplicates(self, conn: Connection, wanted: dict[str, tuple[str, int]]) -> dict[str, int]:
         """Active reports with one of these terms keys (key -> (cusip, execution_us)): the
@@ -406,14 +513,14 @@ class Engine:
                     found[key] = control_number
         return found
 
-    def _process(self, conn: Connection, commands: Sequence[Command]):
-        self._refresh_reference(conn)
-        seq = self._head(conn)
-        states, seen = self._preload(conn, commands)
-        now = self.clock()
+    def _process(self, conn: Connection, commands: Sequence[Command], batch: _Batch) -> tuple[list[Result], list[Event]]:
+        """Validate commands (the whole batch, or its next chunk) after those ``batch`` has
+        seen; ``conn`` reads the database as it was before the batch."""
+        states, pending_keys, batch_refs = batch.states, batch.pending_keys, batch.refs
+        seen = self._preload(conn, commands, states)
+        seq, now = batch.seq, batch.now
         results: list[Result] = []
         events: list[Event] = []
-        pending_keys: dict[str, int] = {}  # terms keys of reports accepted in this batch
         # First pass: parse-level checks of terms so that duplicate keys can be loaded at once.
         prepared: list[Any] = []
         for cmd in commands:
@@ -439,7 +546,6 @@ class Engine:
             else:
                 keys.append(None)
         existing_dups = self._active_duplicates(conn, wanted)
-        batch_refs: dict[tuple[str, str], Result] = {}
         for cmd, (report_us, is_test, checked, rej), key in zip(commands, prepared, keys):
             ref_key = (cmd.reporting_mpid, cmd.client_ref) if cmd.client_ref else None
             if ref_key and ref_key in seen:
@@ -468,7 +574,8 @@ class Engine:
             results.append(result)
             if ref_key:
                 batch_refs[ref_key] = result
-        return results, project(events), events
+        batch.seq = seq
+        return results, events
 
     def _decide(self, cmd: Command, seq: int, report_us: int, is_test: bool, checked: Any, key: str | None,
                 states: dict[int, _State], existing_dups: dict[str, int], pending_keys: dict[str, int]) -> Event:

@@ -132,24 +132,30 @@ def _marker(conn: Connection) -> str:
     return "?" if conn.dialect.paramstyle == "qmark" else "%s"
 
 
-def _insert_sql(conn: Connection, table: str, columns: list[str]) -> str:
-    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join([_marker(conn)] * len(columns))})"
+def insert_sql(marker: str, table: sa.Table) -> str:
+    """A plain INSERT of every column of ``table``, in column order."""
+    columns = [c.name for c in table.columns]
+    return f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({', '.join([marker] * len(columns))})"
+
+
+def update_sql(marker: str) -> str:
+    """The status update of ``Changes.updates`` rows (``UPDATE_COLUMNS``)."""
+    m = marker
+    return (f"UPDATE trade_reports SET status = {m}, closed_seq = {m}, closed_us = {m}, "
+            f"successor_control_number = {m} WHERE control_number = {m}")
 
 
 def insert_rows(conn: Connection, table: sa.Table, rows: list[tuple]) -> None:
     """A plain executemany of ``rows`` (tuples in the table's column order) into ``table``."""
     if rows:
-        conn.exec_driver_sql(_insert_sql(conn, table.name, [c.name for c in table.columns]), rows)
+        conn.exec_driver_sql(insert_sql(_marker(conn), table), rows)
 
 
 def write(conn: Connection, changes: Changes) -> None:
     """Apply projection changes: all inserts, then the status updates in sequence order."""
     insert_rows(conn, trade_reports, changes.inserts)
     if changes.updates:
-        m = _marker(conn)
-        sql = (f"UPDATE trade_reports SET status = {m}, closed_seq = {m}, closed_us = {m}, "
-               f"successor_control_number = {m} WHERE control_number = {m}")
-        conn.exec_driver_sql(sql, changes.updates)
+        conn.exec_driver_sql(update_sql(_marker(conn)), changes.updates)
 
 
 def replay(conn: Connection, *, chunk: int = 20_000, progress=None) -> int:

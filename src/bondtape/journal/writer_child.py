@@ -1,0 +1,151 @@
+"""The journal writer's own process, for the engine on a SQLite file.
+
+The engine validates a batch in its process and this process writes it: the rows of each
+chunk of the batch are inserted here while the engine validates the next chunk, so the
+inserts (pysqlite binds every value with the GIL held, about half of a bare insert's time)
+and the validation run on two cores. A thread could not do this: the engine's validation
+holds the GIL, and a writer thread would wait for it after every row.
+
+Run as ``python -m bondtape.journal.writer_child`` (it imports no other bondtape module).
+Protocol on stdin and stdout; a request is an op byte, an 8-byte little-endian length and
+that many bytes; a reply is ``K`` (done) or ``E`` (failed), a length and that many bytes.
+
+- ``O`` open, payload a JSON object: ``path``, ``pragmas`` (statements run on the new
+  connection) and ``sql`` (``journal``, ``reports``, ``updates``, ``head``: the statements
+  of ``W`` and ``C``). Replied.
+- ``B`` begin: ``BEGIN IMMEDIATE``, which takes the database's write lock (waiting as the
+  busy timeout allows). Replied, so that the engine reads its snapshot only once it holds
+  the lock: no other writer can commit between that snapshot and this transaction's commit.
+- ``W`` write, payload a JSON array ``[journal rows, trade_reports rows, status updates]``.
+  Not replied: the engine goes on with its next chunk. A failure is kept, the transaction
+  rolled back, and every later ``W`` of the transaction ignored; ``C`` replies with it.
+- ``C`` commit, payload the journal's new last sequence number (JSON): updates
+  ``journal_head`` and commits. Replied (``E``: nothing of the transaction was committed).
+- ``R`` roll back. Replied.
+
+An ``E`` payload is a JSON object: ``error`` (the exception's class name: ``OperationalError``
+for a locked, full or unreadable database) and ``message``. The end of stdin (the engine
+closed it, or its process died) rolls back whatever is open and ends this process. Ctrl-C
+and SIGTERM are ignored: they are the engine's process's to handle, and this process ends
+with its stdin. ``synchronous=FULL`` is among the pragmas: a ``K`` to ``C`` means durable.
+"""
+from __future__ import annotations
+
+import signal
+import sqlite3
+import sys
+
+import orjson
+
+# as bondtape.db registers them: the same values bound without pysqlite's adapter search
+sqlite3.register_adapter(bool, int)
+sqlite3.register_adapter(type(None), {}.get)
+
+OK, FAILED = b"K", b"E"
+
+
+def read_exact(stream, n: int) -> bytes:
+    data = stream.read(n)
+    if len(data) != n:
+        raise EOFError
+    return data
+
+
+def read_frame(stream) -> tuple[bytes, bytes]:
+    """One message: (op or status byte, payload)."""
+    head = read_exact(stream, 9)
+    n = int.from_bytes(head[1:], "little")
+    return head[:1], read_exact(stream, n) if n else b""
+
+
+def frame(op: bytes, payload: bytes = b"") -> bytes:
+    return op + len(payload).to_bytes(8, "little") + payload
+
+
+def _failure(exc: BaseException) -> bytes:
+    return orjson.dumps({"error": type(exc).__name__, "message": str(exc)})
+
+
+def serve(inp, out) -> int:
+    conn: sqlite3.Connection | None = None
+    sql: dict[str, str] = {}
+    failed: bytes | None = None  # the first failure of the open transaction
+
+    def reply(status: bytes, payload: bytes = b"") -> None:
+        out.write(frame(status, payload))
+        out.flush()
+
+    def rollback() -> None:
+        if conn is not None and conn.in_transaction:
+            conn.execute("ROLLBACK")
+
+    try:
+        while True:
+            op, payload = read_frame(inp)
+            try:
+                if op == b"W":
+                    if failed is None:
+                        journal_rows, report_rows, updates = orjson.loads(payload)
+                        conn.executemany(sql["journal"], journal_rows)  # type: ignore[union-attr]
+                        if report_rows:
+                            conn.executemany(sql["reports"], report_rows)  # type: ignore[union-attr]
+                        if updates:
+                            conn.executemany(sql["updates"], updates)  # type: ignore[union-attr]
+                    continue
+                if op == b"B":
+                    failed = None
+                    rollback()
+                    conn.execute("BEGIN IMMEDIATE")  # type: ignore[union-attr]
+                elif op == b"C":
+                    if failed is not None:
+                        reply(FAILED, failed)
+                        failed = None
+                        continue
+                    conn.execute(sql["head"], (orjson.loads(payload),))  # type: ignore[union-attr]
+                    conn.execute("COMMIT")  # type: ignore[union-attr]
+                elif op == b"R":
+                    failed = None
+                    rollback()
+                elif op == b"O":
+                    spec = orjson.loads(payload)
+                    conn = sqlite3.connect(spec["path"], isolation_level=None, check_same_thread=False)
+                    for pragma in spec["pragmas"]:
+                        conn.execute(pragma).fetchall()
+                    sql = spec["sql"]
+                else:
+                    raise ValueError(f"unknown request {op!r}")
+            except Exception as exc:
+                if op != b"W":
+                    try:
+                        rollback()
+                    except sqlite3.Error:
+                        pass
+                    reply(FAILED, _failure(exc))
+                    continue
+                failed = _failure(exc)
+                try:
+                    rollback()
+                except sqlite3.Error:
+                    pass
+                continue
+            reply(OK)
+    except (EOFError, BrokenPipeError):
+        return 0
+    finally:
+        if conn is not None:
+            try:
+                rollback()
+            finally:
+                conn.close()
+
+
+def main() -> int:
+    # Ctrl-C in a terminal reaches the whole process group, and a service manager may stop
+    # the group: the engine's process decides, and this one ends when its stdin closes
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return serve(sys.stdin.buffer, sys.stdout.buffer)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
