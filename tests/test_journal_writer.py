@@ -67,7 +67,8 @@ def _writer_pid(engine: Engine) -> int:
 def test_chunks_through_the_writer_answer_and_store_as_one_inline_transaction(tmp_path_factory, drawn, sizes):
     """Batches cut into chunks of two (each chunk validated against what the earlier chunks
     of its batch did, which the database read does not see yet) give the same results and
-    the same journal and projection as the engine writing each batch on its own connection."""
+    the same journal and projection as the engine writing each batch on its own connection.
+    Batches of one chunk or less go on the engine's connection, so the two paths alternate."""
     commands = _commands(drawn)
     folder = tmp_path_factory.mktemp("writer")
     answers, stored = [], []
@@ -75,14 +76,15 @@ def test_chunks_through_the_writer_answer_and_store_as_one_inline_transaction(tm
         db = standard_sqlite(folder / f"{writer}.db")
         engine = Engine(db, writer=writer)
         engine.CHUNK = 2
-        results, at, k = [], 0, 0
+        results, at, k, chunked = [], 0, 0, False
         while at < len(commands):
-            size = sizes[k % len(sizes)]
-            results += [r.as_dict() for r in engine.submit(commands[at:at + size])]
-            at, k = at + size, k + 1
-        if writer == "auto":
+            batch = commands[at:at + sizes[k % len(sizes)]]
+            results += [r.as_dict() for r in engine.submit(batch)]
+            chunked |= len(batch) > engine.CHUNK
+            at, k = at + len(batch), k + 1
+        if writer == "auto" and chunked:
             assert engine._writer is not None and engine._writer.proc.pid != os.getpid()
-        else:
+        if writer == "inline":
             assert engine._writer is None
         answers.append(results)
         stored.append(_tables(db))
@@ -103,12 +105,13 @@ def _count(db) -> tuple[int, int]:
 def test_writer_killed_between_batches_is_replaced(tmp_path):
     db = standard_sqlite(tmp_path / "k.db")
     engine = Engine(db)
-    assert engine.submit([new(ref="one")])[0].accepted
+    engine.CHUNK = 1  # a batch of two goes through the writer
+    assert all(r.accepted for r in engine.submit([new(ref="one"), new(ref="two", quantity=Decimal("2000"))]))
     first = _writer_pid(engine)
     os.kill(first, signal.SIGKILL)
     engine._writer.proc.wait()
-    [res] = engine.submit([new(ref="two", quantity=Decimal("3000"))])
-    assert res.accepted and res.seq == 2
+    results = engine.submit([new(ref="three", quantity=Decimal("3000")), new(ref="four", quantity=Decimal("4000"))])
+    assert [(r.status, r.seq) for r in results] == [("ACCEPTED", 3), ("ACCEPTED", 4)]
     assert _writer_pid(engine) != first
     assert verify(db).ok
     engine.close()
@@ -166,6 +169,7 @@ def test_the_writer_holds_the_lock_before_the_engine_reads(tmp_path):
     the engine's snapshot cannot miss a report committed during its batch."""
     db = standard_sqlite(tmp_path / "l.db")
     engine = Engine(db)
+    engine.CHUNK = 1
     engine.submit([new(ref="warm")])
     order = []
     real_begin = WriterProcess.begin
@@ -180,7 +184,8 @@ def test_the_writer_holds_the_lock_before_the_engine_reads(tmp_path):
 
     WriterProcess.begin = begin_then_try_another_writer
     try:
-        assert engine.submit([new(ref="next", quantity=Decimal("5000"))])[0].accepted
+        assert all(r.accepted for r in engine.submit([new(ref="next", quantity=Decimal("5000")),
+                                                      new(ref="last", quantity=Decimal("6000"))]))
     finally:
         WriterProcess.begin = real_begin
     assert order == ["refused"]
@@ -197,7 +202,8 @@ def test_the_writer_ends_with_the_engine_process(tmp_path):
         from bondtape.engine import Engine
         from tests.helpers import new
         engine = Engine(connect("sqlite:///{tmp_path / 'p.db'}"))
-        engine.submit([new(ref="a")])
+        engine.CHUNK = 1
+        engine.submit([new(ref="a"), new(ref="b", quantity=Decimal("2000"))])
         print(engine._writer.proc.pid, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
     """)
@@ -221,7 +227,8 @@ def test_the_writer_ends_with_the_engine_process(tmp_path):
 def test_in_memory_sqlite_writes_on_the_engine_connection():
     db = connect("sqlite://")
     engine = Engine(db)
-    engine.submit([new(ref="m")])
+    engine.CHUNK = 1
+    engine.submit([new(ref="m"), new(ref="n")])
     assert engine._writer is None
     with pytest.raises(ValueError, match="auto or inline"):
         Engine(db, writer="process")

@@ -10,8 +10,9 @@ the commit: an acknowledged report is durable.
 FIX sessions) share group commits: each caller waits for the batch its command joined.
 
 On a SQLite file the engine validates in its process and a journal writer process
-(``bondtape.journal.writer_child``) writes: a batch is validated in chunks, and each chunk's
-rows are inserted there while the next chunk is validated here, on the other core. The
+(``bondtape.journal.writer_child``) writes a batch of more than one chunk: the batch is
+validated in chunks, and each chunk's rows are inserted there while the next chunk is
+validated here, on the other core. The
 engine reads its snapshot only once the writer holds the database's write lock, and answers
 only after the writer's commit. On PostgreSQL (and an in-memory SQLite database) the engine
 writes on its own connection.
@@ -268,8 +269,9 @@ class Engine:
     # many pages (SQLite's default: 1,000); below it the WalCheckpointer thread does.
     WAL_BOUND_PAGES = 20_000
     # Through the writer process, a batch is validated and sent in chunks of this many
-    # commands: the first chunk's rows are inserted while the second is validated.
-    CHUNK = 1000
+    # commands: the first chunk's rows are inserted while the second is validated. A batch of
+    # one chunk or less is written on the engine's own connection.
+    CHUNK = 250
 
     def __init__(self, db: SAEngine, rulebook: Rulebook | None = None, clock: Callable[[], int] = now_us,
                  writer: str = "auto"):
@@ -354,7 +356,8 @@ class Engine:
                 if not self._wal_checked:
                     with self.db.connect() as conn:
                         self._wal_setup(conn)
-                writer = self._writer_for_batch()
+                # a batch of one chunk has nothing to overlap: the round trips would only add to it
+                writer = self._writer_for_batch() if len(commands) > self.CHUNK else None
                 if writer is None:
                     results, events = self._submit_inline(commands)
                 else:
