@@ -12,10 +12,10 @@ FIX sessions) share group commits: each caller waits for the batch its command j
 On a SQLite file the engine validates in its process and a journal writer process
 (``bondtape.journal.writer_child``) writes a batch of more than one chunk: the batch is
 validated in chunks, and each chunk's rows are inserted there while the next chunk is
-validated here, on the other core. The
-engine reads its snapshot only once the writer holds the database's write lock, and answers
-only after the writer's commit. On PostgreSQL (and an in-memory SQLite database) the engine
-writes on its own connection.
+validated here, on the other core. The engine reads its snapshot only once the writer holds
+the database's write lock, and answers only after the writer's commit. Smaller batches, and
+every batch on PostgreSQL or an in-memory SQLite database, are written on the engine's own
+connection.
 
 On SQLite the engine's commits do not checkpoint the WAL themselves: a
 :class:`WalCheckpointer` thread does, on a connection of its own (see its docstring).
