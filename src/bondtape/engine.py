@@ -300,6 +300,7 @@ class Engine:
         self._wal_path: str | None = None  # a SQLite file in WAL mode: written through a writer process
         self._writer: WriterProcess | None = None
         self._writer_pid = 0  # the process that started it (a forked child starts its own)
+        self._writer_finalizer: weakref.finalize | None = None  # closes it if the engine is dropped
 
     def close(self) -> None:
         """Stop the journal writer process and the WAL checkpointer (after a last
@@ -426,22 +427,27 @@ class Engine:
         if self._wal_path is None or not self._use_writer:
             return None
         if self._writer is not None and (self._writer_pid != os.getpid() or not self._writer.alive):
-            if self._writer_pid == os.getpid():
-                self._writer.kill()
-            self._writer = None  # a forked process's copy: its parent's to use
+            self._drop_writer()  # dead, or a forked process's copy (its parent's to use)
         if self._writer is None:
             try:
                 self._writer = WriterProcess(self._wal_path, self.WAL_BOUND_PAGES)
             except (WriterError, WriterGone) as exc:
                 raise EngineUnavailable(f"the journal writer process could not open the database: {exc}") from exc
             self._writer_pid = os.getpid()
-            weakref.finalize(self, self._writer.close)
+            self._writer_finalizer = weakref.finalize(self, self._writer.close)
         return self._writer
 
     def _drop_writer(self, kill: bool = True) -> None:
         writer, self._writer = self._writer, None
-        if writer is not None and self._writer_pid == os.getpid():
-            writer.kill() if kill else writer.close()
+        if self._writer_finalizer is not None:  # a replaced writer is not kept alive by it
+            self._writer_finalizer.detach()
+            self._writer_finalizer = None
+        if writer is None or self._writer_pid != os.getpid():
+            return
+        if kill:
+            writer.kill()
+        else:
+            writer.close()
 
     def submit_one(self, command: Command) -> Result:
         return self.submit([command])[0]

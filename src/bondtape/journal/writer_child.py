@@ -115,18 +115,15 @@ def serve(inp, out) -> int:
                 else:
                     raise ValueError(f"unknown request {op!r}")
             except Exception as exc:
-                if op != b"W":
-                    try:
-                        rollback()
-                    except sqlite3.Error:
-                        pass
-                    reply(FAILED, _failure(exc))
-                    continue
-                failed = _failure(exc)
+                failure = _failure(exc)
                 try:
                     rollback()
                 except sqlite3.Error:
                     pass
+                if op == b"W":
+                    failed = failure  # for the commit to answer
+                else:
+                    reply(FAILED, failure)
                 continue
             reply(OK)
     except (EOFError, BrokenPipeError):
