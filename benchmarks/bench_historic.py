@@ -1,6 +1,6 @@
 """Historic TRACE Data build: throughput, peak memory, and a plain copy as the baseline.
 
-``python benchmarks/run.py historic [--days N] [--trades-per-day N] [--db PATH]``
+``python benchmarks/run.py historic [--days N] [--trades-per-day N] [--db PATH] [--phases]``
 
 1. Simulates a market (through the engine) over the end of 2024 and the start of 2025,
    so that 2024 is a large year and 2025 a small one with the same daily volume.
@@ -12,7 +12,11 @@
    in a process of its own).
 3. Prints records/s of the build, the ratio copy time / build time (1.0: the build
    costs no more than copying the rows), and each child's peak RSS (its own ``VmHWM``), so
-   that memory for the large and the small year can be compared.
+   that memory for the large and the small year can be compared; the build's CPU time a
+   record and the cores it kept busy.
+4. With ``--phases``: each step of the 2024 build timed on its own (reading, deriving the
+   records, putting each day in file order, the pipe-delimited text, the two Parquet files
+   with their SHA-256), in microseconds a record, to show which step bounds the build.
 """
 from __future__ import annotations
 
@@ -32,6 +36,10 @@ _HWM = '''
 def _hwm_mb():  # this process's own peak RSS (VmHWM: a fresh count since exec)
     with open("/proc/self/status") as fh:
         return next(round(int(line.split()[1]) / 1024, 1) for line in fh if line.startswith("VmHWM:"))
+
+def _cpu_s():  # CPU seconds of this process and of its children that have ended (the readers)
+    import resource
+    return sum(u.ru_utime + u.ru_stime for u in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
 '''
 
 _BUILD = _HWM + """
@@ -42,10 +50,12 @@ from bondtape.historic import build_data_set
 db = connect(sys.argv[1])
 out, year = Path(sys.argv[2]), int(sys.argv[3])
 records = 0
+cpu = _cpu_s()
 start = time.perf_counter()
 for data_set in ("corporate", "agency"):
     records += build_data_set(db, data_set, year, dt.date(year + 2, 7, 1), out / data_set).records
-print(json.dumps({"seconds": time.perf_counter() - start, "records": records, "peak_rss_mb": _hwm_mb()}))
+print(json.dumps({"seconds": time.perf_counter() - start, "records": records, "peak_rss_mb": _hwm_mb(),
+                  "cpu_s": _cpu_s() - cpu}))
 """
 
 _COPY = _HWM + """
@@ -90,6 +100,56 @@ print(json.dumps({"seconds": time.perf_counter() - start, "records": rows, "read
 """
 
 
+_PHASES = """
+import datetime as dt, hashlib, json, sys, time
+import pyarrow as pa, pyarrow.compute as pc, pyarrow.parquet as pq
+from bondtape.db import connect
+from bondtape.historic import builder as B, layout
+from bondtape.historic.records import (SOURCE_SCHEMA, SettlementDays, closed_select, created_select, day_table,
+                                       records)
+from bondtape.historic.source import open_source
+from bondtape.rulebook import default_rulebook
+db = connect(sys.argv[1])
+year = int(sys.argv[2])
+rulebook = default_rulebook()
+clock = time.perf_counter
+seconds = dict.fromkeys(("read", "derive", "order", "ehts", "parquet_and_sha"), 0.0)
+records_n = 0
+for sub, data_set in (("CORP", "corporate"), ("AGCY", "agency")):
+    first, last = B.coverage(data_set, year, rulebook)
+    lo, end = B._midnight_us(first), B._midnight_us(last + dt.timedelta(days=1))
+    t = clock()
+    with open_source(db) as source:  # all of it in memory: only to time each step on its own
+        created = list(source.stream(created_select(sub, first, last, end), SOURCE_SCHEMA))
+        closed = list(source.stream(closed_select(sub, lo, end), SOURCE_SCHEMA))
+    seconds["read"] += clock() - t
+    t = clock()
+    settlement_days = SettlementDays(rulebook.at(last).calendar)
+    table = pa.concat_tables([records(b, True, sub, settlement_days) for b in created]
+                             + [records(b, False, sub, settlement_days) for b in closed])
+    seconds["derive"] += clock() - t
+    records_n += table.num_rows
+    schema = layout.arrow_schema()
+    for day in pc.unique(table.column("_day")).to_pylist():
+        t = clock()
+        day_records, standing, _ = day_table([table.filter(pc.equal(table.column("_day"), pa.scalar(day, pa.date32())))],
+                                             schema)
+        t1 = clock()
+        hashlib.sha256(B.ehts_lines(day_records)).hexdigest()
+        t2 = clock()
+        for part in (day_records, day_records.filter(standing)):
+            out = pa.BufferOutputStream()
+            with pq.ParquetWriter(out, schema, **B.PARQUET_OPTIONS) as writer:
+                writer.write_table(part, row_group_size=B.ROW_GROUP)
+            hashlib.sha256(out.getvalue()).hexdigest()
+        t3 = clock()
+        seconds["order"] += t1 - t
+        seconds["ehts"] += t2 - t1
+        seconds["parquet_and_sha"] += t3 - t2
+print(json.dumps({k: round(v / records_n * 1e6, 2) for k, v in seconds.items()}))
+"""
+
+
 def _child(code: str, *args: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
@@ -120,6 +180,9 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("--days", type=int, default=30, help="business days simulated (about 1/6 in 2025)")
     parser.add_argument("--trades-per-day", type=int, default=3000)
     parser.add_argument("--db", help="reuse (or create) this SQLite file instead of a temporary one")
+    parser.add_argument("--phases", action="store_true",
+                        help="also time each step of the 2024 build on its own, one after the other in one "
+                             "process (reading in a process of its own): microseconds a record")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT / "src"))
     from bondtape.db import connect
@@ -141,6 +204,7 @@ def main(argv: list[str]) -> dict:
         copy = _child(_COPY, url, str(Path(tmp) / "copy.parquet"), "2024")
         big = _child(_BUILD, url, str(Path(tmp) / "y2024"), "2024")
         small = _child(_BUILD, url, str(Path(tmp) / "y2025"), "2025")
+        phases = _child(_PHASES, url, "2024") if args.phases else None
         return {
             "benchmark": "historic build (corporate + agency, SQLite)",
             "journal_rows": journal_rows,
@@ -153,8 +217,13 @@ def main(argv: list[str]) -> dict:
             "plain_copy_rows_per_s": round(copy["records"] / copy["seconds"]),
             "ratio_to_plain_copy": round(copy["seconds"] / big["seconds"], 3),
             "peak_rss_mb": big["peak_rss_mb"],
+            # CPU time a record over the build's processes (builder and reader); cores_busy
+            # near the machine's core count means the build was CPU-bound
+            "cpu_us_per_record": round(big["cpu_s"] / big["records"] * 1e6, 2),
+            "cores_busy": round(big["cpu_s"] / big["seconds"], 2), "cores": os.cpu_count(),
             "plain_copy_peak_rss_mb": copy["peak_rss_mb"],
             "reader": copy["reader"],
+            "phases_us_per_record": phases,
             "small_year": {"records": small["records"], "peak_rss_mb": small["peak_rss_mb"],
                            "records_per_s": round(small["records"] / small["seconds"])},
             "goal": {"records_per_s": 1_000_000, "ratio_to_plain_copy": 0.5,

@@ -22,6 +22,7 @@ import argparse
 import datetime as dt
 import os
 import random
+import resource
 import struct
 import tempfile
 import time
@@ -77,6 +78,21 @@ def _wal_restarts(wal: str | None) -> int | None:
     return struct.unpack(">I", header[12:16])[0] if len(header) == 16 else None
 
 
+def _own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _process_cpu(pid: int) -> float | None:
+    """User and system CPU seconds of a running process so far (Linux /proc), else None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run(url: str, reports: int, batch: int) -> dict:
     db = connect(url)
     cusips = _setup(db)
@@ -88,6 +104,7 @@ def run(url: str, reports: int, batch: int) -> dict:
     wal_max = 0
     note_commit = getattr(engine, "note_commit", lambda: None)  # the code before it had none
     latencies = []
+    cpu0 = _own_cpu()
     t0 = time.perf_counter()
     accepted = 0
     for i in range(0, reports, batch):
@@ -97,6 +114,9 @@ def run(url: str, reports: int, batch: int) -> dict:
         if wal:
             wal_max = max(wal_max, os.path.getsize(wal))
     engine_s = time.perf_counter() - t0
+    engine_cpu = _own_cpu() - cpu0
+    writer = getattr(engine, "_writer", None)  # the journal writer process (SQLite file), if one ran
+    writer_cpu = _process_cpu(writer.proc.pid) if writer is not None else None
     restarts = None if restarts0 is None else (_wal_restarts(wal) - restarts0) % 2 ** 32
     ckpt = getattr(engine, "checkpointer", None)
     ckpt_stats = ckpt.stats() if ckpt is not None else None
@@ -139,6 +159,13 @@ def run(url: str, reports: int, batch: int) -> dict:
         "reports_per_s": round(rate),
         "submit_ms": {"p50": round(percentile(ms, 50), 1), "p99": round(percentile(ms, 99), 1),
                       "max": round(max(ms), 1), "batches": len(ms)},
+        # CPU time a report: this process (the engine, its WAL checkpointer thread) and the
+        # journal writer process (its whole life: it starts with the first measured batch);
+        # cores_busy near the machine's core count means the run was CPU-bound
+        "cpu_us_per_report": {
+            "engine_process": round(engine_cpu / accepted * 1e6, 1),
+            "writer_process": None if writer_cpu is None else round(writer_cpu / accepted * 1e6, 1),
+            "cores_busy": round((engine_cpu + (writer_cpu or 0.0)) / engine_s, 2), "cores": os.cpu_count()},
         "wal": None if not wal else {"restarts": restarts, "max_bytes": wal_max, "checkpointer": ckpt_stats},
         "raw_insert_rows_per_s": round(rates["both"]),
         "ratio_to_raw_insert": round(rate / rates["both"], 3),
