@@ -54,3 +54,19 @@ def test_a_write_in_a_read_only_connection_fails_and_the_connection_is_writable_
             conn.execute(firms.insert().values(mpid="WXYZ", name="W", finra_member=True, test_only=False, updated_us=1))
     with reading(db) as conn:
         assert conn.execute(sa.select(firms.c.name).where(firms.c.mpid == "WXYZ")).scalar_one() == "W"
+
+
+def test_a_reading_connection_invalidated_mid_read_leaves_quietly(tmp_path):
+    """Ctrl-C inside a read's execute: SQLAlchemy invalidates (closes) the connection, and
+    the pool's check-in, which turns query_only off again, gets no connection. Before, it
+    raised AttributeError, and `bondtape report` said "internal error" instead of
+    "interrupted" (tests/test_signals.py, about one Ctrl-C in ten)."""
+    db = connect(f"sqlite:///{tmp_path / 't.db'}")
+    with pytest.raises(KeyboardInterrupt):
+        with reading(db) as conn, conn.begin():
+            conn.exec_driver_sql("SELECT 1")
+            conn.invalidate()
+            raise KeyboardInterrupt
+    with db.begin() as conn:  # the next connection writes as usual
+        conn.exec_driver_sql("CREATE TABLE after_interrupt (a INTEGER)")
+    db.dispose()

@@ -88,7 +88,9 @@ def _sqlite_begin(conn: Connection) -> None:
 
 
 def _sqlite_checkin(dbapi_connection, record) -> None:  # back in the pool: writable again
-    if record.info.pop("query_only", False):
+    # None: the connection was invalidated (SQLAlchemy closes it, e.g. when Ctrl-C lands in an
+    # execute) and is not coming back; the flag goes with it
+    if record.info.pop("query_only", False) and dbapi_connection is not None:
         dbapi_connection.execute("PRAGMA query_only=OFF")
 
 
