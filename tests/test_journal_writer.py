@@ -164,6 +164,32 @@ def test_a_failed_insert_in_the_writer_commits_nothing_of_the_batch(tmp_path):
     engine.close()
 
 
+def test_a_locked_database_makes_the_writer_answer_unavailable_and_it_goes_on(tmp_path, monkeypatch):
+    """The writer's SQLite (APSW's) says busy as its own exception: the engine must see the
+    DB-API kind, OperationalError, and say unavailable (a retry is safe), not crash."""
+    import bondtape.journal.writer as writer_module
+    monkeypatch.setattr(writer_module, "SQLITE_PRAGMAS", (*writer_module.SQLITE_PRAGMAS, "PRAGMA busy_timeout=0"))
+    db = standard_sqlite(tmp_path / "b.db")
+    engine = Engine(db)
+    engine.CHUNK = 1
+    assert engine.submit([new(ref="warm")])[0].accepted  # set up, on the engine's own connection
+    batch = [new(ref="one", quantity=Decimal("3000")), new(ref="two", quantity=Decimal("2000"))]
+    other = sqlite3.connect(tmp_path / "b.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(EngineUnavailable, match="OperationalError: database is locked"):
+            engine.submit(batch)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert _count(db) == (1, 1)
+    writer = _writer_pid(engine)
+    assert [r.seq for r in engine.submit(batch)] == [2, 3]
+    assert _writer_pid(engine) == writer  # the same writer goes on once the lock is free
+    assert verify(db).ok
+    engine.close()
+
+
 def test_the_writer_holds_the_lock_before_the_engine_reads(tmp_path):
     """Another connection's write waits for the batch (the writer took the lock first), so
     the engine's snapshot cannot miss a report committed during its batch."""

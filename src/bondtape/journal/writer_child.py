@@ -2,9 +2,13 @@
 
 The engine validates a batch in its process and this process writes it: the rows of each
 chunk of the batch are inserted here while the engine validates the next chunk, so the
-inserts (pysqlite binds every value with the GIL held, about half of a bare insert's time)
-and the validation run on two cores. A thread could not do this: the engine's validation
-holds the GIL, and a writer thread would wait for it after every row.
+inserts (every value is bound with the GIL held, about half of a bare insert's time) and
+the validation run on two cores. A thread could not do this: the engine's validation holds
+the GIL, and a writer thread would wait for it after every row.
+
+The inserts go through APSW, with the SQLite it carries, not through the standard library's
+``sqlite3`` and the system's SQLite: the same rows insert in about 60 % of the CPU time
+(docs/benchmarks.md). Both libraries read and write the same file format, WAL and locks.
 
 Run as ``python -m bondtape.journal.writer_child`` (it imports no other bondtape module).
 Protocol on stdin and stdout; a request is an op byte, an 8-byte little-endian length and
@@ -23,8 +27,9 @@ that many bytes; a reply is ``K`` (done) or ``E`` (failed), a length and that ma
   ``journal_head`` and commits. Replied (``E``: nothing of the transaction was committed).
 - ``R`` roll back. Replied.
 
-An ``E`` payload is a JSON object: ``error`` (the exception's class name: ``OperationalError``
-for a locked, full or unreadable database) and ``message``. The end of stdin (the engine
+An ``E`` payload is a JSON object: ``error`` (the kind of failure, named as the DB-API's
+exceptions are: ``OperationalError`` for a locked, full or unreadable database,
+``IntegrityError`` for a violated constraint) and ``message``. The end of stdin (the engine
 closed it, or its process died) rolls back whatever is open and ends this process. Ctrl-C
 and SIGTERM are ignored: they are the engine's process's to handle, and this process ends
 with its stdin. ``synchronous=FULL`` is among the pragmas: a ``K`` to ``C`` means durable.
@@ -32,16 +37,18 @@ with its stdin. ``synchronous=FULL`` is among the pragmas: a ``K`` to ``C`` mean
 from __future__ import annotations
 
 import signal
-import sqlite3
 import sys
 
+import apsw
 import orjson
 
-# as bondtape.db registers them: the same values bound without pysqlite's adapter search
-sqlite3.register_adapter(bool, int)
-sqlite3.register_adapter(type(None), {}.get)
-
 OK, FAILED = b"K", b"E"
+
+# APSW's exceptions, by the DB-API kind the engine acts on (``OperationalError``: the
+# database cannot take the batch now, which the engine reports as unavailable)
+_OPERATIONAL = (apsw.BusyError, apsw.LockedError, apsw.FullError, apsw.IOError, apsw.CantOpenError,
+                apsw.ReadOnlyError, apsw.CorruptError, apsw.NotADBError, apsw.ProtocolError,
+                apsw.PermissionsError, apsw.NoMemError, apsw.InterruptError)
 
 
 def read_exact(stream, n: int) -> bytes:
@@ -62,12 +69,21 @@ def frame(op: bytes, payload: bytes = b"") -> bytes:
     return op + len(payload).to_bytes(8, "little") + payload
 
 
+def _kind(exc: BaseException) -> str:
+    if isinstance(exc, _OPERATIONAL):
+        return "OperationalError"
+    if isinstance(exc, apsw.ConstraintError):
+        return "IntegrityError"
+    return type(exc).__name__
+
+
 def _failure(exc: BaseException) -> bytes:
-    return orjson.dumps({"error": type(exc).__name__, "message": str(exc)})
+    return orjson.dumps({"error": _kind(exc), "message": str(exc)})
 
 
 def serve(inp, out) -> int:
-    conn: sqlite3.Connection | None = None
+    conn: apsw.Connection | None = None
+    cursor: apsw.Cursor | None = None
     sql: dict[str, str] = {}
     failed: bytes | None = None  # the first failure of the open transaction
 
@@ -86,11 +102,12 @@ def serve(inp, out) -> int:
                 if op == b"W":
                     if failed is None:
                         journal_rows, report_rows, updates = orjson.loads(payload)
-                        conn.executemany(sql["journal"], journal_rows)  # type: ignore[union-attr]
+                        if journal_rows:
+                            cursor.executemany(sql["journal"], journal_rows)  # type: ignore[union-attr]
                         if report_rows:
-                            conn.executemany(sql["reports"], report_rows)  # type: ignore[union-attr]
+                            cursor.executemany(sql["reports"], report_rows)  # type: ignore[union-attr]
                         if updates:
-                            conn.executemany(sql["updates"], updates)  # type: ignore[union-attr]
+                            cursor.executemany(sql["updates"], updates)  # type: ignore[union-attr]
                     continue
                 if op == b"B":
                     failed = None
@@ -108,7 +125,9 @@ def serve(inp, out) -> int:
                     rollback()
                 elif op == b"O":
                     spec = orjson.loads(payload)
-                    conn = sqlite3.connect(spec["path"], isolation_level=None, check_same_thread=False)
+                    # the database exists (the engine made it): opening never creates one
+                    conn = apsw.Connection(spec["path"], flags=apsw.SQLITE_OPEN_READWRITE)
+                    cursor = conn.cursor()
                     for pragma in spec["pragmas"]:
                         conn.execute(pragma).fetchall()
                     sql = spec["sql"]
@@ -118,7 +137,7 @@ def serve(inp, out) -> int:
                 failure = _failure(exc)
                 try:
                     rollback()
-                except sqlite3.Error:
+                except apsw.Error:
                     pass
                 if op == b"W":
                     failed = failure  # for the commit to answer
