@@ -180,7 +180,7 @@ def report(file: Path, results_path: Path | None, use_report_time: bool, batch_s
         with open(file, newline="", encoding="utf-8-sig") as src, out_file as out, progress_bar() as bar:
             task = bar.add_task("reporting", total=total, rate="")
             summary = run_bulk(engine, src, out, use_report_time=use_report_time, batch_size=batch_size,
-                               progress=lambda n: bar.update(task, advance=n))
+                               progress=lambda n: bar.update(task, advance=n), pipelined=True)
     except EngineUnavailable as exc:
         raise click.ClickException(f"database unavailable, nothing more was journaled; the results so far are in "
                                    f"{results_path}; send the file again to complete it: {exc}") from exc

@@ -32,8 +32,9 @@ import threading
 import time
 import weakref
 from concurrent.futures import Future
-from dataclasses import dataclass, replace
-from typing import Any, Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import orjson
 import sqlalchemy as sa
@@ -69,6 +70,19 @@ class EngineUnavailable(RuntimeError):
 def _first_line(exc: BaseException) -> str:
     orig = getattr(exc, "orig", None) or exc
     return (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+
+
+@contextmanager
+def _database_errors() -> Iterator[None]:
+    """The database down, unreachable or its connection broken: EngineUnavailable."""
+    try:
+        yield
+    except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+        raise EngineUnavailable(_first_line(exc)) from exc
+    except sa.exc.DBAPIError as exc:
+        if exc.connection_invalidated:
+            raise EngineUnavailable(_first_line(exc)) from exc
+        raise
 
 
 @dataclass(slots=True, unsafe_hash=True)  # read-only by convention (frozen is slow to build)
@@ -122,6 +136,51 @@ class _Batch:
     states: dict[int, _State]  # reports looked up or created, as the batch left them
     refs: dict[tuple[str, str], Result]  # (mpid, client_ref) -> first result in the batch
     pending_keys: dict[str, int]  # terms keys of reports accepted in the batch
+    # Pipelined (Engine.submit_stream): what the batch before did, which this batch's
+    # snapshot may or may not hold yet (that batch commits while this one is validated). The
+    # reports it created or closed are in ``states``; here, its client references' first
+    # results, its active reports' lowest control number per terms key, and the reports it
+    # closed. Empty otherwise.
+    prior_refs: dict[tuple[str, str], Result] = field(default_factory=dict)
+    prior_keys: dict[str, int] = field(default_factory=dict)
+    prior_closed: set[int] = field(default_factory=set)
+
+    def carried(self, events: Sequence[Event]) -> "_Batch":
+        """The next batch's start, before this batch's commit is known to be in its snapshot:
+        the effects of ``events`` (this batch's), as the journal and projection hold them
+        once committed. Its client references are this batch's own (``refs``: what the
+        journal gives back for them is their result as repeated, see ``_process``)."""
+        own = self.states
+        states: dict[int, _State] = {}
+        keys: dict[str, int] = {}
+        closed: set[int] = set()
+        for ev in events:
+            cn = ev.ref_control_number
+            if cn is not None:  # the report it closed
+                states[cn] = own[cn]
+                closed.add(cn)
+            t = ev.event_type
+            if t == "NEW" or t == "CORRECT":
+                st = states[ev.control_number] = own[ev.control_number]  # type: ignore[index]
+                if st.status != "ACTIVE":
+                    closed.add(st.control_number)
+                elif st.terms_key not in keys:  # events in sequence: the first is the lowest
+                    keys[st.terms_key] = st.control_number
+        return _Batch(self.seq, 0, states, {}, {}, self.refs, keys, closed)
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A batch of a stream whose commit was sent and not yet answered."""
+
+    results: list[Result]
+    events: list[Event]
+    batch: _Batch
+
+
+@dataclass(slots=True)
+class _Stream:
+    pending: _Pending | None = None
 
 
 def terms_key(mpid: str, cusip: str, side: str, quantity_c: int, price_u: int, execution_us: int, contra: str) -> str:
@@ -186,6 +245,7 @@ class WalCheckpointer:
         self._thread: threading.Thread | None = None
         self._retry_at = 0.0  # after an error: not before this time (time.monotonic)
         self._counts = {"checkpoints": 0, "busy": 0, "largest_wal_frames": 0, "errors": 0}
+        self.wal_frames = 0  # the WAL's size (frames) at the last checkpoint
 
     def notify(self) -> None:
         """A commit happened: checkpoint soon (starting the thread if it is not running)."""
@@ -232,6 +292,7 @@ class WalCheckpointer:
     def _checkpoint(self, conn: sqlite3.Connection) -> None:
         busy, frames, _copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         with self._cond:
+            self.wal_frames = frames
             c = self._counts
             if busy:
                 c["busy"] += 1
@@ -265,9 +326,10 @@ class WalCheckpointer:
 
 
 class Engine:
-    # On SQLite: the engine's connections checkpoint the WAL on their commits only past this
-    # many pages (SQLite's default: 1,000); below it the WalCheckpointer thread does.
-    WAL_BOUND_PAGES = 20_000
+    # On SQLite: the engine's connections checkpoint the WAL on their commits only once it
+    # holds this many bytes of pages (SQLite's default: 1,000 pages); below it the
+    # WalCheckpointer thread does. In pages: ``wal_bound_pages``, from the file's page size.
+    WAL_BOUND_BYTES = 80 * 1024 * 1024
     # Through the writer process, a batch is validated and sent in chunks of this many
     # commands: the first chunk's rows are inserted while the second is validated. A batch of
     # one chunk or less is written on the engine's own connection.
@@ -296,6 +358,7 @@ class Engine:
         # SQLite in WAL mode: the background checkpointer, made at the first commit
         self.checkpointer: WalCheckpointer | None = None
         self._wal_checked = db.dialect.name != "sqlite"  # nothing to set up on PostgreSQL
+        self.wal_bound_pages = 0  # SQLite in WAL mode: WAL_BOUND_BYTES in the file's pages
         self._use_writer = writer == "auto"
         self._wal_path: str | None = None  # a SQLite file in WAL mode: written through a writer process
         self._writer: WriterProcess | None = None
@@ -318,9 +381,11 @@ class Engine:
 
     def _wal_setup(self, conn: Connection) -> None:
         """SQLite: on each connection the engine writes through, checkpoint on commit only
-        past WAL_BOUND_PAGES; on the first, make the checkpointer (a file in WAL mode only)."""
+        past WAL_BOUND_BYTES; on the first, make the checkpointer (a file in WAL mode only)."""
         if not self._wal_checked:
             self._wal_checked = True
+            page_size = conn.exec_driver_sql("PRAGMA page_size").scalar() or 4096
+            self.wal_bound_pages = max(1, self.WAL_BOUND_BYTES // page_size)
             mode = conn.exec_driver_sql("PRAGMA journal_mode").scalar()
             path = next((r[2] for r in conn.exec_driver_sql("PRAGMA database_list") if r[1] == "main"), "")
             if str(mode).lower() == "wal" and path:
@@ -328,7 +393,7 @@ class Engine:
                 weakref.finalize(self, self.checkpointer.close)
                 self._wal_path = path
         if self.checkpointer is not None and not conn.info.get("bondtape_wal_bound"):
-            conn.exec_driver_sql(f"PRAGMA wal_autocheckpoint={self.WAL_BOUND_PAGES}")
+            conn.exec_driver_sql(f"PRAGMA wal_autocheckpoint={self.wal_bound_pages}")
             conn.info["bondtape_wal_bound"] = True
 
     @property
@@ -353,28 +418,150 @@ class Engine:
         if not commands:
             return []
         with self._lock, gc_paused():
-            try:
-                if not self._wal_checked:
-                    with self.db.connect() as conn:
-                        self._wal_setup(conn)
+            with _database_errors():
                 # a batch of one chunk has nothing to overlap: the round trips would only add to it
-                writer = self._writer_for_batch() if len(commands) > self.CHUNK else None
+                writer = self._writer_for(commands)
                 if writer is None:
                     results, events = self._submit_inline(commands)
                 else:
                     results, events = self._submit_through(writer, commands)
-            except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:  # database down or unreachable
-                raise EngineUnavailable(_first_line(exc)) from exc
-            except sa.exc.DBAPIError as exc:
-                if exc.connection_invalidated:
-                    raise EngineUnavailable(_first_line(exc)) from exc
-                raise
-            if self.checkpointer is not None:
-                self.checkpointer.notify()
-            if events:
-                for listener in self.listeners:
-                    listener(events)
+            self._committed(events)
         return results
+
+    def submit_stream(self, batches: Iterable[Sequence[Command]], on_results: Callable[[list[Result]], None]) -> None:
+        """Submit ``batches`` in turn, calling ``on_results`` with each one's results, in
+        order, once that batch is durable: the same results, journal and projection as
+        ``submit`` of each batch in turn (for bulk files).
+
+        Through the journal writer process (a SQLite file), each batch is validated while the
+        batch before commits, instead of after: the engine's wait for each commit (about a
+        fifth of its time) overlaps its next batch. The next batch is validated against a
+        snapshot that may not hold the batch before yet, and against what that batch did
+        (``_Batch.carried``). Its transaction begins once the batch before has committed;
+        if anyone else wrote to the journal or to reference data in between, it is rolled
+        back and validated again. If a commit fails, no later batch is journaled; if this
+        ends by an exception (Ctrl-C), a batch whose commit was already sent is waited for,
+        and its results are passed on if it committed.
+
+        The engine's lock is held throughout: ``batches`` and ``on_results`` must not submit
+        to this engine. Other processes can write between batches, as with ``submit``.
+        """
+        stream = _Stream()
+        with self._lock:
+            try:
+                for commands in batches:
+                    if not commands:
+                        self._land(stream, on_results)
+                        on_results([])
+                        continue
+                    if stream.pending is not None and (self._writer is None or not self._writer.alive):
+                        self._land(stream, on_results)  # its answer, if it gave one before it ended
+                    # The WAL starts over from its beginning only if no reader is in it when a
+                    # transaction writes: pipelined, the engine's next snapshot always is, and
+                    # the WAL would grow without bound. So once it holds WAL_BOUND_BYTES, a
+                    # batch as submit does it: the one before commits (and checkpoints) with
+                    # no snapshot open, and this one writes with none.
+                    in_turn = self._wal_full()
+                    if in_turn:
+                        self._land(stream, on_results)
+                    with gc_paused(), _database_errors():
+                        writer = self._writer_for(commands)
+                        if writer is None or in_turn:  # (no writer: nothing to overlap)
+                            self._land(stream, on_results)
+                            if writer is None:
+                                results, events = self._submit_inline(commands)
+                            else:
+                                results, events = self._submit_through(writer, commands)
+                            self._committed(events)
+                        else:
+                            results = self._submit_pipelined(writer, commands, stream, on_results)
+                    if results is not None:
+                        on_results(results)
+                self._land(stream, on_results)
+            except BaseException as exc:
+                if stream.pending is not None and self._writer is not None and self._writer.alive:
+                    try:  # the batch whose commit was sent: it may well have committed
+                        with _database_errors():
+                            self._land(stream, on_results)
+                    except Exception:
+                        pass
+                self._drop_writer()  # whatever is open there is rolled back
+                if isinstance(exc, WriterError) and exc.kind == "OperationalError":
+                    raise EngineUnavailable(str(exc)) from exc
+                if isinstance(exc, WriterGone):
+                    raise EngineUnavailable(str(exc)) from exc
+                raise
+
+    def _writer_for(self, commands: Sequence[Command]) -> WriterProcess | None:
+        """The writer process for a batch of these commands, or None to write on the engine's
+        own connection (PostgreSQL, SQLite not in a file in WAL mode, a batch of one chunk)."""
+        if not self._wal_checked:
+            with self.db.connect() as conn:
+                self._wal_setup(conn)
+        return self._writer_for_batch() if len(commands) > self.CHUNK else None
+
+    def _committed(self, events: list[Event]) -> None:
+        """After a batch's commit: wake the checkpointer, call the listeners."""
+        if self.checkpointer is not None:
+            self.checkpointer.notify()
+        if events:
+            for listener in self.listeners:
+                listener(events)
+
+    def _land(self, stream: "_Stream", on_results: Callable[[list[Result]], None]) -> None:
+        """The batch whose commit was sent (if any): wait for the commit, then pass its
+        results on."""
+        pending, stream.pending = stream.pending, None
+        if pending is None:
+            return
+        assert self._writer is not None
+        self._writer.answer()  # raises if that commit failed: then nothing of it was journaled
+        self._committed(pending.events)
+        on_results(pending.results)
+
+    def _submit_pipelined(self, writer: WriterProcess, commands: Sequence[Command], stream: "_Stream",
+                          on_results: Callable[[list[Result]], None]) -> list[Result] | None:
+        """One batch of a stream through the writer. With a batch before it in flight (its
+        commit sent), validated against that batch's memory, which lands meanwhile; its
+        commit is sent, not waited for. Returns the results to pass on now (a batch that
+        journaled nothing), or None: they come when its commit lands."""
+        pending = stream.pending
+        if pending is None:
+            writer.begin()  # the write lock first, then the snapshot, as in _submit_through
+            with reading(self.db) as conn, conn.begin():
+                self._refresh_reference(conn)
+                batch = _Batch(self._head(conn), self.clock(), {}, {}, {})
+                results, events = self._validate_chunks(conn, writer, commands, batch)
+        else:
+            writer.begin_async()  # taken once the batch before has committed
+            batch = pending.batch.carried(pending.events)
+            batch.now = self.clock()
+            with reading(self.db) as conn, conn.begin():
+                self._refresh_reference(conn)
+                mark = self._reference_mark
+                results, events = self._validate_chunks(conn, writer, commands, batch)
+            self._land(stream, on_results)
+            writer.answer()  # this batch's BEGIN: nobody else can write until its commit
+            if not self._base_holds(pending.batch.seq, mark):  # someone wrote in between
+                writer.rollback()
+                return self._submit_pipelined(writer, commands, stream, on_results)
+        if not events:
+            writer.rollback()
+            return results
+        writer.commit_async(events[-1].seq)
+        stream.pending = _Pending(results, events, batch)
+        return None
+
+    def _wal_full(self) -> bool:
+        """The WAL held WAL_BOUND_BYTES or more at the checkpointer's last look."""
+        return self.checkpointer is not None and self.checkpointer.wal_frames >= self.wal_bound_pages
+
+    def _base_holds(self, seq: int, reference_mark: int | None) -> bool:
+        """The journal's head is still ``seq`` and reference data is at ``reference_mark``."""
+        with reading(self.db) as conn:
+            head = self._head(conn)
+            mark = conn.exec_driver_sql("SELECT version FROM reference_version WHERE id = 1").scalar()
+        return head == seq and mark == reference_mark
 
     def _submit_inline(self, commands: Sequence[Command]) -> tuple[list[Result], list[Event]]:
         """The batch validated and written on the engine's own connection, in one transaction."""
@@ -400,13 +587,7 @@ class Engine:
             with reading(self.db) as conn, conn.begin():  # so this snapshot is the batch's base
                 self._refresh_reference(conn)
                 batch = _Batch(self._head(conn), self.clock(), {}, {}, {})
-                for i in range(0, len(commands), self.CHUNK):
-                    chunk_results, chunk_events = self._process(conn, commands[i:i + self.CHUNK], batch)
-                    results += chunk_results
-                    if chunk_events:
-                        changes = project(chunk_events)
-                        writer.write([e.journal_row() for e in chunk_events], changes.inserts, changes.updates)
-                        events += chunk_events
+                results, events = self._validate_chunks(conn, writer, commands, batch)
             if events:
                 writer.commit(events[-1].seq)
             else:
@@ -423,6 +604,19 @@ class Engine:
             raise
         return results, events
 
+    def _validate_chunks(self, conn: Connection, writer: WriterProcess, commands: Sequence[Command],
+                         batch: _Batch) -> tuple[list[Result], list[Event]]:
+        """Validate the batch chunk by chunk, sending each chunk's rows to the writer."""
+        results: list[Result] = []
+        events: list[Event] = []
+        for i in range(0, len(commands), self.CHUNK):
+            chunk_results, chunk_events = self._process(conn, commands[i:i + self.CHUNK], batch)
+            results += chunk_results
+            if chunk_events:
+                writer.write(chunk_events)
+                events += chunk_events
+        return results, events
+
     def _writer_for_batch(self) -> WriterProcess | None:
         if self._wal_path is None or not self._use_writer:
             return None
@@ -430,7 +624,7 @@ class Engine:
             self._drop_writer()  # dead, or a forked process's copy (its parent's to use)
         if self._writer is None:
             try:
-                self._writer = WriterProcess(self._wal_path, self.WAL_BOUND_PAGES)
+                self._writer = WriterProcess(self._wal_path, self.wal_bound_pages)
             except (WriterError, WriterGone) as exc:
                 raise EngineUnavailable(f"the journal writer process could not open the database: {exc}") from exc
             self._writer_pid = os.getpid()
@@ -494,9 +688,11 @@ class Engine:
             params = columns
         return conn.exec_driver_sql(sql, params).all()
 
-    def _preload(self, conn: Connection, commands: Sequence[Command], states: dict[int, _State]) -> dict:
+    def _preload(self, conn: Connection, commands: Sequence[Command], states: dict[int, _State],
+                 prior_refs: dict[tuple[str, str], Result]) -> dict:
         """Into ``states``, the reports the commands act on that are not there yet; returns
-        the first results of the commands' (mpid, client_ref) pairs already journaled."""
+        the first results of the commands' (mpid, client_ref) pairs already journaled (by
+        the batch before, ``prior_refs``, or in the database)."""
         refs = list({c.original_control_number for c in commands
                      if c.original_control_number is not None and c.original_control_number not in states})
         if refs:
@@ -504,29 +700,40 @@ class Engine:
                 states[r[0]] = _State(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7])
         seen: dict[tuple[str, str], Result] = {}
         keyed = list({(c.reporting_mpid, c.client_ref) for c in commands if c.client_ref})
+        if prior_refs:  # the batch before's first results, as the journal gives them back
+            seen = {k: replace(prior_refs[k], warning=None, repeated=True) for k in keyed if k in prior_refs}
+            keyed = [k for k in keyed if k not in seen]
         if keyed:
             for row in self._lookup(conn, "refs", [k[0] for k in keyed], [k[1] for k in keyed]):
                 seen[(row.mpid, row.client_ref)] = _result_from_journal(row)
         return seen
 
-    def _active_duplicates(self, conn: Connection, wanted: dict[str, tuple[str, int]]) -> dict[str, int]:
+    def _active_duplicates(self, conn: Connection, wanted: dict[str, tuple[str, int]], batch: _Batch) -> dict[str, int]:
         """Active reports with one of these terms keys (key -> (cusip, execution_us)): the
         lowest control number of each, through the (cusip, execution_us, terms_key) index
-        that time and sales use too."""
+        that time and sales use too; with the batch before's reports (``batch.prior_*``) as
+        they stand after it, whether or not the snapshot holds them yet."""
         found: dict[str, int] = {}
         if wanted:
             keys = list(wanted)
+            closed = batch.prior_closed
             for key, control_number in self._lookup(conn, "dups", [wanted[k][0] for k in keys],
                                                     [wanted[k][1] for k in keys], keys):
-                if key not in found or control_number < found[key]:
+                if (key not in found or control_number < found[key]) and control_number not in closed:
                     found[key] = control_number
+            prior_keys = batch.prior_keys
+            if prior_keys:
+                for key in keys:
+                    control_number = prior_keys.get(key)
+                    if control_number is not None and (key not in found or control_number < found[key]):
+                        found[key] = control_number
         return found
 
     def _process(self, conn: Connection, commands: Sequence[Command], batch: _Batch) -> tuple[list[Result], list[Event]]:
         """Validate commands (the whole batch, or its next chunk) after those ``batch`` has
         seen; ``conn`` reads the database as it was before the batch."""
         states, pending_keys, batch_refs = batch.states, batch.pending_keys, batch.refs
-        seen = self._preload(conn, commands, states)
+        seen = self._preload(conn, commands, states, batch.prior_refs)
         seq, now = batch.seq, batch.now
         results: list[Result] = []
         events: list[Event] = []
@@ -554,7 +761,7 @@ class Engine:
                 wanted[key] = (t.cusip, t.execution_us)
             else:
                 keys.append(None)
-        existing_dups = self._active_duplicates(conn, wanted)
+        existing_dups = self._active_duplicates(conn, wanted, batch)
         for cmd, (report_us, is_test, checked, rej), key in zip(commands, prepared, keys):
             ref_key = (cmd.reporting_mpid, cmd.client_ref) if cmd.client_ref else None
             if ref_key and ref_key in seen:

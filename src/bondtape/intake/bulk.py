@@ -2,11 +2,13 @@
 
 Columns are the field names of :mod:`bondtape.reporting.commands` (docs/reporting.md).
 Rows are submitted in batches through the engine, so a file is journaled in group commits;
-each result row is written only after its batch is durable.
+each result row is written only after its batch is durable. From ``bondtape report`` the
+batches go through ``Engine.submit_stream``: each is validated while the one before commits.
 """
 from __future__ import annotations
 
 import csv
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, TextIO
@@ -139,20 +141,49 @@ def run_bulk(
     channel: str = "bulk",
     batch_size: int = 5000,
     progress: Callable[[int], None] | None = None,
+    pipelined: bool = False,
 ) -> BulkSummary:
-    """Submit every row of ``stream``; write result rows to ``out``; return the counts."""
+    """Submit every row of ``stream``; write result rows to ``out``; return the counts.
+
+    ``pipelined``: through ``Engine.submit_stream``, which validates each batch while the
+    one before commits and holds the engine for the whole file (for a process of its own,
+    such as ``bondtape report``); otherwise one ``Engine.submit`` a batch, between which
+    other callers of the same engine get their turn (a server)."""
     summary = BulkSummary()
     writer = None
     if out is not None:
         writer = csv.DictWriter(out, fieldnames=RESULT_COLUMNS, lineterminator="\n")
         writer.writeheader()
     pending: list[tuple[int, str | None, Command | None, Reject | None]] = []
+    submitted: deque[list[tuple[int, str | None, Command | None, Reject | None]]] = deque()
 
-    def flush() -> None:
-        commands = [c for _, _, c, _ in pending if c is not None]
-        results = iter(engine.submit(commands)) if commands else iter(())
-        for line, ref, cmd, rej in pending:
-            res = next(results) if cmd is not None else None
+    def batches() -> Iterator[list[Command]]:
+        for line, row, rej in _rows(stream):
+            cmd = None
+            ref = (row or {}).get("client_ref") or None
+            if row is not None:
+                try:
+                    cmd = parse_command(row, channel=channel, use_report_time=use_report_time)
+                except Rejected as exc:
+                    rej = exc.reject
+            pending.append((line, ref, cmd, rej))
+            if len(pending) >= batch_size:
+                yield take()
+        if pending:
+            yield take()
+
+    def take() -> list[Command]:
+        lines = list(pending)
+        pending.clear()
+        submitted.append(lines)
+        return [c for _, _, c, _ in lines if c is not None]
+
+    def answer(results: list[Result]) -> None:
+        """The results of the oldest batch submitted (durable now): its rows, in line order."""
+        lines = submitted.popleft()
+        answers = iter(results)
+        for line, ref, cmd, rej in lines:
+            res = next(answers) if cmd is not None else None
             row = result_row(line, ref, res, rej)
             summary.lines += 1
             if row["status"] == "ACCEPTED":
@@ -164,20 +195,11 @@ def run_bulk(
         if out is not None:
             out.flush()
         if progress:
-            progress(len(pending))
-        pending.clear()
+            progress(len(lines))
 
-    for line, row, rej in _rows(stream):
-        cmd = None
-        ref = (row or {}).get("client_ref") or None
-        if row is not None:
-            try:
-                cmd = parse_command(row, channel=channel, use_report_time=use_report_time)
-            except Rejected as exc:
-                rej = exc.reject
-        pending.append((line, ref, cmd, rej))
-        if len(pending) >= batch_size:
-            flush()
-    if pending:
-        flush()
+    if pipelined:
+        engine.submit_stream(batches(), answer)
+    else:
+        for commands in batches():
+            answer(engine.submit(commands) if commands else [])
     return summary

@@ -123,6 +123,52 @@ def project(events: Iterable[Event], changes: Changes | None = None) -> Changes:
     return changes
 
 
+# What the journal writer process (journal/writer_child.py) is sent for a chunk's events:
+# each event's header (WIRE_HEADER) and its payload, a new report's or correction's as its
+# layout-1 values, whose journal text and trade_reports row the writer makes itself (the
+# same text ``encode_payload`` gives, the same row ``project`` gives), so that the engine's
+# process does not. ``wire_report_positions`` tells it where each trade_reports column is in
+# [*header, *values, disseminated, "ACTIVE", None].
+WIRE_HEADER = ("seq", "recorded_us", "event_type", "channel", "mpid", "client_ref", "control_number",
+               "ref_control_number")
+_N_LAYOUT = len(TERMS_LAYOUT)
+
+
+def wire_report_positions() -> tuple[list[int], int]:
+    """The positions of trade_reports' columns in [*header, *values, disseminated, "ACTIVE",
+    None] (see above), and the position of ``withheld`` among the values."""
+    h, n = len(WIRE_HEADER), len(WIRE_HEADER) + _N_LAYOUT
+    at = {name: i for i, name in enumerate(WIRE_HEADER)}
+    at.update({key: h + i for i, key in enumerate(TERMS_LAYOUT)})
+    at.update({"report_us": at["recorded_us"], "prior_control_number": at["ref_control_number"],
+               "reporting_mpid": at["mpid"], "disseminated": n, "status": n + 1,
+               "closed_seq": n + 2, "closed_us": n + 2, "successor_control_number": n + 2})
+    at["control_number"] = WIRE_HEADER.index("control_number")
+    return [at[c] for c in REPORT_COLUMNS], TERMS_LAYOUT.index("withheld")
+
+
+def wire(events: Iterable[Event]) -> tuple[list[tuple], list[tuple], list[tuple]]:
+    """For the journal writer process: the events (header and payload), trade_reports rows
+    it cannot make itself (a new report's payload not in layout 1), status updates."""
+    sent: list[tuple] = []
+    rows: list[tuple] = []
+    updates: list[tuple] = []
+    for ev in events:
+        p = ev.payload
+        kind = ev.event_type
+        payload: Any = p
+        if kind == "NEW" or kind == "CORRECT":
+            if len(p) == _N_LAYOUT:
+                payload = _LAYOUT_VALUES(p)
+            else:
+                rows += project([ev]).inserts
+        if kind in STATUS_FOR:  # as project() gives them
+            updates += project([ev]).updates
+        sent.append((ev.seq, ev.recorded_us, kind, ev.channel, ev.mpid, ev.client_ref, ev.control_number,
+                     ev.ref_control_number, payload))
+    return sent, rows, updates
+
+
 def as_mapping(row: tuple) -> dict[str, Any]:
     """A projection row as a column -> value mapping."""
     return dict(zip(REPORT_COLUMNS, row))

@@ -10,7 +10,7 @@ import tempfile
 import orjson
 
 from bondtape.db import SQLITE_PRAGMAS
-from bondtape.journal.projection import insert_sql, update_sql
+from bondtape.journal.projection import Event, insert_sql, update_sql, wire, wire_report_positions
 from bondtape.journal.schema import journal, trade_reports
 from bondtape.journal.writer_child import FAILED, frame, read_frame
 
@@ -47,12 +47,15 @@ class WriterProcess:
             fcntl.fcntl(self.proc.stdin.fileno(), _F_SETPIPE_SZ, _PIPE_BYTES)  # type: ignore[union-attr]
         except OSError:  # a smaller limit (/proc/sys/fs/pipe-max-size): the default buffer works too
             pass
+        positions, withheld = wire_report_positions()
         spec = {
             "path": path,
             "pragmas": [*SQLITE_PRAGMAS, f"PRAGMA wal_autocheckpoint={wal_autocheckpoint}"],
             "sql": {"journal": insert_sql("?", journal), "reports": insert_sql("?", trade_reports),
                     "updates": update_sql("?"), "head": "UPDATE journal_head SET last_seq = ? WHERE id = 1"},
+            "report_positions": positions, "withheld_position": withheld,
         }
+        self._unanswered = 0  # requests sent with the *_async methods whose answers are not read yet
         self._call(b"O", orjson.dumps(spec))
 
     @property
@@ -67,7 +70,12 @@ class WriterProcess:
             self._gone()
 
     def _call(self, op: bytes, payload: bytes = b"") -> None:
+        if self._unanswered:
+            raise RuntimeError("the journal writer has answers not yet read: read them with answer() first")
         self._send(op, payload)
+        self._read_answer()
+
+    def _read_answer(self) -> None:
         try:
             status, answer = read_frame(self.proc.stdout)
         except (EOFError, ValueError, OSError):
@@ -75,6 +83,29 @@ class WriterProcess:
         if status == FAILED:
             failure = orjson.loads(answer)
             raise WriterError(failure["error"], failure["message"])
+
+    # -- requests answered later: the engine works on while the writer takes the lock or commits
+    def begin_async(self) -> None:
+        """:meth:`begin`, whose answer :meth:`answer` reads later (in the order sent)."""
+        self._send(b"B")
+        self._unanswered += 1
+
+    def commit_async(self, last_seq: int) -> None:
+        """:meth:`commit`, whose answer :meth:`answer` reads later (in the order sent)."""
+        self._send(b"C", orjson.dumps(last_seq))
+        self._unanswered += 1
+
+    @property
+    def unanswered(self) -> int:
+        return self._unanswered
+
+    def answer(self) -> None:
+        """Read the answer to the oldest request sent with an ``*_async`` method, waiting for
+        it; raises :class:`WriterError` if that request failed."""
+        if not self._unanswered:
+            raise RuntimeError("no journal writer request is waiting for its answer")
+        self._unanswered -= 1
+        self._read_answer()
 
     def _gone(self) -> None:
         if self.proc.poll() is None:
@@ -91,10 +122,10 @@ class WriterProcess:
         """Take the database's write lock (``BEGIN IMMEDIATE``) and return once it is held."""
         self._call(b"B")
 
-    def write(self, journal_rows: list[tuple], report_rows: list[tuple], updates: list[tuple]) -> None:
-        """Insert these rows in the open transaction; returns at once (a failure comes back
-        from :meth:`commit`)."""
-        self._send(b"W", orjson.dumps([journal_rows, report_rows, updates]))
+    def write(self, events: list[Event]) -> None:
+        """Journal these events and apply them to the projection, in the open transaction;
+        returns at once (a failure comes back from :meth:`commit`)."""
+        self._send(b"W", orjson.dumps(wire(events)))
 
     def commit(self, last_seq: int) -> None:
         """Set the journal's head and commit; returns once the transaction is durable."""

@@ -15,12 +15,15 @@ Protocol on stdin and stdout; a request is an op byte, an 8-byte little-endian l
 that many bytes; a reply is ``K`` (done) or ``E`` (failed), a length and that many bytes.
 
 - ``O`` open, payload a JSON object: ``path``, ``pragmas`` (statements run on the new
-  connection) and ``sql`` (``journal``, ``reports``, ``updates``, ``head``: the statements
-  of ``W`` and ``C``). Replied.
+  connection), ``sql`` (``journal``, ``reports``, ``updates``, ``head``: the statements
+  of ``W`` and ``C``), ``report_positions`` and ``withheld_position`` (``row_maker``).
+  Replied.
 - ``B`` begin: ``BEGIN IMMEDIATE``, which takes the database's write lock (waiting as the
   busy timeout allows). Replied, so that the engine reads its snapshot only once it holds
   the lock: no other writer can commit between that snapshot and this transaction's commit.
-- ``W`` write, payload a JSON array ``[journal rows, trade_reports rows, status updates]``.
+- ``W`` write, payload a JSON array ``[events, trade_reports rows, status updates]``
+  (``bondtape.journal.projection.wire``): the events become journal rows, and new reports'
+  and corrections' also trade_reports rows, here (``row_maker``).
   Not replied: the engine goes on with its next chunk. A failure is kept, the transaction
   rolled back, and every later ``W`` of the transaction ignored; ``C`` replies with it.
 - ``C`` commit, payload the journal's new last sequence number (JSON): updates
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import signal
 import sys
+from operator import itemgetter
 
 import apsw
 import orjson
@@ -81,10 +85,31 @@ def _failure(exc: BaseException) -> bytes:
     return orjson.dumps({"error": _kind(exc), "message": str(exc)})
 
 
+def row_maker(report_positions: list[int], withheld: int):
+    """The function that makes a chunk's journal rows and trade_reports rows from its events
+    as ``projection.wire`` sends them: [*header, payload], the payload a new report's or
+    correction's layout-1 values (a JSON array) or another event's object."""
+    pick = itemgetter(*report_positions)
+    dumps = orjson.dumps
+
+    def rows(events: list[list], report_rows: list[list]) -> tuple[list[list], list]:
+        for event in events:
+            payload = event[8]
+            if type(payload) is list:  # layout 1: the text encode_payload gives, the row project gives
+                event[8] = dumps([1, *payload]).decode()
+                report_rows.append(pick([*event[:8], *payload, payload[withheld] is None, "ACTIVE", None]))
+            else:
+                event[8] = dumps(payload).decode()
+        return events, report_rows
+
+    return rows
+
+
 def serve(inp, out) -> int:
     conn: apsw.Connection | None = None
     cursor: apsw.Cursor | None = None
     sql: dict[str, str] = {}
+    rows = None  # the row maker, once opened
     failed: bytes | None = None  # the first failure of the open transaction
 
     def reply(status: bytes, payload: bytes = b"") -> None:
@@ -101,7 +126,8 @@ def serve(inp, out) -> int:
             try:
                 if op == b"W":
                     if failed is None:
-                        journal_rows, report_rows, updates = orjson.loads(payload)
+                        events, report_rows, updates = orjson.loads(payload)
+                        journal_rows, report_rows = rows(events, report_rows)
                         if journal_rows:
                             cursor.executemany(sql["journal"], journal_rows)  # type: ignore[union-attr]
                         if report_rows:
@@ -131,6 +157,7 @@ def serve(inp, out) -> int:
                     for pragma in spec["pragmas"]:
                         conn.execute(pragma).fetchall()
                     sql = spec["sql"]
+                    rows = row_maker(spec["report_positions"], spec["withheld_position"])
                 else:
                     raise ValueError(f"unknown request {op!r}")
             except Exception as exc:
