@@ -31,6 +31,15 @@ def _batches(commands: list, sizes: list[int]) -> list[list]:
     return out
 
 
+def _engine(path, chunk: int = 2) -> tuple:
+    """A database with the standard reference data, and an engine validating in chunks of
+    ``chunk`` (so that batches of a few commands already go through the writer process)."""
+    db = standard_sqlite(path)
+    engine = Engine(db)
+    engine.CHUNK = chunk
+    return db, engine
+
+
 def _stream(engine: Engine, batches) -> list[list]:
     answers: list[list] = []
     engine.submit_stream(batches, answers.append)
@@ -119,9 +128,7 @@ def test_a_stream_answers_and_stores_as_submit_of_each_batch_in_turn(tmp_path_fa
 
 def test_pipelining_happens(tmp_path, monkeypatch):
     """The next batch is validated before the batch before's commit is answered."""
-    db = standard_sqlite(tmp_path / "p.db")
-    engine = Engine(db)
-    engine.CHUNK = 2
+    db, engine = _engine(tmp_path / "p.db")
     seen = []
     real = Engine._validate_chunks
 
@@ -148,9 +155,7 @@ def test_a_report_journaled_by_another_writer_between_batches_is_seen(tmp_path):
     """Someone else commits after the batch before and before this batch's transaction: the
     batch validated against the older state is rolled back and validated again (here: the
     other report has the same terms, a duplicate)."""
-    db = standard_sqlite(tmp_path / "o.db")
-    engine = Engine(db)
-    engine.CHUNK = 2
+    db, engine = _engine(tmp_path / "o.db")
     other = {}
 
     def batches():
@@ -171,9 +176,7 @@ def test_a_report_journaled_by_another_writer_between_batches_is_seen(tmp_path):
 def test_reference_data_changed_between_batches_is_seen(tmp_path, monkeypatch):
     """Another writer changes reference data after the batch before commits and after this
     batch's snapshot was read, before its transaction begins: validated again, with it."""
-    db = standard_sqlite(tmp_path / "r.db")
-    engine = Engine(db)
-    engine.CHUNK = 2
+    db, engine = _engine(tmp_path / "r.db")
     added = make_cusip("55555555")
 
     def add_security():
@@ -195,9 +198,7 @@ def test_a_duplicate_after_the_batch_before_cancelled_the_first_match(tmp_path, 
     """Two active reports with the same terms; the batch before cancels the first; the same
     terms again are a duplicate of the second, even though this batch's snapshot still shows
     the first active."""
-    db = standard_sqlite(tmp_path / "k.db")
-    engine = Engine(db)
-    engine.CHUNK = 2
+    db, engine = _engine(tmp_path / "k.db")
     first = engine.submit([new(ref="first", quantity=Decimal("1000")),
                            new(ref="second", quantity=Decimal("1000"), allow_duplicate=True)])
     assert [r.status for r in first] == ["ACCEPTED", "ACCEPTED"]
@@ -214,9 +215,7 @@ def test_a_duplicate_after_the_batch_before_cancelled_the_first_match(tmp_path, 
 
 
 def test_a_duplicate_of_two_matches_made_by_the_batch_before_names_the_first(tmp_path, monkeypatch):
-    db = standard_sqlite(tmp_path / "t.db")
-    engine = Engine(db)
-    engine.CHUNK = 2
+    db, engine = _engine(tmp_path / "t.db")
     HeldRequests(monkeypatch)
     batches = [[new(ref="one", quantity=Decimal("1000")), new(ref="two", quantity=Decimal("1000"), allow_duplicate=True),
                 new(ref="f1", quantity=Decimal("2000"))],
@@ -232,9 +231,7 @@ def test_a_duplicate_of_two_matches_made_by_the_batch_before_names_the_first(tmp
 def test_ctrl_c_after_a_commit_was_sent_still_answers_that_batch(tmp_path):
     """Interrupted while the batch before commits: it committed, so its results are passed
     on before the interrupt goes on; nothing of the next batch is journaled."""
-    db = standard_sqlite(tmp_path / "c.db")
-    engine = Engine(db)
-    engine.CHUNK = 2
+    db, engine = _engine(tmp_path / "c.db")
 
     def batches():
         yield [new(ref=f"a{i}", quantity=Decimal(1000 * (i + 1))) for i in range(3)]
@@ -271,9 +268,7 @@ def test_a_failed_commit_ends_the_stream_and_journals_nothing_after_it(tmp_path)
 
 
 def test_the_writer_dying_mid_stream_says_unavailable_and_every_answer_is_journaled(tmp_path, monkeypatch):
-    db = standard_sqlite(tmp_path / "d.db")
-    engine = Engine(db)
-    engine.CHUNK = 2
+    db, engine = _engine(tmp_path / "d.db")
     real = Engine._validate_chunks
     calls = []
 
