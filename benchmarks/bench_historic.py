@@ -191,8 +191,9 @@ def main(argv: list[str]) -> dict:
         url = f"sqlite:///{path}"
         days_2025 = max(1, args.days // 6)
         t0 = time.perf_counter()
-        fresh = not path.exists()
         db = connect(url)
+        with db.connect() as conn:  # a new file, or one made empty beforehand (e.g. to set its page size)
+            fresh = not conn.exec_driver_sql("SELECT count(*) FROM journal").scalar_one()
         if fresh:
             simulate_market(db, _start(args.days, days_2025), args.days, args.trades_per_day, seed=11)
         simulate_s = time.perf_counter() - t0
