@@ -5,6 +5,8 @@ in between, and pass on every committed batch's results, even when it ends by an
 import datetime as dt
 import os
 import signal
+import sqlite3
+import time
 from decimal import Decimal
 
 import orjson
@@ -325,4 +327,109 @@ def test_a_long_stream_keeps_the_wal_bounded(tmp_path):
     assert restarts() - before >= 5
     assert largest < 400 * page, (largest, page)
     assert verify(db).ok
+    engine.close()
+
+
+def _bytes_waiting(stream) -> int:
+    import fcntl
+    import termios
+
+    buf = bytearray(4)
+    fcntl.ioctl(stream.fileno(), termios.FIONREAD, buf)
+    return int.from_bytes(buf, "little")
+
+
+def test_a_failed_begin_of_a_pipelined_batch_writes_none_of_its_rows(tmp_path, monkeypatch):
+    """The engine sends a pipelined batch's rows before it reads whether its BEGIN took the
+    lock. If it did not (another writer held it), the writer must not insert them outside a
+    transaction, where each would commit on its own past the journal's head."""
+    import bondtape.journal.writer as writer_module
+
+    monkeypatch.setattr(writer_module, "SQLITE_PRAGMAS", (*writer_module.SQLITE_PRAGMAS, "PRAGMA busy_timeout=0"))
+    db, engine = _engine(tmp_path / "b.db")
+    other = sqlite3.connect(tmp_path / "b.db", isolation_level=None, timeout=10)
+    real_begin_async = WriterProcess.begin_async
+
+    def begin_async_while_locked(writer):
+        other.execute("BEGIN IMMEDIATE")  # waits for the batch before's commit, then holds the lock
+        real_begin_async(writer)
+        deadline = time.monotonic() + 30
+        while _bytes_waiting(writer.proc.stdout) < 18:  # the commit's answer and the BEGIN's
+            assert time.monotonic() < deadline, "the writer did not answer"
+            time.sleep(0.01)
+        other.execute("ROLLBACK")  # free again before the batch's rows reach the writer
+
+    monkeypatch.setattr(WriterProcess, "begin_async", begin_async_while_locked)
+    batches = [[new(ref=f"a{i}", quantity=Decimal(1000 * (i + 1))) for i in range(3)],
+               [new(ref=f"b{i}", quantity=Decimal(10_000 * (i + 1))) for i in range(3)]]
+    answers: list = []
+    with pytest.raises(EngineUnavailable, match="locked"):
+        engine.submit_stream(batches, answers.append)
+    other.close()
+    assert [[r.seq for r in a] for a in answers] == [[1, 2, 3]]
+    assert _journaled(db) == (3, 3)
+    report = verify(db)
+    assert report.ok, report.problems
+    monkeypatch.setattr(WriterProcess, "begin_async", real_begin_async)
+    assert [r.seq for r in _stream(engine, batches[1:])[0]] == [4, 5, 6]
+    engine.close()
+
+
+def test_a_writer_that_ends_with_a_commit_in_flight_is_not_taken_for_its_successor(tmp_path, monkeypatch):
+    """The writer dies after the stream last saw it alive and before the next batch: a new
+    writer is started for that batch, and the answer to the commit sent to the dead one
+    must not be read from the new one (its BEGIN's answer would pass for the commit's)."""
+    db, engine = _engine(tmp_path / "s.db")
+    real_commit_async, real_wal_full = WriterProcess.commit_async, Engine._wal_full
+    stopped = {}
+
+    def commit_async_to_a_stopped_writer(writer, last_seq):
+        os.kill(writer.proc.pid, signal.SIGSTOP)  # it has not got to the commit...
+        stopped["writer"] = writer
+        real_commit_async(writer, last_seq)
+
+    def wal_full_as_it_dies(self):
+        writer = stopped.pop("writer", None)
+        if writer is not None:  # ...and dies now, after the stream's check that it is alive
+            os.kill(writer.proc.pid, signal.SIGKILL)
+            writer.proc.wait()
+        return real_wal_full(self)
+
+    monkeypatch.setattr(WriterProcess, "commit_async", commit_async_to_a_stopped_writer)
+    monkeypatch.setattr(Engine, "_wal_full", wal_full_as_it_dies)
+    batches = [[new(ref=f"a{i}", quantity=Decimal(1000 * (i + 1))) for i in range(3)],
+               [new(ref=f"b{i}", quantity=Decimal(10_000 * (i + 1))) for i in range(3)]]
+    answers: list = []
+    with pytest.raises(EngineUnavailable, match="journal writer process ended"):
+        engine.submit_stream(batches, answers.append)
+    assert answers == [] and _journaled(db) == (0, 0)
+    engine.close()
+
+
+def test_a_second_ctrl_c_while_the_first_is_handled_still_ends_the_writer(tmp_path, monkeypatch):
+    db, engine = _engine(tmp_path / "i.db")
+    real = Engine._validate_chunks
+    calls = []
+
+    def interrupted_in_the_second_batch(self, conn, writer, commands, batch):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # its BEGIN is sent, the batch before's commit too
+        return real(self, conn, writer, commands, batch)
+
+    def interrupted_again(results):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Engine, "_validate_chunks", interrupted_in_the_second_batch)
+    batches = [[new(ref=f"a{i}", quantity=Decimal(1000 * (i + 1))) for i in range(3)],
+               [new(ref=f"b{i}", quantity=Decimal(10_000 * (i + 1))) for i in range(3)]]
+    with pytest.raises(KeyboardInterrupt):
+        engine.submit_stream(batches, interrupted_again)
+    assert engine._writer is None  # ended: its open transaction (the write lock) went with it
+    other = sqlite3.connect(tmp_path / "i.db", isolation_level=None, timeout=1)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("ROLLBACK")
+    other.close()
+    monkeypatch.setattr(Engine, "_validate_chunks", real)
+    assert [r.repeated for r in engine.submit(batches[0])] == [True] * 3  # it had committed
     engine.close()

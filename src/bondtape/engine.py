@@ -176,6 +176,7 @@ class _Pending:
     results: list[Result]
     events: list[Event]
     batch: _Batch
+    writer: WriterProcess  # the one the commit was sent to (whose answer it is)
 
 
 @dataclass(slots=True)
@@ -441,7 +442,9 @@ class Engine:
         if anyone else wrote to the journal or to reference data in between, it is rolled
         back and validated again. If a commit fails, no later batch is journaled; if this
         ends by an exception (Ctrl-C), a batch whose commit was already sent is waited for,
-        and its results are passed on if it committed.
+        and its results are passed on if it committed (unless the exception came during
+        that very wait: then, as when the writer process dies, a batch may be journaled
+        without its results passed on, and sending it again gives them back by client_ref).
 
         The engine's lock is held throughout: ``batches`` and ``on_results`` must not submit
         to this engine. Other processes can write between batches, as with ``submit``.
@@ -454,7 +457,7 @@ class Engine:
                         self._land(stream, on_results)
                         on_results([])
                         continue
-                    if stream.pending is not None and (self._writer is None or not self._writer.alive):
+                    if stream.pending is not None and not stream.pending.writer.alive:
                         self._land(stream, on_results)  # its answer, if it gave one before it ended
                     # The WAL starts over from its beginning only if no reader is in it when a
                     # transaction writes: pipelined, the engine's next snapshot always is, and
@@ -466,6 +469,8 @@ class Engine:
                         self._land(stream, on_results)
                     with gc_paused(), _database_errors():
                         writer = self._writer_for(commands)
+                        if stream.pending is not None and writer is not stream.pending.writer:
+                            self._land(stream, on_results)  # (it ended just now: WriterGone)
                         if writer is None or in_turn:  # (no writer: nothing to overlap)
                             self._land(stream, on_results)
                             if writer is None:
@@ -479,13 +484,15 @@ class Engine:
                         on_results(results)
                 self._land(stream, on_results)
             except BaseException as exc:
-                if stream.pending is not None and self._writer is not None and self._writer.alive:
-                    try:  # the batch whose commit was sent: it may well have committed
-                        with _database_errors():
-                            self._land(stream, on_results)
-                    except Exception:
-                        pass
-                self._drop_writer()  # whatever is open there is rolled back
+                try:
+                    if stream.pending is not None and stream.pending.writer.alive:
+                        try:  # the batch whose commit was sent: it may well have committed
+                            with _database_errors():
+                                self._land(stream, on_results)
+                        except Exception:
+                            pass
+                finally:
+                    self._drop_writer()  # whatever is open there is rolled back
                 if isinstance(exc, WriterError) and exc.kind == "OperationalError":
                     raise EngineUnavailable(str(exc)) from exc
                 if isinstance(exc, WriterGone):
@@ -514,8 +521,7 @@ class Engine:
         pending, stream.pending = stream.pending, None
         if pending is None:
             return
-        assert self._writer is not None
-        self._writer.answer()  # raises if that commit failed: then nothing of it was journaled
+        pending.writer.answer()  # raises if that commit failed: then nothing of it was journaled
         self._committed(pending.events)
         on_results(pending.results)
 
@@ -549,7 +555,7 @@ class Engine:
             writer.rollback()
             return results
         writer.commit_async(events[-1].seq)
-        stream.pending = _Pending(results, events, batch)
+        stream.pending = _Pending(results, events, batch, writer)
         return None
 
     def _wal_full(self) -> bool:

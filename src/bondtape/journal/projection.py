@@ -147,26 +147,27 @@ def wire_report_positions() -> tuple[list[int], int]:
     return [at[c] for c in REPORT_COLUMNS], TERMS_LAYOUT.index("withheld")
 
 
-def wire(events: Iterable[Event]) -> tuple[list[tuple], list[tuple], list[tuple]]:
-    """For the journal writer process: the events (header and payload), trade_reports rows
-    it cannot make itself (a new report's payload not in layout 1), status updates."""
+def wire(events: Iterable[Event]) -> tuple[list[tuple], list[tuple]]:
+    """For the journal writer process: the events (header and payload; a new report whose
+    payload is not in layout 1, such as a correction's, with its trade_reports row after
+    it), and the status updates."""
     sent: list[tuple] = []
-    rows: list[tuple] = []
     updates: list[tuple] = []
     for ev in events:
         p = ev.payload
         kind = ev.event_type
-        payload: Any = p
+        header = (ev.seq, ev.recorded_us, kind, ev.channel, ev.mpid, ev.client_ref, ev.control_number,
+                  ev.ref_control_number)
         if kind == "NEW" or kind == "CORRECT":
             if len(p) == _N_LAYOUT:
-                payload = _LAYOUT_VALUES(p)
+                sent.append((*header, _LAYOUT_VALUES(p)))
             else:
-                rows += project([ev]).inserts
+                sent.append((*header, p, project([ev]).inserts[0]))
+        else:
+            sent.append((*header, p))
         if kind in STATUS_FOR:  # as project() gives them
             updates += project([ev]).updates
-        sent.append((ev.seq, ev.recorded_us, kind, ev.channel, ev.mpid, ev.client_ref, ev.control_number,
-                     ev.ref_control_number, payload))
-    return sent, rows, updates
+    return sent, updates
 
 
 def as_mapping(row: tuple) -> dict[str, Any]:

@@ -19,11 +19,13 @@ that many bytes; a reply is ``K`` (done) or ``E`` (failed), a length and that ma
   of ``W`` and ``C``), ``report_positions`` and ``withheld_position`` (``row_maker``).
   Replied.
 - ``B`` begin: ``BEGIN IMMEDIATE``, which takes the database's write lock (waiting as the
-  busy timeout allows). Replied, so that the engine reads its snapshot only once it holds
+  busy timeout allows). If it fails, that transaction's ``W`` are skipped and its ``C``
+  fails too (the engine may have sent them before reading this answer). Replied, so that the engine reads its snapshot only once it holds
   the lock: no other writer can commit between that snapshot and this transaction's commit.
-- ``W`` write, payload a JSON array ``[events, trade_reports rows, status updates]``
+- ``W`` write, payload a JSON array ``[events, status updates]``
   (``bondtape.journal.projection.wire``): the events become journal rows, and new reports'
-  and corrections' also trade_reports rows, here (``row_maker``).
+  and corrections' also trade_reports rows, here (``row_maker``). Refused (kept as the
+  transaction's failure) if no transaction is open.
   Not replied: the engine goes on with its next chunk. A failure is kept, the transaction
   rolled back, and every later ``W`` of the transaction ignored; ``C`` replies with it.
 - ``C`` commit, payload the journal's new last sequence number (JSON): updates
@@ -48,9 +50,10 @@ import orjson
 
 OK, FAILED = b"K", b"E"
 
-# APSW's exceptions, by the DB-API kind the engine acts on (``OperationalError``: the
-# database cannot take the batch now, which the engine reports as unavailable)
-_OPERATIONAL = (apsw.BusyError, apsw.LockedError, apsw.FullError, apsw.IOError, apsw.CantOpenError,
+# APSW's exceptions, by the DB-API kind the engine acts on, as pysqlite names them
+# (``OperationalError``: the database cannot take the batch now, which the engine reports
+# as unavailable; pysqlite also says it for SQLITE_ERROR, e.g. a table missing)
+_OPERATIONAL = (apsw.SQLError, apsw.BusyError, apsw.LockedError, apsw.FullError, apsw.IOError, apsw.CantOpenError,
                 apsw.ReadOnlyError, apsw.CorruptError, apsw.NotADBError, apsw.ProtocolError,
                 apsw.PermissionsError, apsw.NoMemError, apsw.InterruptError)
 
@@ -86,14 +89,18 @@ def _failure(exc: BaseException) -> bytes:
 
 
 def row_maker(report_positions: list[int], withheld: int):
-    """The function that makes a chunk's journal rows and trade_reports rows from its events
-    as ``projection.wire`` sends them: [*header, payload], the payload a new report's or
-    correction's layout-1 values (a JSON array) or another event's object."""
+    """The function that makes a chunk's journal rows and trade_reports rows (in event order)
+    from its events as ``projection.wire`` sends them: [*header, payload], the payload a new
+    report's or correction's layout-1 values (a JSON array) or another event's object; and
+    a new report's row after it where the engine made that row."""
     pick = itemgetter(*report_positions)
     dumps = orjson.dumps
 
-    def rows(events: list[list], report_rows: list[list]) -> tuple[list[list], list]:
+    def rows(events: list[list]) -> tuple[list[list], list]:
+        report_rows: list = []
         for event in events:
+            if len(event) == 10:  # a trade_reports row made by the engine (a payload not in layout 1)
+                report_rows.append(event.pop())
             payload = event[8]
             if type(payload) is list:  # layout 1: the text encode_payload gives, the row project gives
                 event[8] = dumps([1, *payload]).decode()
@@ -126,8 +133,11 @@ def serve(inp, out) -> int:
             try:
                 if op == b"W":
                     if failed is None:
-                        events, report_rows, updates = orjson.loads(payload)
-                        journal_rows, report_rows = rows(events, report_rows)
+                        if not conn.in_transaction:  # type: ignore[union-attr]
+                            # never commit rows one by one (after a BEGIN that failed, say)
+                            raise RuntimeError("rows to write with no transaction open")
+                        events, updates = orjson.loads(payload)
+                        journal_rows, report_rows = rows(events)
                         if journal_rows:
                             cursor.executemany(sql["journal"], journal_rows)  # type: ignore[union-attr]
                         if report_rows:
@@ -144,6 +154,8 @@ def serve(inp, out) -> int:
                         reply(FAILED, failed)
                         failed = None
                         continue
+                    if not conn.in_transaction:  # type: ignore[union-attr]
+                        raise RuntimeError("a commit with no transaction open")
                     conn.execute(sql["head"], (orjson.loads(payload),))  # type: ignore[union-attr]
                     conn.execute("COMMIT")  # type: ignore[union-attr]
                 elif op == b"R":
@@ -170,6 +182,8 @@ def serve(inp, out) -> int:
                     failed = failure  # for the commit to answer
                 else:
                     reply(FAILED, failure)
+                    if op == b"B":  # its transaction's writes are skipped, its commit fails
+                        failed = failure
                 continue
             reply(OK)
     except (EOFError, BrokenPipeError):
