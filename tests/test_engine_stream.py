@@ -42,6 +42,19 @@ def _engine(path, chunk: int = 2) -> tuple:
     return db, engine
 
 
+def _at_validation(monkeypatch, n: int, act) -> None:
+    """``act(writer)`` as the engine starts validating the ``n``-th batch through the writer."""
+    real, calls = Engine._validate_chunks, []
+
+    def validate(self, conn, writer, commands, batch):
+        calls.append(1)
+        if len(calls) == n:
+            act(writer)
+        return real(self, conn, writer, commands, batch)
+
+    monkeypatch.setattr(Engine, "_validate_chunks", validate)
+
+
 def _stream(engine: Engine, batches) -> list[list]:
     answers: list[list] = []
     engine.submit_stream(batches, answers.append)
@@ -272,16 +285,12 @@ def test_a_failed_commit_ends_the_stream_and_journals_nothing_after_it(tmp_path)
 def test_the_writer_dying_mid_stream_says_unavailable_and_every_answer_is_journaled(tmp_path, monkeypatch):
     db, engine = _engine(tmp_path / "d.db")
     real = Engine._validate_chunks
-    calls = []
 
-    def die_in_the_third_batch(self, conn, writer, commands, batch):
-        calls.append(1)
-        if len(calls) == 3:
-            os.kill(writer.proc.pid, signal.SIGKILL)
-            writer.proc.wait()
-        return real(self, conn, writer, commands, batch)
+    def die(writer):
+        os.kill(writer.proc.pid, signal.SIGKILL)
+        writer.proc.wait()
 
-    monkeypatch.setattr(Engine, "_validate_chunks", die_in_the_third_batch)
+    _at_validation(monkeypatch, 3, die)
     batches = [[new(ref=f"b{b}-{i}", quantity=Decimal(1000 * (10 * b + i + 1))) for i in range(3)] for b in range(4)]
     answers: list = []
     with pytest.raises(EngineUnavailable, match="journal writer process ended"):
@@ -409,22 +418,15 @@ def test_a_writer_that_ends_with_a_commit_in_flight_is_not_taken_for_its_success
 def test_a_second_ctrl_c_while_the_first_is_handled_still_ends_the_writer(tmp_path, monkeypatch):
     db, engine = _engine(tmp_path / "i.db")
     real = Engine._validate_chunks
-    calls = []
 
-    def interrupted_in_the_second_batch(self, conn, writer, commands, batch):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # its BEGIN is sent, the batch before's commit too
-        return real(self, conn, writer, commands, batch)
-
-    def interrupted_again(results):
+    def interrupted(*_):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(Engine, "_validate_chunks", interrupted_in_the_second_batch)
+    _at_validation(monkeypatch, 2, interrupted)  # its BEGIN is sent, the batch before's commit too
     batches = [[new(ref=f"a{i}", quantity=Decimal(1000 * (i + 1))) for i in range(3)],
                [new(ref=f"b{i}", quantity=Decimal(10_000 * (i + 1))) for i in range(3)]]
     with pytest.raises(KeyboardInterrupt):
-        engine.submit_stream(batches, interrupted_again)
+        engine.submit_stream(batches, interrupted)  # and again while that commit's results are passed on
     assert engine._writer is None  # ended: its open transaction (the write lock) went with it
     other = sqlite3.connect(tmp_path / "i.db", isolation_level=None, timeout=1)
     other.execute("BEGIN IMMEDIATE")
