@@ -72,6 +72,11 @@ def _first_line(exc: BaseException) -> str:
     return (str(orig).strip().splitlines() or [type(orig).__name__])[0]
 
 
+def _reference_version(conn: Connection) -> int | None:
+    """One primary-key read: the version every change to reference data bumps."""
+    return conn.exec_driver_sql("SELECT version FROM reference_version WHERE id = 1").scalar()
+
+
 @contextmanager
 def _database_errors() -> Iterator[None]:
     """The database down, unreachable or its connection broken: EngineUnavailable."""
@@ -145,7 +150,7 @@ class _Batch:
     prior_keys: dict[str, int] = field(default_factory=dict)
     prior_closed: set[int] = field(default_factory=set)
 
-    def carried(self, events: Sequence[Event]) -> "_Batch":
+    def carried(self, events: Sequence[Event], now: int) -> "_Batch":
         """The next batch's start, before this batch's commit is known to be in its snapshot:
         the effects of ``events`` (this batch's), as the journal and projection hold them
         once committed. Its client references are this batch's own (``refs``: what the
@@ -166,7 +171,7 @@ class _Batch:
                     closed.add(st.control_number)
                 elif st.terms_key not in keys:  # events in sequence: the first is the lowest
                     keys[st.terms_key] = st.control_number
-        return _Batch(self.seq, 0, states, {}, {}, self.refs, keys, closed)
+        return _Batch(self.seq, now, states, {}, {}, self.refs, keys, closed)
 
 
 @dataclass(slots=True)
@@ -203,8 +208,9 @@ class WalCheckpointer:
 
     SQLite's default is that a commit which leaves the WAL at 1,000 pages or more copies the
     WAL into the database file and syncs it (a checkpoint) before the commit returns. An
-    intake batch of 5,000 reports writes about 2,500 pages, so every batch paid for a
-    checkpoint on the engine's thread: about half of the commit's time (docs/benchmarks.md,
+    intake batch of 5,000 reports writes about 2,500 pages of 4 KiB (with 16 KiB pages,
+    230-570 pages), so every batch (or every second to fourth) paid for a checkpoint on the
+    engine's thread: about half of the commit's time (docs/benchmarks.md,
     intake: a commit took 13-20 us a report with it, 7-9 us without). Here the engine's
     connections checkpoint only past ``bound`` pages (``PRAGMA wal_autocheckpoint``), and
     after each commit the engine wakes this thread, which runs ``PRAGMA
@@ -406,8 +412,7 @@ class Engine:
 
     # -- reference data -------------------------------------------------------------------
     def _refresh_reference(self, conn: Connection) -> None:
-        # one primary-key read per batch: the version every change to reference data bumps
-        mark = conn.exec_driver_sql("SELECT version FROM reference_version WHERE id = 1").scalar()
+        mark = _reference_version(conn)
         if mark != self._reference_mark:
             self.securities = load_securities(conn)
             self.firms = load_firms(conn)
@@ -465,8 +470,6 @@ class Engine:
                     # batch as submit does it: the one before commits (and checkpoints) with
                     # no snapshot open, and this one writes with none.
                     in_turn = self._wal_full()
-                    if in_turn:
-                        self._land(stream, on_results)
                     with gc_paused(), _database_errors():
                         writer = self._writer_for(commands)
                         if stream.pending is not None and writer is not stream.pending.writer:
@@ -540,8 +543,7 @@ class Engine:
                 results, events = self._validate_chunks(conn, writer, commands, batch)
         else:
             writer.begin_async()  # taken once the batch before has committed
-            batch = pending.batch.carried(pending.events)
-            batch.now = self.clock()
+            batch = pending.batch.carried(pending.events, self.clock())
             with reading(self.db) as conn, conn.begin():
                 self._refresh_reference(conn)
                 mark = self._reference_mark
@@ -565,9 +567,7 @@ class Engine:
     def _base_holds(self, seq: int, reference_mark: int | None) -> bool:
         """The journal's head is still ``seq`` and reference data is at ``reference_mark``."""
         with reading(self.db) as conn:
-            head = self._head(conn)
-            mark = conn.exec_driver_sql("SELECT version FROM reference_version WHERE id = 1").scalar()
-        return head == seq and mark == reference_mark
+            return self._head(conn) == seq and _reference_version(conn) == reference_mark
 
     def _submit_inline(self, commands: Sequence[Command]) -> tuple[list[Result], list[Event]]:
         """The batch validated and written on the engine's own connection, in one transaction."""
