@@ -8,14 +8,14 @@
    record type, three output formats); builds 2025; and, as the baseline, copies the same
    rows the 2024 builds read (each data set's reports created in the year and reports
    closed in it, every column the build reads, as stored) to Parquet with no
-   transformation, through the same reader (ADBC, ``bondtape.historic.source``; on SQLite
-   in a process of its own).
+   transformation, through the same reader (``bondtape.historic.source``: day by day, one
+   text of delimited lines a statement, parsed by pyarrow; on SQLite in a process of its own).
 3. Prints records/s of the build, the ratio copy time / build time (1.0: the build
    costs no more than copying the rows), and each child's peak RSS (its own ``VmHWM``), so
    that memory for the large and the small year can be compared; the build's CPU time a
    record and the cores it kept busy.
-4. With ``--phases``: each step of the 2024 build timed on its own (reading, deriving the
-   records, putting each day in file order, the pipe-delimited text, the two Parquet files
+4. With ``--phases``: each step of the 2024 build timed on its own (reading the texts,
+   parsing them, deriving the records, putting each day in file order, the pipe-delimited text, the two Parquet files
    with their SHA-256), in microseconds a record, to show which step bounds the build.
 """
 from __future__ import annotations
@@ -63,38 +63,46 @@ import datetime as dt, json, sys, time
 import pyarrow as pa, pyarrow.parquet as pq
 import sqlalchemy as sa
 from bondtape.db import connect
-from bondtape.historic.builder import PARQUET_OPTIONS, _midnight_us, coverage
-from bondtape.historic.records import t
+from bondtape.historic.builder import PARQUET_OPTIONS, _midnight_us, _plan, coverage
+from bondtape.historic.records import _NoIndex, lines_select, parse, t
 from bondtape.historic.source import open_source
 db = connect(sys.argv[1])
 out, year = sys.argv[2], int(sys.argv[3])
-# every column of trade_reports the build reads, as stored (nullable text as '' when null, so
-# that a reader inferring a column's type from its first batch (the ADBC drivers do) cannot
-# mistake an all-null text column for an integer one)
+# every column of trade_reports the build reads, as stored
 INTS = ["control_number", "seq", "report_us", "first_control_number", "prior_control_number", "quantity_c",
         "price_u", "yield_u", "execution_us", "commission_c", "closed_seq", "closed_us", "successor_control_number"]
 TEXT = ["report_date", "first_report_date", "cusip", "symbol", "side", "capacity", "contra_type", "trading_market",
-        "execution_date", "settlement_date", "status"]
-NULLABLE_TEXT = ["remuneration", "modifier3"]
+        "execution_date", "settlement_date", "status", "remuneration", "modifier3"]
 FLAGS = ["when_issued", "special_price", "weighted_average", "locked_in", "agu", "as_of", "disseminated"]
-columns = ([t.c[n] for n in INTS + TEXT] + [sa.func.coalesce(t.c[n], "").label(n) for n in NULLABLE_TEXT]
-           + [t.c[n] for n in FLAGS])
-schema = pa.schema([(n, pa.int64()) for n in INTS] + [(n, pa.string()) for n in TEXT + NULLABLE_TEXT]
-                   + [(n, pa.int64()) for n in FLAGS])
+columns = [t.c[n] for n in INTS + TEXT + FLAGS]
+schema = pa.schema([(n, pa.int64()) for n in INTS] + [(n, pa.string()) for n in TEXT] + [(n, pa.int64()) for n in FLAGS])
 rows = 0
 start = time.perf_counter()
 for sub, data_set in (("CORP", "corporate"), ("AGCY", "agency")):
     first, last = coverage(data_set, year)
-    lo, end = _midnight_us(first), _midnight_us(last + dt.timedelta(days=1))
+    days = [first + dt.timedelta(days=i) for i in range((last - first).days + 1)]
     kept = sa.and_(t.c.data_set == sub, t.c.is_test == sa.false(), t.c.rule_144a == sa.false())
-    created = sa.select(*columns).where(t.c.report_date >= first.isoformat(), t.c.report_date <= last.isoformat(), kept)
-    closed = sa.select(*columns).where(t.c.closed_us >= lo, t.c.closed_us < end, kept)
+
+    day_, low, high = sa.bindparam("day", type_=sa.String), sa.bindparam("low"), sa.bindparam("high")
+    by_index = lines_select(columns).where(kept, t.c.report_date == day_)
+    by_stretch = lines_select(columns).where(kept, t.c.control_number.between(low, high), _NoIndex(t.c.report_date) == day_)
+    closed = lines_select(columns).where(kept, t.c.closed_us >= sa.bindparam("lo_us"), t.c.closed_us < sa.bindparam("hi_us"))
+
+    def statements(plan):  # the build's rows, read the way the build reads them, one day at a time
+        for day in days:
+            if day in plan:
+                stretch = plan[day]
+                yield ((by_index, {"day": day.isoformat()}) if stretch is None else
+                       (by_stretch, {"day": day.isoformat(), "low": stretch[0], "high": stretch[1]}))
+            yield closed, {"lo_us": _midnight_us(day), "hi_us": _midnight_us(day + dt.timedelta(days=1))}
+
     with open_source(db) as source, pq.ParquetWriter(f"{out}.{sub}.parquet", schema,
                                                      **{**PARQUET_OPTIONS, "use_dictionary": True}) as writer:
-        for stmt in (created, closed):
-            for batch in source.stream(stmt, schema):
-                writer.write_batch(batch)
-                rows += batch.num_rows
+        for text in source.texts(statements(_plan(source, True, first, last))):
+            if text:
+                table = parse(text, schema)
+                writer.write_table(table)
+                rows += table.num_rows
 print(json.dumps({"seconds": time.perf_counter() - start, "records": rows, "reader": source.name,
                   "peak_rss_mb": _hwm_mb()}))
 """
@@ -106,33 +114,37 @@ from pathlib import Path
 import pyarrow as pa, pyarrow.compute as pc
 from bondtape.db import connect
 from bondtape.historic import builder as B, layout
-from bondtape.historic.records import SOURCE_SCHEMA, SettlementDays, closed_select, day_table, records
+from bondtape.historic.records import SOURCE_SCHEMA, SettlementDays, day_table, parse, records
 from bondtape.historic.source import open_source
-from bondtape.rulebook import default_rulebook
 db = connect(sys.argv[1])
 year = int(sys.argv[2])
+from bondtape.rulebook import default_rulebook
 rulebook = default_rulebook()
 clock = time.perf_counter
-seconds = dict.fromkeys(("read", "derive", "order", "ehts", "parquet_and_sha"), 0.0)
+seconds = dict.fromkeys(("read", "parse", "derive", "order", "ehts", "parquet_and_sha"), 0.0)
 records_n = 0
 for sub, data_set in (("CORP", "corporate"), ("AGCY", "agency")):
     first, last = B.coverage(data_set, year, rulebook)
-    lo, end = B._midnight_us(first), B._midnight_us(last + dt.timedelta(days=1))
+    end = B._midnight_us(last + dt.timedelta(days=1))
+    days = [first + dt.timedelta(days=i) for i in range((last - first).days + 1)]
     t = clock()
-    with open_source(db) as source:  # all of it in memory: only to time each step on its own
-        created = list(B._created(source, db.dialect.name, sub, first, last, end))  # as the build reads them
-        closed = list(source.stream(closed_select(sub, lo, end), SOURCE_SCHEMA))
+    with open_source(db) as source:  # every day's texts in memory: only to time each step on its own
+        plan = B._plan(source, True, first, last)
+        texts = list(source.texts(B._statements(sub, days, plan, end)))
     seconds["read"] += clock() - t
+    kinds = [kind for day in days for kind in ((True, False) if day in plan else (False,))]
+    t = clock()
+    tables = [(kind, parse(text, SOURCE_SCHEMA)) for kind, text in zip(kinds, texts) if text]
+    seconds["parse"] += clock() - t
     t = clock()
     settlement_days = SettlementDays(rulebook.at(last).calendar)
-    table = pa.concat_tables([records(b, True, sub, settlement_days) for b in created]
-                             + [records(b, False, sub, settlement_days) for b in closed])
+    table = pa.concat_tables([records(tab, kind, sub, settlement_days) for kind, tab in tables])
     seconds["derive"] += clock() - t
     records_n += table.num_rows
     schema = layout.arrow_schema()
     with tempfile.TemporaryDirectory() as out:  # the files written as the build writes them
-        for day in pc.unique(table.column("_day")).to_pylist():
-            piece = table.filter(pc.equal(table.column("_day"), pa.scalar(day, pa.date32())))  # not timed
+        for day in pc.unique(table.column("trd_rpt_dt")).to_pylist():
+            piece = table.filter(pc.equal(table.column("trd_rpt_dt"), pa.scalar(day, pa.date32())))  # not timed
             t = clock()
             day_records, standing, _ = day_table([piece], schema)
             t1 = clock()

@@ -359,41 +359,36 @@ def test_rebuild_is_byte_identical_and_manifest_is_true(built):
     assert manifest["totals"]["records"] == len(text_rows(out)) == 17
 
 
-def test_plan_runs_reads_in_control_number_order_only_where_that_is_report_date_order():
-    from bondtape.historic.records import Run, plan_runs
+def test_plan_days_reads_a_day_from_its_control_numbers_only_where_they_are_mostly_its_own():
+    from bondtape.historic.records import plan_days
 
     d = dt.date.fromisoformat
-    # numbered as they arrived: one stretch, read from its control numbers
-    assert plan_runs([("2024-03-04", 10, 19, 10), ("2024-03-05", 20, 29, 9), ("2024-03-07", 31, 40, 10)]) == [
-        Run(d("2024-03-04"), d("2024-03-07"), (10, 40))]
-    # a report sent in late with an earlier report time (number 35, dated the 4th): the 4th's
-    # numbers reach into the 5th's, so the 4th ends its stretch; read by report date, since
-    # most numbers in 10..35 are the 5th's
-    assert plan_runs([("2024-03-04", 10, 35, 11), ("2024-03-05", 20, 34, 14), ("2024-03-06", 36, 40, 5)]) == [
-        Run(d("2024-03-04"), d("2024-03-04"), None), Run(d("2024-03-05"), d("2024-03-06"), (20, 40))]
-    # numbers with few reports of these days among them (cancels, other days' reports)
-    assert plan_runs([("2024-03-04", 1, 100, 20)]) == [Run(d("2024-03-04"), d("2024-03-04"), None)]
-    assert plan_runs([("2024-03-04", 1, 100, 20)], slack=5) == [Run(d("2024-03-04"), d("2024-03-04"), (1, 100))]
-    assert plan_runs([]) == []
+    # numbered as they arrived: each day read from its stretch of control numbers
+    assert plan_days([(d("2024-03-04"), 10, 19, 10), (d("2024-03-05"), 20, 29, 9)]) == {
+        d("2024-03-04"): (10, 19), d("2024-03-05"): (20, 29)}
+    # a report sent in late with an earlier report time (number 35, dated the 4th): most
+    # numbers in 10..35 are the 5th's, so the 4th is read through the report-date index
+    assert plan_days([(d("2024-03-04"), 10, 35, 11), (d("2024-03-05"), 20, 34, 14)]) == {
+        d("2024-03-04"): None, d("2024-03-05"): (20, 34)}
+    assert plan_days([(d("2024-03-04"), 1, 100, 20)]) == {d("2024-03-04"): None}
+    assert plan_days([(d("2024-03-04"), 1, 100, 20)], slack=5) == {d("2024-03-04"): (1, 100)}
+    assert plan_days([]) == {}
 
 
 def test_read_plan_gives_the_files_of_reading_by_report_date(built, monkeypatch):
     """The scenario reports 2024-03-04 trades after 2024-03-05 ones (out of arrival order):
-    the planned reads (several statements, in control-number order where they can be) give
-    byte for byte the files of one statement through the report-date index."""
-    from bondtape.historic import records
-
+    the planned reads (from control-number stretches where they can be) give byte for byte
+    the files of reading every day through the report-date index."""
     db, _, out = built
-    planned = []
-    real_plan = builder_module.plan_runs
-    monkeypatch.setattr(builder_module, "plan_runs", lambda spans: planned.extend(real_plan(spans)) or planned[:])
+    planned = {}
+    real_plan = builder_module.plan_days
+    monkeypatch.setattr(builder_module, "plan_days", lambda spans: planned.update(real_plan(spans)) or dict(planned))
     again = build_data_set(db, "corporate", 2024, AS_OF_2024, out.parent / "planned").out
-    if db.dialect.name != "sqlite":  # the plan is SQLite's: PostgreSQL reads through the index, one statement
-        assert planned == []
+    if db.dialect.name != "sqlite":  # the plan is SQLite's: PostgreSQL reads through the index
+        assert planned == {}
         return
-    assert len(planned) > 1 and any(r.control_numbers for r in planned) and any(not r.control_numbers for r in planned)
-    monkeypatch.setattr(builder_module, "plan_runs", lambda spans: [
-        records.Run(dt.date.fromisoformat(spans[0][0]), dt.date.fromisoformat(spans[-1][0]), None)])
+    assert any(planned.values()) and None in planned.values()
+    monkeypatch.setattr(builder_module, "plan_days", lambda spans: {day: None for day, *_ in spans})
     ordered = build_data_set(db, "corporate", 2024, AS_OF_2024, out.parent / "ordered").out
     files = sorted(p.relative_to(ordered) for p in ordered.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
@@ -428,6 +423,22 @@ def test_bad_requests_have_codes_and_leave_nothing_half_written(market, tmp_path
     with pytest.raises(ValueError, match="does not fit"):
         build_data_set(market, "corporate", 2024, AS_OF_2024, tmp_path / "c")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("symbol", ["BAD|SYM", "BAD\nSYM", "BAD\x1fSYM", "BAD\rSYM"])
+def test_a_stored_value_the_files_cannot_hold_is_refused_with_a_code(market, tmp_path, symbol):
+    """A symbol holding the text file's delimiter, a line break, or the reader's own separator
+    (a value stored before the reference data refused it) ends the build with a code,
+    through either reader, and leaves nothing half-written."""
+    cn = scenario(market)
+    with market.begin() as conn:
+        conn.execute(sa.update(trade_reports).where(trade_reports.c.control_number == cn["customer"])
+                     .values(symbol=symbol))
+    for reader in ("auto", "inline"):
+        with pytest.raises(HistoricError) as err:
+            build_data_set(market, "corporate", 2024, AS_OF_2024, tmp_path / reader / "out", reader=reader)
+        assert (err.value.code, err.value.field) == ("TEXT_FIELD_INVALID", "ehts"), err.value.message
+        assert list((tmp_path / reader).iterdir()) == []
 
 
 def test_data_dictionary_is_generated_and_documented(built):

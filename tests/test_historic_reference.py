@@ -1,13 +1,13 @@
-"""The columnar build (ADBC, Arrow batches, a writer thread) equals the row-by-row reference.
+"""The columnar build (texts of delimited lines, Arrow, a writer thread) equals the row-by-row reference.
 
 The reference below is the builder as it was before the columnar reader (verbatim from
 src/bondtape/historic, records.py and builder.py: SQLAlchemy's driver cursor, one query per
 trade report date plus one stream of closed reports, Python tuples sorted per day, the text
 lines joined with ``binary_join_element_wise``). On a simulated market with every kind of
-record, across a year end, each data set built by the new path (through ADBC, and through the engine's own driver) must give exactly the
-reference's records: the text files byte for byte, the Parquet and final-view tables value
-for value with the same schema and metadata, and the same manifest rows and sequence
-ranges. Small batches make days straddle batches.
+record, across a year end, each data set built by the new path (through the reader process, and through the engine's own
+connection) must give exactly the reference's records: the text files byte for byte, the
+Parquet and final-view tables value for value with the same schema and metadata, and the
+same manifest rows and sequence ranges.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from bondtape.historic import source as source_module
 from bondtape.historic.builder import _midnight_us, _sub_product, coverage
 from bondtape.historic.layout import COLUMNS, FINRA_COLUMNS, RECORD_FORMAT
 from bondtape.historic.records import SettlementDays
-from bondtape.historic.source import _dbapi_snapshot as _snapshot
+from bondtape.historic.source import _snapshot
 from bondtape.historic.source import open_source
 from bondtape.journal.schema import trade_reports
 from bondtape.rulebook import default_rulebook
@@ -51,15 +51,16 @@ def simulated(db):
     return db
 
 
-def test_the_default_reader_is_adbc_on_files_and_postgresql(db):
+def test_the_default_reader_is_a_process_of_its_own_on_sqlite_files(db):
     with open_source(db) as source:
-        assert source.name == "adbc"
-        if db.dialect.name == "sqlite":  # never in this process (see the next test)
-            assert source.proc.pid != os.getpid() and source.proc.poll() is None
-    if db.dialect.name == "sqlite":
-        assert source.proc.returncode == 0  # closed with the source
-    with open_source(db, "dbapi") as source:
-        assert source.name == "dbapi"
+        if db.dialect.name != "sqlite":
+            assert source.name == "inline"
+            return
+        assert source.name == "process"  # never in this process (see the next tests)
+        assert source.proc.pid != os.getpid() and source.proc.poll() is None
+    assert source.proc.returncode == 0  # closed with the source
+    with open_source(db, "inline") as source:
+        assert source.name == "inline"
 
 
 def test_the_sqlite_reader_process_reports_errors(tmp_path):
@@ -67,15 +68,15 @@ def test_the_sqlite_reader_process_reports_errors(tmp_path):
 
     db = standard_sqlite(tmp_path / "r.db")
     with open_source(db) as source:
-        with pytest.raises(RuntimeError, match="ADBC reader process failed.*no such table"):
-            list(source.stream(sa.select(sa.column("x")).select_from(sa.table("no_such_table")),
-                               pa.schema([("x", pa.int64())])))
+        with pytest.raises(RuntimeError, match="SQLite reader process failed.*no such table"):
+            list(source.texts([sa.select(sa.column("x")).select_from(sa.table("no_such_table"))]))
 
 
 def test_a_build_leaves_the_process_s_sqlite_connections_working(simulated, tmp_path):
-    """A process goes on using the file after a build (bondtape demo serves on it). The ADBC
-    SQLite driver's own copy of SQLite, once closed, dropped this process's POSIX locks on the
-    file: the next write through a new connection failed with 'disk I/O error'."""
+    """A process goes on using the file after a build (bondtape demo serves on it). An earlier
+    reader, the ADBC SQLite driver, had its own copy of SQLite in this process: once closed, it
+    dropped this process's POSIX locks on the file, and the next write through a new
+    connection failed with 'disk I/O error'."""
     from bondtape.db import connect
 
     build_data_set(simulated, "agency", 2024, AS_OF, tmp_path / "agency")
@@ -91,9 +92,9 @@ def test_a_build_leaves_the_process_s_sqlite_connections_working(simulated, tmp_
         other.dispose()
 
 
-@pytest.mark.parametrize("reader", ["auto", "dbapi"])
+@pytest.mark.parametrize("reader", ["auto", "inline"])
 def test_build_equals_the_row_by_row_reference(simulated, tmp_path, monkeypatch, reader):
-    monkeypatch.setattr(source_module, "BATCH_ROWS", 97)  # days straddle batches
+    monkeypatch.setattr(source_module, "AHEAD", 3)  # the reader process runs ahead across days
     statuses = set()
     for data_set in ("corporate", "agency"):
         out = build_data_set(simulated, data_set, 2024, AS_OF, tmp_path / data_set, reader=reader).out

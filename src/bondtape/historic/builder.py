@@ -5,8 +5,9 @@ terms, its dissemination decision at the time, and the event that closed it (can
 correction or reversal: ``closed_us``, ``status``, ``successor_control_number``).
 
 Work is day by day, so memory holds a few days' records: for each trade report date, the
-reports created that day (T and R rows) and the reports closed that day (X, C and Y rows,
-read from one stream ordered by close time) become one ordered set of records, written as
+reports created that day (T and R rows) and the reports closed that day (X, C and Y rows),
+each read as one text (:mod:`bondtape.historic.source`), become one ordered set of records,
+written as
 
 - ``ehts/enhanced-time-and-sales-cusip-YYYY-MM-DD.txt``: FINRA's post-2012 layout;
 - ``parquet/trace_enhanced-YYYY-MM-DD.parquet``: the same rows with WRDS names;
@@ -41,8 +42,8 @@ from bondtape.clock import MARKET_TZ, to_us
 from bondtape.historic import layout
 from bondtape.historic.layout import COLUMNS, FINRA_COLUMNS, HEADER, LAYOUT, RECORD_FORMAT
 from bondtape.historic.records import (DAY_SPANS_SCHEMA, SOURCE_SCHEMA, SettlementDays, closed_select, created_select,
-                                       day_spans_select, day_table, plan_runs, records, report_day)
-from bondtape.historic.source import Source, open_source
+                                       day_spans_select, day_table, parse, plan_days, records, UnreadableText)
+from bondtape.historic.source import Query, Source, open_source
 from bondtape.rulebook import Rulebook, default_rulebook, historic_available_from
 
 __all__ = ["DATA_SETS", "BuildResult", "HistoricError", "build_data_set", "check_available", "check_out", "coverage"]
@@ -134,49 +135,50 @@ def _midnight_us(day: dt.date) -> int:
     return to_us(dt.datetime.combine(day, dt.time(0), tzinfo=MARKET_TZ))
 
 
-Piece = tuple[Future, int, int]  # a batch's records (being derived), and the slice of it: start, length
+def _plan(source: Source, sqlite: bool, first_day: dt.date, last_day: dt.date) -> dict[dt.date, tuple[int, int] | None]:
+    """The trade report dates with reports (of any data set), each with how to read it
+    (:func:`records.plan_days`; PostgreSQL reads each day through its report-date index)."""
+    (text,) = source.texts([day_spans_select(first_day, last_day)])
+    spans = parse(text, DAY_SPANS_SCHEMA).to_pylist()
+    if not sqlite:
+        return {row["report_date"]: None for row in spans}
+    return plan_days(tuple(row.values()) for row in spans)  # type: ignore[misc]
 
 
-def _days(batches: Iterator[pa.RecordBatch], created: bool, sub: str, settlement_days: SettlementDays,
-          deriver: ThreadPoolExecutor) -> Iterator[tuple[dt.date, list[Piece]]]:
-    """A statement's records grouped by trade report date, in date order.
-
-    The statements return their rows in date order, so a day is complete when the next one
-    starts: memory holds one day and one batch of each statement. Each batch's records are
-    derived in the ``deriver`` thread while this one reads on; only the report date of
-    each row (which names its day) is worked out here.
-    """
-    day, pieces = None, []
-    for batch in batches:
-        derived = deriver.submit(records, batch, created, sub, settlement_days)
-        runs = pc.run_end_encode(report_day(batch))
-        start = 0
-        for value, end in zip(runs.values.to_pylist(), runs.run_ends.to_pylist()):
-            if day is not None and value < day:
-                raise HistoricError("JOURNAL_INCONSISTENT", "report_date",
-                                    "trade_reports returned report dates out of order: run `bondtape journal verify`")
-            if value != day:
-                if pieces:
-                    yield day, pieces
-                day, pieces = value, []
-            pieces.append((derived, start, end - start))
-            start = end
-    if pieces:
-        yield day, pieces  # type: ignore[misc]
+def _statements(sub: str, days: list[dt.date], plan: dict[dt.date, tuple[int, int] | None],
+                end_us: int) -> Iterator[Query]:
+    """Each day's queries, in order: its created reports (if it has reports), its closed ones."""
+    by_stretch, by_index, closed = created_select(sub, end_us, True), created_select(sub, end_us, False), closed_select(sub)
+    for day in days:
+        if day in plan:
+            stretch = plan[day]
+            if stretch is None:
+                yield by_index, {"day": day.isoformat()}
+            else:
+                yield by_stretch, {"day": day.isoformat(), "low": stretch[0], "high": stretch[1]}
+        yield closed, {"lo_us": _midnight_us(day), "hi_us": _midnight_us(day + dt.timedelta(days=1))}
 
 
-def _created(source: Source, dialect: str, sub: str, first_day: dt.date, last_day: dt.date,
-             end_us: int) -> Iterator[pa.RecordBatch]:
-    """The reports created in first_day..last_day, in report-date order. On SQLite in
-    stretches of control numbers where that order allows (:func:`records.plan_runs`): the
-    table is read page after page instead of row by row through the report-date index."""
-    if dialect != "sqlite":
-        yield from source.stream(created_select(sub, first_day, last_day, end_us), SOURCE_SCHEMA)
-        return
-    spans = [tuple(row.values()) for batch in source.stream(day_spans_select(first_day, last_day), DAY_SPANS_SCHEMA)
-             for row in batch.to_pylist()]
-    for run in plan_runs(spans):  # type: ignore[arg-type]
-        yield from source.stream(created_select(sub, run.first, run.last, end_us, run.control_numbers), SOURCE_SCHEMA)
+def _lines(text: bytes | None) -> int:
+    return text.count(b"\n") + 1 if text else 0
+
+
+def _derive(day: dt.date, created: bytes | None, closed: bytes | None, sub: str,
+            settlement_days: SettlementDays) -> pa.Table:
+    """One trade report date's texts -> its records (in the deriver thread)."""
+    try:
+        tables = [records(parse(text, SOURCE_SCHEMA), kind == "created", sub, settlement_days)
+                  for kind, text in (("created", created), ("closed", closed)) if text]
+    except UnreadableText as exc:
+        raise HistoricError("TEXT_FIELD_INVALID", "ehts",
+                            f"a value cannot be written to the pipe-delimited file: {exc}") from exc
+    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    dates = pc.unique(table.column("trd_rpt_dt"))
+    if len(dates) != 1 or dates[0].as_py() != day:
+        raise HistoricError("JOURNAL_INCONSISTENT", "report_date",
+                            f"trade_reports holds reports dated {day} whose report time is on another date: "
+                            "run `bondtape journal verify`")
+    return table
 
 
 # --- writing ----------------------------------------------------------------------------
@@ -298,8 +300,9 @@ def build_data_set(
     """Build the data set into folder ``out`` (which must not exist or be empty).
 
     ``progress(day, records)`` is called once per calendar day of the coverage, in order.
-    ``reader``: ``auto`` (ADBC where it reads the database, else the engine's driver),
-    ``adbc`` or ``dbapi`` (see :mod:`bondtape.historic.source`); the files are the same.
+    ``reader``: ``auto`` (a process of its own for a SQLite file, else the engine's
+    connection), ``process`` or ``inline`` (see :mod:`bondtape.historic.source`); the files
+    are the same.
     """
     rulebook = rulebook or default_rulebook()
     sub = _sub_product(data_set)
@@ -331,50 +334,37 @@ _IN_FLIGHT = 2  # days handed to the writers and not yet written: bounds memory
 
 def _build(db, sub, data_set, year, as_of, available, first_day, last_day, work: Path, rulebook: Rulebook,
            progress, reader: str) -> BuildResult:
-    """Read both statements side by side, day by day: the main thread reads, a deriver thread
-    turns each batch into records, a writer thread writes each day's files (Arrow and the
-    drivers release the GIL)."""
+    """Read day by day: the source (on SQLite a process of its own) runs each day's two
+    statements a few ahead, the main thread hands their texts on, a deriver thread turns
+    them into records, a writer thread writes each day's files (Arrow releases the GIL)."""
     settlement_days = SettlementDays(rulebook.at(last_day).calendar)
-    lo_us, end_us = _midnight_us(first_day), _midnight_us(last_day + dt.timedelta(days=1))
+    end_us = _midnight_us(last_day + dt.timedelta(days=1))
+    days = [first_day + dt.timedelta(days=i) for i in range((last_day - first_day).days + 1)]
     files: list[dict[str, Any]] = []
     totals = {"records": 0, "final_records": 0, "days": 0, "by_status": {s: 0 for s in "TXCRY"}}
     with open_source(db, reader) as source, \
             ThreadPoolExecutor(_WRITERS, thread_name_prefix="historic-writer") as writer, \
             ThreadPoolExecutor(1, thread_name_prefix="historic-deriver") as deriver:  # one: SettlementDays is not shared
-        streams = [_days(_created(source, db.dialect.name, sub, first_day, last_day, end_us), True, sub,
-                         settlement_days, deriver),
-                   _days(source.stream(closed_select(sub, lo_us, end_us), SOURCE_SCHEMA), False, sub, settlement_days,
-                         deriver)]
-        heads = [next(stream, None) for stream in streams]
+        plan = _plan(source, db.dialect.name == "sqlite", first_day, last_day)
+        texts = source.texts(_statements(sub, days, plan, end_us))
         pending: deque[Future] = deque()
         try:
-            day = first_day
-            while day <= last_day:
-                pieces: list[Piece] = []
-                for i, stream in enumerate(streams):
-                    head = heads[i]
-                    if head is not None and head[0] == day:
-                        pieces.extend(head[1])
-                        heads[i] = next(stream, None)
-                    elif head is not None and head[0] < day:
-                        raise HistoricError("JOURNAL_INCONSISTENT", "report_date",
-                                            f"trade_reports returned a report dated outside {first_day}..{last_day}")
-                n = sum(length for _, _, length in pieces)
+            for day in days:
+                created = next(texts) if day in plan else None
+                closed = next(texts)
+                n = _lines(created) + _lines(closed)
                 if n:
                     schema = layout.arrow_schema(**{"bondtape.data_set": data_set, "bondtape.year": str(year),
                                                     "bondtape.trd_rpt_dt": day.isoformat()})
-                    pending.append(writer.submit(_write_day, work, day, pieces, schema))
+                    derived = deriver.submit(_derive, day, created, closed, sub, settlement_days)
+                    pending.append(writer.submit(_write_day, work, day, derived, schema))
                     totals["records"] += n
                     totals["days"] += 1
-                    del pieces
+                    del created, closed
                     while len(pending) > _IN_FLIGHT:
                         _collect(pending.popleft().result(), files, totals)
                 if progress:
                     progress(day, n)
-                day += dt.timedelta(days=1)
-            if any(head is not None for head in heads):
-                raise HistoricError("JOURNAL_INCONSISTENT", "report_date",
-                                    f"trade_reports returned a report dated outside {first_day}..{last_day}")
             while pending:
                 _collect(pending.popleft().result(), files, totals)
         except BaseException:
@@ -383,8 +373,7 @@ def _build(db, sub, data_set, year, as_of, available, first_day, last_day, work:
             deriver.shutdown(wait=False, cancel_futures=True)
             raise
         finally:
-            for stream in streams:
-                stream.close()
+            texts.close()
     dictionary = work / "data_dictionary.json"
     files.append({"path": "data_dictionary.json", "kind": "data_dictionary", "rows": None,
                   "sha256": _write_file(dictionary, layout.data_dictionary_json().encode("utf-8"))})
@@ -422,13 +411,12 @@ def _collect(written: tuple[list[dict[str, Any]], dict[str, int]], files: list[d
     totals["final_records"] += sum(f["rows"] for f in entries if f["kind"] == "final")
 
 
-def _write_day(work: Path, day: dt.date, pieces: list[Piece],
+def _write_day(work: Path, day: dt.date, derived: Future,
                schema: pa.Schema) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """One trade report date's records put in file order, and its three files: their
     manifest entries and the day's count of records by status."""
-    table, standing, seqs = day_table([derived.result().slice(start, length) for derived, start, length in pieces],
-                                      schema)
-    del pieces
+    table, standing, seqs = day_table([derived.result()], schema)
+    del derived
     by_status = {s.as_py(): n.as_py() for s, n in zip(*pc.value_counts(table.column("trc_st")).flatten())}
     name = day.isoformat()
     seq_range = pc.min_max(seqs)
