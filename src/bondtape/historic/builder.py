@@ -254,14 +254,6 @@ def trailer(day: dt.date, count: int) -> str:
     return f"{day:%Y%m%d}235959{count:010d}"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _write_file(path: Path, data: bytes | memoryview) -> str:
     """Write ``data`` to ``path``; its SHA-256 (hashed from memory, not read back)."""
     with open(path, "wb") as fh:
