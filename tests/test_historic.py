@@ -441,6 +441,27 @@ def test_a_stored_value_the_files_cannot_hold_is_refused_with_a_code(market, tmp
         assert list((tmp_path / reader).iterdir()) == []
 
 
+def test_an_empty_text_value_stays_empty_and_a_mistyped_one_is_refused(market, tmp_path):
+    """The reader keeps an empty text as empty (as the driver's rows did), never null; a value
+    not of its column's type ends the build with JOURNAL_INCONSISTENT."""
+    cn = scenario(market)
+    with market.begin() as conn:
+        conn.execute(sa.update(trade_reports).where(trade_reports.c.control_number == cn["customer"])
+                     .values(symbol=""))
+    for reader in ("auto", "inline"):
+        out = build_data_set(market, "corporate", 2024, AS_OF_2024, tmp_path / reader, reader=reader).out
+        row = next(r for r in parquet(out) if r["control_number"] == cn["customer"])
+        assert row["bond_sym_id"] == "" and row["trd_mod_3"] is None  # modifier3: empty is none
+    with market.begin() as conn:
+        conn.execute(sa.update(trade_reports).where(trade_reports.c.control_number == cn["customer"])
+                     .values(settlement_date="next week"))
+    for reader in ("auto", "inline"):
+        with pytest.raises(HistoricError) as err:
+            build_data_set(market, "corporate", 2024, AS_OF_2024, tmp_path / "bad" / reader, reader=reader)
+        assert (err.value.code, err.value.field) == ("JOURNAL_INCONSISTENT", "trade_reports"), err.value.message
+        assert "2024-03-04" in err.value.message
+
+
 def test_data_dictionary_is_generated_and_documented(built):
     _, _, out = built
     assert (out / "data_dictionary.json").read_text() == data_dictionary_json()

@@ -72,6 +72,69 @@ def test_the_sqlite_reader_process_reports_errors(tmp_path):
             list(source.texts([sa.select(sa.column("x")).select_from(sa.table("no_such_table"))]))
 
 
+def test_the_reader_process_s_error_survives_a_slow_caller(tmp_path):
+    """The child's error is read even when the caller, busy with a text, writes its next
+    request after the child has exited (the pipe is closed by then). Before: an empty message."""
+    import time
+
+    from tests.helpers import standard_sqlite
+
+    db = standard_sqlite(tmp_path / "r.db")
+    ok, bad = sa.select(sa.literal("x")), sa.select(sa.column("x")).select_from(sa.table("no_such_table"))
+    with open_source(db) as source:
+        with pytest.raises(RuntimeError, match="reader process failed.*no such table"):
+            for _ in source.texts([ok, bad, ok, ok, ok, ok, ok]):
+                time.sleep(0.2)
+
+
+def test_the_reader_process_is_killed_at_once_when_a_read_is_interrupted(tmp_path):
+    """Ctrl-C while the last text in flight is being read: the child, still writing it, is
+    killed at once. Before: close() waited 10 s for it."""
+    import time
+
+    from tests.helpers import standard_sqlite
+
+    class Interrupting:  # Ctrl-C lands while a large text is read
+        def __init__(self, f):
+            self.f = f
+
+        def read(self, n):
+            if n > 1 << 16:
+                self.f.read(1000)
+                raise KeyboardInterrupt
+            return self.f.read(n)
+
+        def close(self):
+            self.f.close()
+
+    db = standard_sqlite(tmp_path / "r.db")
+    big = sa.select(sa.literal_column("x")).select_from(sa.text(
+        "(WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 200000) "
+        "SELECT group_concat(printf('%08d', i), char(10)) AS x FROM n)"))
+    closed_at = None
+    with pytest.raises(KeyboardInterrupt):
+        with open_source(db) as source:
+            source.proc.stdout = Interrupting(source.proc.stdout)
+            try:
+                list(source.texts([big]))
+            finally:
+                closed_at = time.monotonic()
+    assert time.monotonic() - closed_at < 5 and source.proc.returncode is not None
+
+
+def test_texts_never_hands_on_another_call_s_answers(tmp_path):
+    from tests.helpers import standard_sqlite
+
+    db = standard_sqlite(tmp_path / "r.db")
+    q = lambda text: sa.select(sa.literal(text))  # noqa: E731
+    for reader in ("auto", "inline"):
+        with open_source(db, reader) as source:
+            first = source.texts([q("a1"), q("a2"), q("a3")])
+            assert next(first) == b"a1"
+            first.close()  # stopped with answers in flight
+            assert list(source.texts([q("b1"), q("b2")])) == [b"b1", b"b2"]
+
+
 def test_a_build_leaves_the_process_s_sqlite_connections_working(simulated, tmp_path):
     """A process goes on using the file after a build (bondtape demo serves on it). An earlier
     reader, the ADBC SQLite driver, had its own copy of SQLite in this process: once closed, it

@@ -42,7 +42,8 @@ from bondtape.clock import MARKET_TZ, to_us
 from bondtape.historic import layout
 from bondtape.historic.layout import COLUMNS, FINRA_COLUMNS, HEADER, LAYOUT, RECORD_FORMAT
 from bondtape.historic.records import (DAY_SPANS_SCHEMA, SOURCE_SCHEMA, SettlementDays, closed_select, created_select,
-                                       day_spans_select, day_table, parse, plan_days, records, UnreadableText)
+                                       day_spans_select, day_table, parse, plan_days, records, UnexpectedValue,
+                                       UnreadableText)
 from bondtape.historic.source import Query, Source, open_source
 from bondtape.rulebook import Rulebook, default_rulebook, historic_available_from
 
@@ -172,6 +173,9 @@ def _derive(day: dt.date, created: bytes | None, closed: bytes | None, sub: str,
     except UnreadableText as exc:
         raise HistoricError("TEXT_FIELD_INVALID", "ehts",
                             f"a value cannot be written to the pipe-delimited file: {exc}") from exc
+    except UnexpectedValue as exc:
+        raise HistoricError("JOURNAL_INCONSISTENT", "trade_reports",
+                            f"{exc} (reports of {day}): run `bondtape journal verify`") from exc
     table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
     dates = pc.unique(table.column("trd_rpt_dt"))
     if len(dates) != 1 or dates[0].as_py() != day:

@@ -14,7 +14,7 @@ Protocol, on stdin and stdout (lengths are 8-byte little-endian unsigned integer
 
 Each statement gets one answer, in order: a length and that many bytes, the text in UTF-8
 (length 0: the statement selected no rows), or the length 2**64 - 1 followed by a length
-and a UTF-8 error message, after which this process exits.
+and a UTF-8 error message (also written to stderr), after which this process exits.
 """
 from __future__ import annotations
 
@@ -64,8 +64,13 @@ def main(path: str) -> int:
     except EOFError:
         return 0
     except Exception as exc:  # the parent raises it as its own error
-        out.write(ERROR.to_bytes(8, "little"))
-        _answer(out, f"{type(exc).__name__}: {exc}".encode())
+        message = f"{type(exc).__name__}: {exc}"
+        print(message, file=sys.stderr, flush=True)  # also there: the parent may find the pipe closed first
+        try:
+            out.write(ERROR.to_bytes(8, "little"))
+            _answer(out, message.encode())
+        except OSError:
+            pass
         return 1
     finally:
         if conn is not None:

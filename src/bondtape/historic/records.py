@@ -212,8 +212,15 @@ class UnreadableText(ValueError):
     or a line break."""
 
 
+class UnexpectedValue(ValueError):
+    """A stored value is not of its column's type (an integer column holding text, a date
+    column holding something else than YYYY-MM-DD)."""
+
+
 def parse(data: bytes | None, schema: pa.Schema) -> pa.Table:
-    """A statement's text (:func:`lines_select`; None: no rows) as a table of ``schema``."""
+    """A statement's text (:func:`lines_select`; None: no rows) as a table of ``schema``.
+    An empty field is null in a column of numbers or dates, an empty string in a text column
+    (the caller decides which text columns take empty for none)."""
     if not data:
         return schema.empty_table()
     try:
@@ -221,10 +228,12 @@ def parse(data: bytes | None, schema: pa.Schema) -> pa.Table:
             pa.py_buffer(data),
             read_options=pacsv.ReadOptions(column_names=schema.names, block_size=1 << 20),
             parse_options=_PARSE,
-            convert_options=pacsv.ConvertOptions(column_types=schema, null_values=[""], strings_can_be_null=True,
-                                                 quoted_strings_can_be_null=False))
-    except pa.ArrowInvalid as exc:  # a value holding the separator or a line break
-        raise UnreadableText(f"a stored value cannot be read back as {len(schema)} fields: {str(exc)[:300]}") from exc
+            convert_options=pacsv.ConvertOptions(column_types=schema, null_values=[""], strings_can_be_null=False))
+    except pa.ArrowInvalid as exc:
+        detail = str(exc)[:300]
+        if "Expected" in detail and "columns" in detail:  # a value holding the separator or a line break
+            raise UnreadableText(f"a stored value cannot be read back as {len(schema)} fields: {detail}") from exc
+        raise UnexpectedValue(f"a stored value is not of its column's type: {detail}") from exc
 
 
 # --- Arrow ------------------------------------------------------------------------------
@@ -264,6 +273,10 @@ def _local(us: pa.Array) -> pa.Array:
 def _reference(control_numbers: pa.Array) -> pa.Array:
     # control numbers have at least 10 digits: the last 7 characters are the reference number
     return pc.utf8_slice_codeunits(control_numbers.cast(pa.string()), start=-7)
+
+
+def _none_if_empty(column: pa.Array) -> pa.Array:
+    return pc.if_else(pc.equal(column, _STR[""]), _NULL, column)
 
 
 def _yes(mask: pa.Array, yes: str, no: str | None = None) -> pa.Array:
@@ -312,6 +325,8 @@ def records(table: pa.Table, created: bool, sub: str, settlement_days: Settlemen
     layout's columns (``rec_ct_nb`` still 0) and the keys EVENT_US, EVENT_SEQ, ORDER, STANDING."""
     n = table.num_rows
     c = {name: table.column(name).combine_chunks() for name in SOURCE_SCHEMA.names}
+    for name in ("remuneration", "modifier3"):  # nullable: empty means none
+        c[name] = _none_if_empty(c[name])
     bits = c["bits"]
     flag = {name: pc.not_equal(pc.bit_wise_and(bits, _BIT[name]), _ZERO) for name in FLAGS}
     control = c["control_number"]

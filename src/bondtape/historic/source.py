@@ -7,8 +7,9 @@ a day's statement, where a driver otherwise pays for every value of every row), 
 All statements of a build read one consistent snapshot. Two readers run them:
 
 - ``process`` (the default for a SQLite file): a process of its own (``reader_child.py``)
-  with APSW's SQLite, one read transaction, running the statements in order while this
-  process works on the texts before (a few statements ahead). Another core does the
+  with APSW's SQLite, one read transaction, running the statements in order: the next one
+  while this process works on the text before (up to ``AHEAD`` requests wait in the pipe; a
+  text larger than the pipe holds the child until it is read, so it is one text ahead). Another core does the
   database's work, and APSW's SQLite (3.45 or later, built with its own optimisations) runs
   these statements in about half the time of the system's ``sqlite3`` library. Never in this
   process: two copies of SQLite in one process do not share POSIX advisory locks; closing
@@ -33,7 +34,7 @@ import sqlalchemy as sa
 __all__ = ["READERS", "Query", "Source", "open_source"]
 
 READERS = ("auto", "process", "inline")
-AHEAD = 4  # statements the reader process may run ahead of the texts being used: bounds memory
+AHEAD = 4  # statements sent to the reader process ahead of the texts being used: bounds memory
 
 
 Query = Union[sa.Select, tuple[sa.Select, dict[str, Any]]]  # a statement, with values for its bind parameters
@@ -92,8 +93,9 @@ class _Process:
         length = int.from_bytes(self._read(8), "little")
         if length == _CHILD_ERROR:
             self._failed(self._read(int.from_bytes(self._read(8), "little")).decode(errors="replace"))
-        self._in_flight -= 1
-        return self._read(length) if length else None
+        text = self._read(length) if length else None
+        self._in_flight -= 1  # only once read whole: an interrupted read leaves the child to be killed
+        return text
 
     def _failed(self, message: str) -> None:
         self.proc.wait(10)
@@ -102,6 +104,8 @@ class _Process:
         raise RuntimeError(f"the SQLite reader process failed (exit {self.proc.returncode}): {detail}")
 
     def texts(self, queries: Iterable[Query]) -> Iterator[bytes | None]:
+        while self._in_flight:  # texts a caller that stopped early left unread: never another's
+            self._answer()
         pending = iter(queries)
         more = True
         while True:
