@@ -160,6 +160,11 @@ def _statements(sub: str, days: list[dt.date], plan: dict[dt.date, tuple[int, in
         yield closed, {"lo_us": _midnight_us(day), "hi_us": _midnight_us(day + dt.timedelta(days=1))}
 
 
+def _unwritable(exc: Exception) -> HistoricError:
+    """A stored value holding ``|``, a line break or the reader's separator."""
+    return HistoricError("TEXT_FIELD_INVALID", "ehts", f"a value cannot be written to the pipe-delimited file: {exc}")
+
+
 def _lines(text: bytes | None) -> int:
     return text.count(b"\n") + 1 if text else 0
 
@@ -171,8 +176,7 @@ def _derive(day: dt.date, created: bytes | None, closed: bytes | None, sub: str,
         tables = [records(parse(text, SOURCE_SCHEMA), kind == "created", sub, settlement_days)
                   for kind, text in (("created", created), ("closed", closed)) if text]
     except UnreadableText as exc:
-        raise HistoricError("TEXT_FIELD_INVALID", "ehts",
-                            f"a value cannot be written to the pipe-delimited file: {exc}") from exc
+        raise _unwritable(exc) from exc
     except UnexpectedValue as exc:
         raise HistoricError("JOURNAL_INCONSISTENT", "trade_reports",
                             f"{exc} (reports of {day}): run `bondtape journal verify`") from exc
@@ -247,7 +251,7 @@ def ehts_lines(table: pa.Table) -> bytes:
     try:
         pacsv.write_csv(pa.Table.from_arrays(columns, names=[c.name for c in FINRA_COLUMNS]), out, _CSV)
     except pa.ArrowInvalid as exc:
-        raise HistoricError("TEXT_FIELD_INVALID", "ehts", f"a value cannot be written to the pipe-delimited file: {exc}") from exc
+        raise _unwritable(exc) from exc
     return out.getvalue().to_pybytes()
 
 
@@ -331,8 +335,9 @@ _IN_FLIGHT = 2  # days handed to the writers and not yet written: bounds memory
 def _build(db, sub, data_set, year, as_of, available, first_day, last_day, work: Path, rulebook: Rulebook,
            progress, reader: str) -> BuildResult:
     """Read day by day: the source (on SQLite a process of its own) runs each day's two
-    statements a few ahead, the main thread hands their texts on, a deriver thread turns
-    them into records, a writer thread writes each day's files (Arrow releases the GIL)."""
+    statements, the next while this process works on the text before; the main thread hands
+    the texts on, a deriver thread turns them into records, a writer thread writes each
+    day's files (Arrow releases the GIL)."""
     settlement_days = SettlementDays(rulebook.at(last_day).calendar)
     end_us = _midnight_us(last_day + dt.timedelta(days=1))
     days = [first_day + dt.timedelta(days=i) for i in range((last_day - first_day).days + 1)]
