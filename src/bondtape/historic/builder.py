@@ -336,8 +336,9 @@ def _build(db, sub, data_set, year, as_of, available, first_day, last_day, work:
            progress, reader: str) -> BuildResult:
     """Read day by day: the source (on SQLite a process of its own) runs each day's two
     statements, the next while this process works on the text before; the main thread hands
-    the texts on, a deriver thread turns them into records, a writer thread writes each
-    day's files (Arrow releases the GIL)."""
+    the texts on, a deriver thread turns them into records, a writer thread puts each day
+    in file order and writes its Parquet files while a text thread writes its pipe-delimited
+    file (Arrow releases the GIL)."""
     settlement_days = SettlementDays(rulebook.at(last_day).calendar)
     end_us = _midnight_us(last_day + dt.timedelta(days=1))
     days = [first_day + dt.timedelta(days=i) for i in range((last_day - first_day).days + 1)]
@@ -345,6 +346,7 @@ def _build(db, sub, data_set, year, as_of, available, first_day, last_day, work:
     totals = {"records": 0, "final_records": 0, "days": 0, "by_status": {s: 0 for s in "TXCRY"}}
     with open_source(db, reader) as source, \
             ThreadPoolExecutor(_WRITERS, thread_name_prefix="historic-writer") as writer, \
+            ThreadPoolExecutor(1, thread_name_prefix="historic-text") as texter, \
             ThreadPoolExecutor(1, thread_name_prefix="historic-deriver") as deriver:  # one: SettlementDays is not shared
         plan = _plan(source, db.dialect.name == "sqlite", first_day, last_day)
         texts = source.texts(_statements(sub, days, plan, end_us))
@@ -358,7 +360,7 @@ def _build(db, sub, data_set, year, as_of, available, first_day, last_day, work:
                     schema = layout.arrow_schema(**{"bondtape.data_set": data_set, "bondtape.year": str(year),
                                                     "bondtape.trd_rpt_dt": day.isoformat()})
                     derived = deriver.submit(_derive, day, created, closed, sub, settlement_days)
-                    pending.append(writer.submit(_write_day, work, day, derived, schema))
+                    pending.append(writer.submit(_write_day, work, day, derived, schema, texter))
                     totals["records"] += n
                     totals["days"] += 1
                     del created, closed
@@ -412,32 +414,38 @@ def _collect(written: tuple[list[dict[str, Any]], dict[str, int]], files: list[d
     totals["final_records"] += sum(f["rows"] for f in entries if f["kind"] == "final")
 
 
-def _write_day(work: Path, day: dt.date, derived: Future,
-               schema: pa.Schema) -> tuple[list[dict[str, Any]], dict[str, int]]:
+def _write_text(path: Path, day: dt.date, table: pa.Table) -> str:
+    """The day's Enhanced Time and Sales file (header, records, trailer): its SHA-256."""
+    text = b"".join((HEADER.encode("ascii"), b"\n", ehts_lines(table), trailer(day, table.num_rows).encode("ascii"), b"\n"))
+    return _write_file(path, text)
+
+
+def _write_day(work: Path, day: dt.date, derived: Future, schema: pa.Schema,
+               texter: ThreadPoolExecutor) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """One trade report date's records put in file order, and its three files: their
-    manifest entries and the day's count of records by status."""
+    manifest entries and the day's count of records by status. The text file is written
+    by ``texter`` while this thread writes the Parquet files."""
     table, standing, seqs = day_table([derived.result()], schema)
     del derived
-    by_status = {s.as_py(): n.as_py() for s, n in zip(*pc.value_counts(table.column("trc_st")).flatten())}
     name = day.isoformat()
-    seq_range = pc.min_max(seqs)
-    meta = {"report_date": name, "first_seq": seq_range["min"].as_py(), "last_seq": seq_range["max"].as_py()}
-    out: list[dict[str, Any]] = []
-
     text_path = work / "ehts" / TEXT_NAME.format(date=name)
-    text = b"".join((HEADER.encode("ascii"), b"\n", ehts_lines(table), trailer(day, table.num_rows).encode("ascii"), b"\n"))
-    out.append({"path": f"ehts/{text_path.name}", "kind": "ehts", "rows": table.num_rows, **meta,
-                "sha256": _write_file(text_path, text)})
-    del text
-
-    parquet_path = work / "parquet" / PARQUET_NAME.format(date=name)
-    out.append({"path": f"parquet/{parquet_path.name}", "kind": "parquet", "rows": table.num_rows, **meta,
-                "sha256": _write_parquet(parquet_path, table)})
-
-    final = table.filter(standing)
-    if final.num_rows:
-        final_path = work / "final" / FINAL_NAME.format(date=name)
-        sha = _write_parquet(final_path, final.replace_schema_metadata({**schema.metadata, b"bondtape.view": b"final"}))
-        out.append({"path": f"final/{final_path.name}", "kind": "final", "rows": final.num_rows, "report_date": name,
-                    "sha256": sha})
-    return out, by_status
+    text_sha = texter.submit(_write_text, text_path, day, table)
+    try:
+        by_status = {s.as_py(): n.as_py() for s, n in zip(*pc.value_counts(table.column("trc_st")).flatten())}
+        seq_range = pc.min_max(seqs)
+        meta = {"report_date": name, "first_seq": seq_range["min"].as_py(), "last_seq": seq_range["max"].as_py()}
+        parquet_path = work / "parquet" / PARQUET_NAME.format(date=name)
+        parquet = {"path": f"parquet/{parquet_path.name}", "kind": "parquet", "rows": table.num_rows, **meta,
+                   "sha256": _write_parquet(parquet_path, table)}
+        final = table.filter(standing)
+        finals = []
+        if final.num_rows:
+            final_path = work / "final" / FINAL_NAME.format(date=name)
+            sha = _write_parquet(final_path, final.replace_schema_metadata({**schema.metadata, b"bondtape.view": b"final"}))
+            finals.append({"path": f"final/{final_path.name}", "kind": "final", "rows": final.num_rows,
+                           "report_date": name, "sha256": sha})
+        text = {"path": f"ehts/{text_path.name}", "kind": "ehts", "rows": table.num_rows, **meta,
+                "sha256": text_sha.result()}
+    finally:
+        text_sha.cancel()
+    return [text, parquet, *finals], by_status
