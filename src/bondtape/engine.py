@@ -446,10 +446,12 @@ class Engine:
         (``_Batch.carried``). Its transaction begins once the batch before has committed;
         if anyone else wrote to the journal or to reference data in between, it is rolled
         back and validated again. If a commit fails, no later batch is journaled; if this
-        ends by an exception (Ctrl-C), a batch whose commit was already sent is waited for,
-        and its results are passed on if it committed (unless the exception came during
-        that very wait: then, as when the writer process dies, a batch may be journaled
-        without its results passed on, and sending it again gives them back by client_ref).
+        ends by an exception (Ctrl-C, the writer process gone), a batch whose commit was
+        already sent is waited for, and its results are passed on if it committed (and, the
+        writer gone, if it answered before it ended). Unless the exception came during that
+        very wait, or the writer ended between its commit and its answer: then a batch may
+        be journaled without its results passed on, and sending it again gives them back by
+        client_ref.
 
         The engine's lock is held throughout: ``batches`` and ``on_results`` must not submit
         to this engine. Other processes can write between batches, as with ``submit``.
@@ -488,8 +490,9 @@ class Engine:
                 self._land(stream, on_results)
             except BaseException as exc:
                 try:
-                    if stream.pending is not None and stream.pending.writer.alive:
-                        try:  # the batch whose commit was sent: it may well have committed
+                    if stream.pending is not None:
+                        try:  # the batch whose commit was sent: it may well have committed (a
+                            # writer that ended since: if it answered before it ended)
                             with _database_errors():
                                 self._land(stream, on_results)
                         except Exception:

@@ -67,7 +67,7 @@ class WriterProcess:
             self.proc.stdin.write(frame(op, payload))  # type: ignore[union-attr]
             self.proc.stdin.flush()  # type: ignore[union-attr]
         except (BrokenPipeError, ValueError, OSError):
-            self._gone()
+            self._gone(keep_answers=True)
 
     def _call(self, op: bytes, payload: bytes = b"") -> None:
         if self._unanswered:
@@ -107,7 +107,10 @@ class WriterProcess:
         self._unanswered -= 1
         self._read_answer()
 
-    def _gone(self) -> None:
+    def _gone(self, keep_answers: bool = False) -> None:
+        """The process ended: raise :class:`WriterGone`. With ``keep_answers`` (a request
+        could not be sent), the answers it gave before it ended stay readable with
+        :meth:`answer` (a commit it made and answered is not lost to the caller)."""
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
@@ -115,7 +118,13 @@ class WriterProcess:
         if not self._stderr.closed:
             self._stderr.seek(0)
             detail = self._stderr.read().decode(errors="replace").strip()[-2000:]
-        self._close_pipes()
+        if keep_answers:
+            try:
+                self.proc.stdin.close()  # type: ignore[union-attr]
+            except (OSError, ValueError):
+                pass
+        else:
+            self._close_pipes()
         raise WriterGone(f"the journal writer process ended (exit {self.proc.returncode})" + (f": {detail}" if detail else ""))
 
     def begin(self) -> None:
