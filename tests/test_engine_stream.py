@@ -283,19 +283,28 @@ def test_a_failed_commit_ends_the_stream_and_journals_nothing_after_it(tmp_path)
     engine.close()
 
 
-def test_the_writer_dying_mid_stream_says_unavailable_and_every_answer_is_journaled(tmp_path, monkeypatch):
-    db, engine = _engine(tmp_path / "d.db")
-    real = Engine._validate_chunks
+_FOUR_BATCHES = [[new(ref=f"b{b}-{i}", quantity=Decimal(1000 * (10 * b + i + 1))) for i in range(3)] for b in range(4)]
 
+
+def _writer_killed_mid_stream(engine: Engine, monkeypatch, before_kill=lambda writer: None) -> list[list]:
+    """Four batches of three streamed; the writer killed (after ``before_kill(writer)``) as
+    the third is validated: the stream says unavailable. The answers passed on."""
     def die(writer):
+        before_kill(writer)
         os.kill(writer.proc.pid, signal.SIGKILL)
         writer.proc.wait()
 
     _at_validation(monkeypatch, 3, die)
-    batches = [[new(ref=f"b{b}-{i}", quantity=Decimal(1000 * (10 * b + i + 1))) for i in range(3)] for b in range(4)]
     answers: list = []
     with pytest.raises(EngineUnavailable, match="journal writer process ended"):
-        engine.submit_stream(batches, answers.append)
+        engine.submit_stream(_FOUR_BATCHES, answers.append)
+    return answers
+
+
+def test_the_writer_dying_mid_stream_says_unavailable_and_every_answer_is_journaled(tmp_path, monkeypatch):
+    db, engine = _engine(tmp_path / "d.db")
+    real = Engine._validate_chunks
+    answers = _writer_killed_mid_stream(engine, monkeypatch)
     answered = [r.seq for a in answers for r in a]
     journaled, head = _journaled(db)
     assert answered == list(range(1, len(answered) + 1)) and head == journaled  # every answer is journaled
@@ -303,7 +312,7 @@ def test_the_writer_dying_mid_stream_says_unavailable_and_every_answer_is_journa
     # answer is passed on, unless the kill came between the commit and the answer
     assert (len(answered), journaled) in ((3, 3), (6, 6), (3, 6))
     monkeypatch.setattr(Engine, "_validate_chunks", real)
-    retry = _stream(engine, batches)  # the same file again: the first answers come back
+    retry = _stream(engine, _FOUR_BATCHES)  # the same file again: the first answers come back
     assert [r.seq for a in retry for r in a] == list(range(1, 13))
     assert verify(db).ok
     engine.close()
@@ -314,17 +323,10 @@ def test_a_commit_the_writer_answered_before_it_died_is_passed_on(tmp_path, monk
     validated: the second batch's results are passed on before the stream says unavailable."""
     db, engine = _engine(tmp_path / "a.db")
 
-    def answer_then_die(writer):
-        # the oldest answer owed is the second batch's commit: once readable, it is given
+    def answered_the_commit(writer):  # the oldest answer owed is the second batch's commit
         assert select.select([writer.proc.stdout], [], [], 30)[0], "the writer did not answer the commit"
-        os.kill(writer.proc.pid, signal.SIGKILL)
-        writer.proc.wait()
 
-    _at_validation(monkeypatch, 3, answer_then_die)
-    batches = [[new(ref=f"b{b}-{i}", quantity=Decimal(1000 * (10 * b + i + 1))) for i in range(3)] for b in range(4)]
-    answers: list = []
-    with pytest.raises(EngineUnavailable, match="journal writer process ended"):
-        engine.submit_stream(batches, answers.append)
+    answers = _writer_killed_mid_stream(engine, monkeypatch, answered_the_commit)
     assert [[r.seq for r in a] for a in answers] == [[1, 2, 3], [4, 5, 6]]
     assert _journaled(db) == (6, 6)
     assert verify(db).ok
