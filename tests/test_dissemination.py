@@ -191,6 +191,20 @@ def test_day_close_summaries_aggregates_and_gapless_numbers(feed):
     assert e.value.code == "DAY_CLOSED"
 
 
+def test_a_day_after_today_cannot_be_closed(feed):
+    """A mistyped year must not make a far-off day the feed's current day (every later
+    trade would be published on it, and today could no longer be closed)."""
+    engine, pub = feed
+    now = et(2024, 3, 4, 18, 0)
+    for day in ("2024-03-05", "9999-12-31"):
+        with pytest.raises(FeedError) as e:
+            pub.end_of_day(day, at_us=now)
+        assert (e.value.code, e.value.field) == ("DATE_IN_FUTURE", "date") and "2024-03-04" in e.value.message
+    assert pub.current_date != "9999-12-31"
+    pub.end_of_day("2024-03-04", at_us=now)  # today still can be closed
+    assert all(pub.days[(ds, "2024-03-04")][1] for ds in ("CORP", "AGCY"))
+
+
 def test_halt_and_resume_are_operator_actions(feed):
     engine, pub = feed
     h = pub.halt(IG, "t1", at_us=et(2024, 3, 4, 9, 0), operator="ops")

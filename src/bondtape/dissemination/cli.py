@@ -151,7 +151,7 @@ def feed_resume(cusip: str, reason: str, operator: str | None, db_url: str | Non
 
 
 @feed.command("end-of-day")
-@click.option("--date", "date", default=None, metavar="YYYY-MM-DD", help="Market day to close (default: today).")
+@click.option("--date", "date", default=None, metavar="YYYY-MM-DD", help="Market day to close, today or an earlier day not yet closed (default: today).")
 @click.option("--operator", default=None)
 @db_option
 def feed_end_of_day(date: str | None, operator: str | None, db_url: str | None) -> None:

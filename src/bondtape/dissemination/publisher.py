@@ -904,13 +904,19 @@ class Publisher:
 
     def end_of_day(self, date: dt.date | str | None = None, *, at_us: int | None = None,
                    operator: str | None = None) -> list[FeedMessage]:
-        """Close a market day on every data set: daily summaries, aggregates, END_OF_DAY."""
+        """Close a market day on every data set: daily summaries, aggregates, END_OF_DAY.
+        Never a day after today's market date (``at_us``'s): closing it would make it the
+        feed's current day, and every trade until then would be published on it."""
         at_us = self.clock() if at_us is None else at_us
-        day = str(date) if date is not None else market_date(at_us).isoformat()
+        today = market_date(at_us).isoformat()
+        day = str(date) if date is not None else today
         try:
             dt.date.fromisoformat(day)
         except ValueError:
             raise FeedError("DATE_INVALID", "date", f"date {day!r} is not a date (YYYY-MM-DD)") from None
+        if day > today:
+            raise FeedError("DATE_IN_FUTURE", "date",
+                            f"{day} is after today's market date {today}: a day can be closed from that day on")
         with self._lock:
             if self.current_date is not None and day < self.current_date:
                 raise FeedError("DAY_PASSED", "date", f"{day} is before the feed's current day {self.current_date}: it was closed when the next day began")
