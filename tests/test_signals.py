@@ -474,8 +474,9 @@ def test_demo_on_a_new_folder_serves_then_stops(tmp_path, stop_with):
     try:
         found, text = read_stderr_until(proc, r"Serving http (http://127\.0\.0\.1:\d+)", timeout=240)
         assert httpx.get(found.group(1) + "/feed/status", timeout=30).status_code == 200
-        code, _out, err = stopped(proc, getattr(signal, stop_with))
+        code, out, err = stopped(proc, getattr(signal, stop_with))
         assert code == 0, text + err
         assert "Traceback" not in text + err and "internal error" not in text + err, text + err
+        assert "stopped" in out + err, out + err  # said once it has finished, as `bondtape serve` does
     finally:
         kill_group(proc)

@@ -3,8 +3,10 @@ runs the website, REST API, feed and FIX gateway in one process and stops cleanl
 from __future__ import annotations
 
 import re
+import shutil
 import socket
 import threading
+from pathlib import Path
 
 import httpx
 import pyotp
@@ -24,6 +26,10 @@ def test_demo_no_serve_prints_credentials_that_sign_in(tmp_path):
     assert result.exit_code == 0, result.output
     out = result.output
     assert "http://127.0.0.1:8000/" in out and "bondtape demo password 1" in out
+    # the commands it suggests run from any folder: the installation's bondtape, by its path
+    # when it is not on PATH
+    [command] = set(re.findall(r"^  (\S+) journal verify --db", out, re.M))
+    assert command == "bondtape" and shutil.which("bondtape") or Path(command).is_absolute() and Path(command).exists()
     secrets = dict(re.findall(r"(demo-\w+)\s+.*TOTP secret ([A-Z2-7]+)", out))
     assert set(secrets) == {"demo-operator", "demo-trader", "demo-subscriber", "demo-investor"}
     again = CliRunner().invoke(cli, ["demo", "--dir", str(folder), "--days", "2", "--trades-per-day", "150",

@@ -9,6 +9,8 @@ is aged, and starts ``bondtape serve``: the website, REST API, feed and FIX gate
 from __future__ import annotations
 
 import datetime as dt
+import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,7 +88,7 @@ def run_demo(directory: Path, *, days: int, trades_per_day: int, console: Consol
         f"bondtape journal show --from-seq 1 --limit 5 --db {url}",
         f"bondtape journal verify --db {url}",
     ):
-        console.print(f"  .venv/bin/{cmd}", markup=False, highlight=False)
+        console.print(f"  {_bondtape_command()}{cmd[len('bondtape'):]}", markup=False, highlight=False)
     def say(*args, **kw) -> None:
         console.print(*args, soft_wrap=True, **kw)
 
@@ -120,6 +122,7 @@ def run_demo(directory: Path, *, days: int, trades_per_day: int, console: Consol
 
         run_serve(db, settings, host=host, port=port, tls_port=tls_port, tls_cert=access.tls_cert,
                   tls_key=access.tls_key, fix_port=fix_port, ready=ready)
+        say("stopped")  # as `bondtape serve` says once it has finished
     return url
 
 
@@ -199,3 +202,12 @@ def build_demo_historic(db, directory: Path, year: int, console: Console) -> Pat
         except HistoricError as exc:
             console.print(f"Historic data: corporate {year} not built ({exc.code}: {exc.message})")
     return folder
+
+
+def _bondtape_command() -> str:
+    """The ``bondtape`` command of this installation, by its full path when it is not on
+    PATH (a virtualenv not activated), so that the commands shown work from any folder."""
+    script = Path(sys.executable).with_name("bondtape")
+    if script.exists() and shutil.which("bondtape") != str(script):
+        return str(script)
+    return "bondtape"
