@@ -320,6 +320,89 @@ def test_cli_refuses_unaged_year_and_builds(market, tmp_path, db_url):
     assert res.exit_code == 1 and "OUT_NOT_EMPTY" in res.output
 
 
+def test_cli_refuses_what_it_cannot_build_before_building(market, tmp_path, db_url, monkeypatch):
+    """Each with a code, nothing written: a database that is not there (not created empty),
+    an as-of date after today, a year whose availability is past the calendar, the current
+    folder as OUT. A symbolic link to an empty folder builds into that folder."""
+    from bondtape.cli import cli
+
+    scenario(market)
+    runner = CliRunner()
+
+    def build(*args: str):
+        res = runner.invoke(cli, ["historic", "build", "--data-set", "corporate", *args])
+        assert "Traceback" not in res.output and "internal error" not in res.output, res.output
+        return res
+
+    missing = tmp_path / "typo.db"
+    res = build("--year", "2024", "--as-of", "2026-07-01", "--out", str(tmp_path / "m"), "--db", f"sqlite:///{missing}")
+    assert res.exit_code == 1 and "DATABASE_NOT_FOUND (db)" in res.output and str(missing) in res.output
+    assert not missing.exists() and not (tmp_path / "m").exists()
+    tomorrow = dt.date.today() + dt.timedelta(days=2)
+    res = build("--year", "2024", "--as-of", tomorrow.isoformat(), "--out", str(tmp_path / "f"), "--db", db_url)
+    assert res.exit_code == 1 and "AS_OF_IN_FUTURE (as_of)" in res.output
+    for year in ("9998", "99999"):
+        res = build("--year", year, "--out", str(tmp_path / "y"), "--db", db_url)
+        assert res.exit_code == 1 and "YEAR_INVALID (year)" in res.output and "to 9997" in res.output, res.output
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    res = build("--year", "2024", "--as-of", "2026-07-01", "--out", ".", "--db", db_url)
+    assert res.exit_code == 1 and "OUT_INVALID (out)" in res.output and list(here.iterdir()) == []
+    target = tmp_path / "target"
+    target.mkdir()
+    (tmp_path / "link").symlink_to(target)
+    res = build("--year", "2024", "--as-of", "2026-07-01", "--out", str(tmp_path / "link"), "--db", db_url)
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "link" / "manifest.json").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no work folder, no lock left
+
+
+def test_a_second_build_of_the_same_folder_is_refused_while_the_first_runs(market, tmp_path):
+    """Two builds of one OUT: the second is refused (OUT_BUSY), never run over the first's
+    half-built folder; the first publishes a whole data set."""
+    import threading
+
+    scenario(market)
+    out = tmp_path / "sets" / "o"
+    started, go_on = threading.Event(), threading.Event()
+
+    def hold(day, n):  # the first build waits on its first day until the second was tried
+        started.set()
+        assert go_on.wait(60)
+
+    first: dict = {}
+    thread = threading.Thread(target=lambda: first.setdefault(
+        "result", build_data_set(market, "corporate", 2024, AS_OF_2024, out, progress=hold)))
+    thread.start()
+    try:
+        assert started.wait(60)
+        with pytest.raises(HistoricError) as err:
+            build_data_set(market, "corporate", 2024, AS_OF_2024, out)
+        assert (err.value.code, err.value.field) == ("OUT_BUSY", "out")
+    finally:
+        go_on.set()
+        thread.join(60)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert first["result"].records == 17 and all((out / f["path"]).exists() for f in manifest["files"])
+    assert sorted(p.name for p in out.parent.iterdir()) == ["o"]  # the lock file went with the build
+    with pytest.raises(HistoricError) as err:  # and then it is simply there
+        build_data_set(market, "corporate", 2024, AS_OF_2024, out)
+    assert err.value.code == "OUT_NOT_EMPTY"
+
+
+def test_the_parquet_files_hold_the_types_the_data_dictionary_names(market, tmp_path):
+    import pyarrow.parquet as pq
+
+    scenario(market)
+    out = build_data_set(market, "corporate", 2024, AS_OF_2024, tmp_path / "o").out
+    named = {c["name"]: c["type"] for c in json.loads((out / "data_dictionary.json").read_text())["columns"]}
+    for path in sorted((out / "parquet").iterdir()) + sorted((out / "final").iterdir()):
+        read = pq.read_table(path)  # as pandas, Polars and DuckDB get them: times in milliseconds
+        assert {f.name: str(f.type) for f in read.schema} == named, path
+        assert all(t is None or t.microsecond == 0 for t in read.column("trd_exctn_tm").to_pylist())
+
+
 def test_2003_corporate_holds_2002(market, tmp_path):
     e = Engine(market)
     a, = ok(e, new("DLRA", et(2002, 8, 1, 10, 0, 1), execution_us=et(2002, 8, 1, 10, 0, 0)))

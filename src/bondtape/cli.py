@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import click
+import sqlalchemy as sa
 
 from bondtape import __version__
 from bondtape.db import ENV_VAR, connect, resolve_url
@@ -38,7 +39,17 @@ def db_option(fn):
     return click.option("--db", "db_url", envvar=ENV_VAR, default=None, metavar="URL", help=DB_HELP)(fn)
 
 
-def open_db(db_url: str | None):
+def open_db(db_url: str | None, *, must_exist: bool = False):
+    """The database of ``--db`` (or the environment's). ``must_exist``: a command that only
+    reads refuses a SQLite file that is not there (DATABASE_NOT_FOUND) instead of creating
+    an empty database and reading nothing from it (a mistyped path)."""
+    if must_exist:
+        url = sa.engine.make_url(resolve_url(db_url))
+        if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") \
+                and not url.database.startswith("file:") and not Path(url.database).exists():
+            raise click.ClickException(
+                f"DATABASE_NOT_FOUND (db): there is no database at {url.database}: give the URL of an existing "
+                f"database with --db or ${ENV_VAR} (sqlite:///PATH or postgresql://...)")
     try:
         return connect(db_url)
     except Exception as exc:  # a user sees what failed, not a traceback

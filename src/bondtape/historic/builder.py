@@ -19,7 +19,9 @@ its final name and renamed into place only when complete: never a half-written d
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import functools
 import hashlib
 import json
@@ -38,7 +40,7 @@ import pyarrow.parquet as pq
 import sqlalchemy as sa
 
 from bondtape import __version__
-from bondtape.clock import MARKET_TZ, to_us
+from bondtape.clock import MARKET_TZ, market_date, now_us, to_us
 from bondtape.historic import layout
 from bondtape.historic.layout import COLUMNS, FINRA_COLUMNS, HEADER, LAYOUT, RECORD_FORMAT
 from bondtape.historic.records import (DAY_SPANS_SCHEMA, SOURCE_SCHEMA, SettlementDays, closed_select, created_select,
@@ -66,6 +68,7 @@ PARQUET_OPTIONS = dict(  # fixed, so that a rebuild is byte-identical
     use_dictionary=_DICTIONARY,  # dictionary pages only where values repeat, not on numbers
 )
 ROW_GROUP = 256 * 1024
+LAST_YEAR = dt.MAXYEAR - 2  # the last year whose availability date (18 months after it) is a date
 
 
 class HistoricError(Exception):
@@ -102,14 +105,14 @@ def _sub_product(data_set: str) -> str:
 def coverage(data_set: str, year: int, rulebook: Rulebook | None = None) -> tuple[dt.date, dt.date]:
     """First and last trade report date of a data set's year (the 2003 Corporate set holds 2002)."""
     sub = _sub_product(data_set)
-    rules = (rulebook or default_rulebook()).at(dt.date(max(year, 1900), 12, 31))
+    rules = (rulebook or default_rulebook()).at(dt.date(min(max(year, 1900), LAST_YEAR), 12, 31))
     first_year = rules.first_trace_date.year
     if sub == "CORP" and year == first_year:
         raise HistoricError("YEAR_INCLUDED_IN_NEXT", "year",
                             f"{year} Corporate data is part of the {year + 1} Corporate data set "
                             f"(TRACE began {rules.first_trace_date}): ask for {year + 1}")
-    if year < first_year or year > 9998:
-        raise HistoricError("YEAR_INVALID", "year", f"year {year} is not accepted: {first_year} to 9998 "
+    if year < first_year or year > LAST_YEAR:
+        raise HistoricError("YEAR_INVALID", "year", f"year {year} is not accepted: {first_year} to {LAST_YEAR} "
                             f"(TRACE began {rules.first_trace_date})")
     start = dt.date(year, 1, 1)
     if sub == "CORP" and year == first_year + 1:
@@ -117,9 +120,18 @@ def coverage(data_set: str, year: int, rulebook: Rulebook | None = None) -> tupl
     return max(start, rules.first_trace_date), dt.date(year, 12, 31)
 
 
-def check_available(data_set: str, year: int, as_of: dt.date, rulebook: Rulebook | None = None) -> dt.date:
-    """The first date the year is available; raises NOT_YET_AVAILABLE before it."""
+def check_available(data_set: str, year: int, as_of: dt.date, rulebook: Rulebook | None = None,
+                    today: dt.date | None = None) -> dt.date:
+    """The first date the year is available; raises NOT_YET_AVAILABLE before it, and
+    AS_OF_IN_FUTURE for an as-of date after ``today`` (default: today's market date): the
+    aging rule is about the day the data set is published, and a year built before it has
+    ended would be sold as whole."""
     coverage(data_set, year, rulebook)
+    today = today if today is not None else market_date(now_us())
+    if as_of > today:
+        raise HistoricError("AS_OF_IN_FUTURE", "as_of",
+                            f"as-of date {as_of} is after today ({today}): a data set is published as of today or "
+                            "an earlier date")
     rules = (rulebook or default_rulebook()).at(as_of)
     available = historic_available_from(year, rules)
     if as_of < available:
@@ -270,6 +282,9 @@ def _write_file(path: Path, data: bytes | memoryview) -> str:
 
 
 def _write_parquet(path: Path, table: pa.Table) -> str:
+    """``table`` (:func:`layout.arrow_schema`) as a Parquet file, in the types it declares
+    (:func:`layout.parquet_schema`: times in milliseconds); its SHA-256."""
+    table = table.cast(layout.parquet_schema(table.schema))
     out = pa.BufferOutputStream()
     with pq.ParquetWriter(out, table.schema, **PARQUET_OPTIONS) as writer:
         writer.write_table(table, row_group_size=ROW_GROUP)
@@ -280,10 +295,47 @@ def _write_parquet(path: Path, table: pa.Table) -> str:
 
 
 def check_out(out: Path) -> Path:
-    """The output folder must not exist, or be empty: a data set is never mixed with another."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    """The output folder, resolved (a symbolic link: the folder it names), which must not
+    exist or be empty: a data set is never mixed with another. Not the current folder (it
+    is replaced when the data set is published)."""
+    resolved = Path(out).resolve()
+    if resolved.exists() and (not resolved.is_dir() or any(resolved.iterdir())):
         raise HistoricError("OUT_NOT_EMPTY", "out", f"{out} exists and is not an empty folder: choose a new folder")
-    return out
+    try:
+        here = Path.cwd().resolve()
+    except FileNotFoundError:  # the current folder was removed: it cannot be OUT
+        return resolved
+    if here.is_relative_to(resolved):
+        raise HistoricError("OUT_INVALID", "out", f"{out} is the current folder (or holds it): name a new folder")
+    return resolved
+
+
+@contextlib.contextmanager
+def _out_locked(out: Path) -> Iterator[None]:
+    """Hold ``.OUT.lock`` beside OUT while building it: a second build of the same folder is
+    refused (OUT_BUSY), never run over the first one's half-built folder."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = out.parent / f".{out.name}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise HistoricError("OUT_BUSY", "out", f"another build is writing {out}: wait for it to end, "
+                                "or choose another folder") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the build before removed this lock file as it ended: take a new one
+    try:
+        yield
+    finally:  # removed while still held: a build that opened it meanwhile sees it gone and starts over
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)
 
 
 def build_data_set(
@@ -296,34 +348,39 @@ def build_data_set(
     rulebook: Rulebook | None = None,
     progress: Callable[[dt.date, int], None] | None = None,
     reader: str = "auto",
+    today: dt.date | None = None,
 ) -> BuildResult:
     """Build the data set into folder ``out`` (which must not exist or be empty).
 
     ``progress(day, records)`` is called once per calendar day of the coverage, in order.
     ``reader``: ``auto`` (a process of its own for a SQLite file, else the engine's
     connection), ``process`` or ``inline`` (see :mod:`bondtape.historic.source`); the files
-    are the same.
+    are the same. ``today``: the date the build runs on (default: today's market date); the
+    as-of date may not be after it. A second build of the same ``out`` while one runs is
+    refused (``OUT_BUSY``).
     """
     rulebook = rulebook or default_rulebook()
     sub = _sub_product(data_set)
     data_set = data_set.lower()
-    available = check_available(data_set, year, as_of, rulebook)
+    available = check_available(data_set, year, as_of, rulebook, today)
     first_day, last_day = coverage(data_set, year, rulebook)
     out = check_out(Path(out))
-    work = out.parent / f".{out.name}.building"
-    if work.exists():
-        shutil.rmtree(work)  # a build that stopped half-way: ours, never published
-    try:  # from the first folder made: an interruption (Ctrl-C, SIGTERM) anywhere leaves nothing
-        for sub_dir in ("ehts", "parquet", "final"):
-            (work / sub_dir).mkdir(parents=True)
-        result = _build(db, sub, data_set, year, as_of, available, first_day, last_day, work, rulebook, progress,
-                        reader)
-        if out.exists():
-            out.rmdir()
-        os.replace(work, out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+    with _out_locked(out):
+        out = check_out(out)  # again: a build that held the lock may have published it meanwhile
+        work = out.parent / f".{out.name}.building"
+        if work.exists():
+            shutil.rmtree(work)  # a build that stopped half-way (no build holds the lock): never published
+        try:  # from the first folder made: an interruption (Ctrl-C, SIGTERM) anywhere leaves nothing
+            for sub_dir in ("ehts", "parquet", "final"):
+                (work / sub_dir).mkdir(parents=True)
+            result = _build(db, sub, data_set, year, as_of, available, first_day, last_day, work, rulebook,
+                            progress, reader)
+            if out.exists():
+                out.rmdir()
+            os.replace(work, out)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
     result.out = out
     return result
 

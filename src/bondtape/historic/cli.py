@@ -19,7 +19,8 @@ def historic() -> None:
               required=True, help="Historic Corporate Bond Data Set or Historic Agency Data Set.")
 @click.option("--year", type=int, required=True, help="Calendar year of trade report dates (2003 Corporate includes 2002).")
 @click.option("--as-of", "as_of", type=click.DateTime(["%Y-%m-%d"]), default=None,
-              help="Date of publication, for the 18-month aging check. Default: today (America/New_York).")
+              help="Date of publication, for the 18-month aging check: today or an earlier date. "
+                   "Default: today (America/New_York).")
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Folder to create (must not exist, or be empty).")
 @db_option
@@ -45,7 +46,7 @@ def build(data_set: str, year: int, as_of: dt.datetime | None, out: Path, db_url
         check_out(out)
     except HistoricError as exc:
         raise click.ClickException(f"{exc.code} ({exc.field}): {exc.message}") from exc
-    db = open_db(db_url)
+    db = open_db(db_url, must_exist=True)  # reads only: a mistyped path is not a new, empty database
     total = (last - first).days + 1
     try:
         with progress_bar() as bar:  # SIGTERM arrives as KeyboardInterrupt (cli.main)

@@ -18,7 +18,10 @@ RECORD_FORMAT = "bondtape-ehts-2012/1"  # changes whenever a column, type or cod
 QUANTITY = pa.decimal128(18, 2)
 PRICE = pa.decimal128(18, 6)
 MONEY = pa.decimal128(18, 2)
-TIME = pa.time32("s")
+TIME = pa.time32("s")  # whole seconds, as the text files show them (HHMMSS)
+# Parquet has no unit of seconds: a time is stored in milliseconds (still whole seconds),
+# and that is the type every reader gets back; the Parquet files declare it.
+PARQUET_TIME = pa.time32("ms")
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,16 @@ def arrow_schema(**metadata: str) -> pa.Schema:
     return pa.schema([pa.field(c.name, c.type) for c in COLUMNS], metadata=meta)
 
 
+def parquet_type(column: Column) -> pa.DataType:
+    """The column's type in the Parquet files (what pandas, Polars and DuckDB read)."""
+    return PARQUET_TIME if column.type == TIME else column.type
+
+
+def parquet_schema(schema: pa.Schema) -> pa.Schema:
+    """``schema`` (:func:`arrow_schema`) as the Parquet files declare it."""
+    return pa.schema([pa.field(c.name, parquet_type(c)) for c in COLUMNS], metadata=schema.metadata)
+
+
 def data_dictionary() -> dict:
     """The machine-readable data dictionary (also written as data_dictionary.json)."""
     return {
@@ -135,10 +148,11 @@ def data_dictionary() -> dict:
             "formats": {"date": "YYYYMMDD", "time": "HHMMSS", "quantity": "2 decimals", "price": "6 decimals",
                         "yield": "6 decimals", "commission": "2 decimals", "blank": "empty field"},
         },
-        "parquet": {"names": "WRDS trace_enhanced", "blank": "null", "numbers": "exact decimals"},
+        "parquet": {"names": "WRDS trace_enhanced", "blank": "null", "numbers": "exact decimals",
+                    "times": "time32[ms], whole seconds"},
         "columns": [
             {"position": (FINRA_COLUMNS.index(c) + 1) if c.finra else None, "name": c.name, "finra_header": c.finra,
-             "type": str(c.type), "meaning": c.meaning, "codes": c.codes, "source": c.source}
+             "type": str(parquet_type(c)), "meaning": c.meaning, "codes": c.codes, "source": c.source}
             for c in COLUMNS
         ],
     }
