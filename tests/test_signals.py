@@ -435,15 +435,16 @@ def test_historic_build_interrupted_leaves_nothing_and_says_so(tmp_path, stop_wi
     for attempt in range(5):  # the build must be caught while it runs: a fast machine may finish first
         out = tmp_path / f"out{attempt}"
         building = tmp_path / f".{out.name}.building"
-        proc = bondtape("historic", "build", "--data-set", "corporate", "--year", "2024", "--as-of", "2027-01-01",
+        proc = bondtape("historic", "build", "--data-set", "corporate", "--year", "2024", "--as-of", "2026-07-01",
                         "--out", str(out), "--db", url, ignore_sigint=False)
         try:
             deadline = time.monotonic() + 120
             while not building.exists() and proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.001)
             if proc.poll() is not None or not building.exists():
-                proc.communicate(timeout=60)
-                continue  # it had finished: again
+                _o, err = proc.communicate(timeout=60)
+                assert proc.returncode == 0, err  # it had finished (not been refused): again
+                continue
             got = signal_mid_run(proc, sig, lambda: (out / "manifest.json").exists())
             if got is None:  # it finished before the stop
                 continue
@@ -454,7 +455,7 @@ def test_historic_build_interrupted_leaves_nothing_and_says_so(tmp_path, stop_wi
         assert "Traceback" not in err, err
         assert err.strip().splitlines()[-1].startswith(f"interrupted: {out} was not written"), err
         assert not out.exists() and not building.exists()
-        again = bondtape("historic", "build", "--data-set", "corporate", "--year", "2024", "--as-of", "2027-01-01",
+        again = bondtape("historic", "build", "--data-set", "corporate", "--year", "2024", "--as-of", "2026-07-01",
                          "--out", str(out), "--db", url)
         _o, err = again.communicate(timeout=120)
         assert again.returncode == 0, err
@@ -480,3 +481,20 @@ def test_demo_on_a_new_folder_serves_then_stops(tmp_path, stop_with):
         assert "stopped" in out + err, out + err  # said once it has finished, as `bondtape serve` does
     finally:
         kill_group(proc)
+
+
+@pytest.mark.parametrize("after", [0.1, 0.2, 0.35, 0.5])
+def test_ctrl_c_while_the_command_loads_ends_it_without_a_traceback(after):
+    """Loading the command imports every capability (about half a second): Ctrl-C then
+    ends it as Ctrl-C does later, exit 130 and no traceback (before: a KeyboardInterrupt
+    traceback through bondtape.cli's imports)."""
+    proc = bondtape("historic", "build", "--help", ignore_sigint=False)
+    try:
+        time.sleep(after)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        kill_group(proc)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    # 130: stopped; 0: it had finished; -2: the signal came before Python took it over
+    assert proc.returncode in (130, 0, -signal.SIGINT), (proc.returncode, err)

@@ -1,4 +1,4 @@
 """``python -m bondtape``: the same as the ``bondtape`` command."""
-from bondtape.cli import main
+from bondtape.entry import main
 
 main()
