@@ -145,6 +145,34 @@ def test_report_bom_crlf_blank_lines_and_quoted_commas(market, db_url, tmp_path)
     assert [r["line"] for r in csv.DictReader(open(out))] == ["2", "4"]
 
 
+
+def test_report_refuses_a_line_whose_quote_runs_on_instead_of_swallowing_the_lines_after_it(market, db_url, tmp_path):
+    """An unterminated quote took in every line after it as one cell: 1,001 lines gave one
+    result row (labelled with the last line) and the other 1,000 were never submitted."""
+    rows = [line(f"s{i}", quantity=str(2000 + i)) for i in range(1000)]
+    cases = {
+        "unterminated.csv": ("line 2", [line("s-bad", price='"101')] + rows),  # the reviewer's file
+        "closed_later.csv": ("line 3", [rows[0], line("s-nl", price='"101\n.5"')] + rows[1:5]),  # a cell spanning lines
+        "cr_in_cell.csv": ("line 2", [line("s-cr", price='"101\r.5"')] + rows[:5]),
+        "after_quote.csv": ("line 4", rows[:2] + [line("s-x", price='"101.5"x')] + rows[2:5]),
+        "header.csv": ("line 1", []),
+    }
+    for name, (where, data_lines) in cases.items():
+        src = tmp_path / name
+        head = HEADER if name != "header.csv" else HEADER.replace("action,", '"action,') + "\n" + rows[0]
+        src.write_bytes((head + "\n" + "".join(x + "\n" for x in data_lines)).encode())
+        res = invoke(["report", str(src), "--use-report-time", "--db", db_url])
+        assert res.exit_code == 1 and "FILE_INVALID" in res.output, (name, res.output)
+        assert f"{where} is not CSV" in res.output and "nothing was submitted" in res.output, (name, res.output)
+        assert journaled(market) == 0, name
+    # every data line gets its result row: a quoted comma is fine
+    src = tmp_path / "fine.csv"
+    src.write_text(HEADER + "\n" + line("f0", quantity='"1,000"') + "\n" + "".join(x + "\n" for x in rows[:20]))
+    res = invoke(["report", str(src), "--use-report-time", "--db", db_url])
+    assert res.exit_code == 0 and "21 lines: 21 accepted" in res.output, res.output
+    assert len(list(csv.DictReader(open(tmp_path / "fine.results.csv")))) == 21
+
+
 # --- reference data imports ---------------------------------------------------------------
 
 SEC_HEADER = "cusip,symbol,issuer,coupon,maturity,data_set,grade,rule_144a"
@@ -251,6 +279,19 @@ def test_bulk_file_cannot_report_for_another_firm_through_a_repeated_column(api)
     r = c.post("/api/v1/bulk", content=body.replace(",REPORTING_MPID", "").replace(",DLRB", "").replace(
         "reporting_mpid", "Reporting_MPID").replace("DLRA,", "DLRB,"), headers={"content-type": "text/csv"})
     assert r.status_code == 400 and r.json()["field"] == "reporting_mpid"
+
+
+
+def test_bulk_api_refuses_an_unterminated_quote_naming_its_line(api):
+    c = api_client(api, api.trader)
+    head = "client_ref,reporting_mpid,cusip,side,capacity,contra,quantity,price,execution_time\n"
+    body = head + f'q0,DLRA,{IG},S,P,C,100000,"101,{API_EXEC}\n' + "".join(
+        f"q{i},DLRA,{IG},S,P,C,{100000 + i},101,{API_EXEC}\n" for i in range(1, 50))
+    r = c.post("/api/v1/bulk", content=body, headers={"content-type": "text/csv"})
+    assert r.status_code == 400 and r.json()["code"] == "FILE_INVALID", r.text
+    assert r.json()["message"].startswith("line 2 is not CSV: a quoted cell has no closing quote"), r.text
+    with api.db.connect() as conn:
+        assert conn.execute(sa.select(trade_reports.c.client_ref)).all() == []
 
 
 def test_api_bodies(api):

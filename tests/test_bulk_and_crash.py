@@ -65,12 +65,15 @@ def test_without_use_report_time_the_real_clock_is_used(market, db_url, tmp_path
 
 def test_malformed_file_rows_get_results_not_tracebacks(market, db_url, tmp_path):
     src = tmp_path / "in.csv"
-    src.write_text("action,client_ref,reporting_mpid\nNEW,a,DLRA,extra,cells\n\"unterminated\n")
+    src.write_text("action,client_ref,reporting_mpid\nNEW,a,DLRA,extra,cells\nNEW,b\n")
     out = tmp_path / "out.csv"
     res = CliRunner().invoke(cli, ["report", str(src), "--results", str(out), "--db", db_url])
     assert res.exit_code == 0, res.output
     rows = list(csv.DictReader(open(out)))
     assert rows[0]["reject_code"] == "FIELD_INVALID" and rows[0]["field"] == "line"
+    assert rows[0]["client_ref"] == "a"  # echoed as given (from its column), though the line has too many cells
+    assert [(r["line"], r["client_ref"], r["reject_code"]) for r in rows[1:]] == [("3", "b", "FIELD_REQUIRED")]
+    # an unterminated quote (a line that is not CSV) refuses the whole file: test_bad_input.py
 
 
 def test_simulation_is_deterministic(tmp_path):

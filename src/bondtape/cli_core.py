@@ -181,6 +181,10 @@ def report(file: Path, results_path: Path | None, use_report_time: bool, batch_s
             task = bar.add_task("reporting", total=total, rate="")
             summary = run_bulk(engine, src, out, use_report_time=use_report_time, batch_size=batch_size,
                                progress=lambda n: bar.update(task, advance=n), pipelined=True)
+    except BulkFileError as exc:  # the file changed since it was checked: stop at the line
+        raise click.ClickException(f"{file}: {exc.code} ({exc.field}): {exc.message} (the file changed while it was "
+                                   f"being sent: the rows answered in {results_path} are journaled, the others "
+                                   f"are not; fix the file and send it again)") from None
     except EngineUnavailable as exc:
         raise click.ClickException(f"database unavailable, nothing more was journaled; the results so far are in "
                                    f"{results_path}; send the file again to complete it: {exc}") from exc

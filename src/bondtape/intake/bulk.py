@@ -63,14 +63,47 @@ def header_names(fieldnames: list[str] | None) -> list[str]:
     return names
 
 
+def records(stream: Iterable[str], *, note: str = "") -> Iterator[tuple[int, list[str]]]:
+    """Each record of a bulk file, with its line number: strict CSV, one record a line.
+
+    A record must end on the line it starts on (a quoted cell may not hold a line break), so
+    that every line of the file gets its own result row: an unterminated quote would
+    otherwise take in the lines after it as one cell. Raises :class:`BulkFileError`
+    (``FILE_INVALID``, naming the line, ``note`` after the message) for a line that is not CSV
+    or that runs on."""
+    reader = csv.reader(stream, strict=True)
+    last = 0  # the line the previous record ended on
+    while True:
+        start = last + 1
+        try:
+            row = next(reader, None)
+        except csv.Error as exc:
+            if reader.line_num > start:
+                raise BulkFileError("FILE_INVALID", _runs_on(start) + note) from None
+            raise BulkFileError("FILE_INVALID", f"line {start} is not CSV: {exc}{note}") from None
+        if row is None:
+            return
+        if reader.line_num > start or any("\n" in cell or "\r" in cell for cell in row):
+            raise BulkFileError("FILE_INVALID", _runs_on(start) + note)
+        last = reader.line_num
+        yield start, row
+
+
+def _runs_on(line: int) -> str:
+    return (f"line {line} is not CSV: a quoted cell has no closing quote on that line (each report is one line; "
+            "a cell may not hold a line break: close the quote, e.g. \"1,000\", or remove it)")
+
+
 def check_file(stream: Iterable[str], *, only_mpid: str | None = None) -> int:
     """Read the whole file (its text lines) without submitting anything: the header
-    (:func:`header_names`) and every line as CSV; with ``only_mpid``, every line's
-    ``reporting_mpid`` must be that firm's (read as intake reads it). Raises
-    :class:`BulkFileError`; returns the number of data lines."""
-    reader = csv.reader(stream)
+    (:func:`header_names`) and every line as CSV (:func:`records`); with ``only_mpid``,
+    every line's ``reporting_mpid`` must be that firm's (read as intake reads it). Raises
+    :class:`BulkFileError`; returns the number of data lines (each gets one result row)."""
+    rows = records(stream, note="; nothing was submitted")
+    line = 0
     try:
-        names = header_names(next(reader, None))
+        first = next(rows, None)
+        names = header_names(first[1] if first else None)
         col = None
         if only_mpid is not None:
             if "reporting_mpid" not in names:
@@ -78,18 +111,16 @@ def check_file(stream: Iterable[str], *, only_mpid: str | None = None) -> int:
                                     "reporting_mpid")
             col = names.index("reporting_mpid")
         n = 0
-        for row in reader:
+        for line, row in rows:
             if row:
                 n += 1
                 if col is not None:
                     mpid = (row[col] if col < len(row) else "").strip().upper()
                     if mpid and mpid != only_mpid:
-                        raise BulkFileError("FILE_INVALID", f"line {reader.line_num}: reporting_mpid {mpid[:16]!r} is "
+                        raise BulkFileError("FILE_INVALID", f"line {line}: reporting_mpid {mpid[:16]!r} is "
                                             f"not your firm's MPID {only_mpid}; nothing was submitted", "reporting_mpid")
-    except csv.Error as exc:
-        raise BulkFileError("FILE_INVALID", f"line {reader.line_num} is not CSV: {exc}; nothing was submitted") from None
     except UnicodeDecodeError as exc:
-        raise BulkFileError("FILE_INVALID", f"the file is not UTF-8 text near line {reader.line_num + 1} ({exc.reason}); "
+        raise BulkFileError("FILE_INVALID", f"the file is not UTF-8 text near line {line + 1} ({exc.reason}); "
                             "save it as UTF-8 (nothing was submitted)") from None
     return n
 
@@ -108,16 +139,25 @@ def check_path(path: Path) -> int:
     return check_file(lines())
 
 
-def _rows(stream: TextIO) -> Iterator[tuple[int, dict[str, str] | None, Reject | None]]:
-    reader = csv.DictReader(stream)
-    if reader.fieldnames is None:
+def _rows(stream: TextIO) -> Iterator[tuple[int, dict[str, str | None], Reject | None]]:
+    """Each data line as a mapping of column name to cell (as ``csv.DictReader`` gives it:
+    a missing cell is None), or with the reject of a line of more cells than the header has
+    columns (its mapping still holds the cells that have a column, client_ref among them)."""
+    rows = records(stream)
+    first = next(rows, None)
+    if first is None:
         return
-    reader.fieldnames = header_names(reader.fieldnames)
-    for row in reader:
-        if None in row:  # more cells than the header has columns
-            yield reader.line_num, None, Reject("FIELD_INVALID", "line", f"the line has {len(reader.fieldnames) + len(row[None])} cells; the header has {len(reader.fieldnames)}")
+    names = header_names(first[1])
+    for line, row in rows:
+        if not row:  # a blank line: skipped (it keeps its number)
             continue
-        yield reader.line_num, row, None
+        cells: dict[str, str | None] = dict(zip(names, row))
+        for name in names[len(row):]:
+            cells[name] = None
+        if len(row) > len(names):  # more cells than the header has columns
+            yield line, cells, Reject("FIELD_INVALID", "line", f"the line has {len(row)} cells; the header has {len(names)}")
+            continue
+        yield line, cells, None
 
 
 def result_row(line: int, client_ref: str | None, result: Result | None, reject: Reject | None = None) -> dict:
@@ -160,8 +200,8 @@ def run_bulk(
     def batches() -> Iterator[list[Command]]:
         for line, row, rej in _rows(stream):
             cmd = None
-            ref = (row or {}).get("client_ref") or None
-            if row is not None:
+            ref = row.get("client_ref") or None  # as given (by its column, on a line of too many cells too)
+            if rej is None:
                 try:
                     cmd = parse_command(row, channel=channel, use_report_time=use_report_time)
                 except Rejected as exc:
