@@ -113,8 +113,20 @@ def test_no_schedule_before_the_first_version():
     assert default_schedules().for_month("2010-03").name == "2010-03-31"
 
 
-@pytest.mark.parametrize("text", ["2010-4", "2010-13", "April", "", "2010-04-01"])
+@pytest.mark.parametrize("text", ["2010-4", "2010-13", "April", "", "2010-04-01", "0000-01",
+                                  "9999-12", "\uff12\uff10\uff11\uff10-04", "2010-\u0664"])
 def test_bad_month(text):
     with pytest.raises(FeeError) as err:
         month_bounds(text)
-    assert err.value.code == "MONTH_INVALID"
+    assert err.value.code == "MONTH_INVALID" and err.value.field == "month"
+    assert "0001-01 to 9999-11" in err.value.message  # the accepted range
+
+
+def test_the_last_month_billable_is_9999_11():
+    """A month is billed up to the first instant of the next: 9999-12 has none (it was an
+    OverflowError in month_us, an HTTP 500 on /invoices)."""
+    from bondtape.fees.invoice import month_us
+
+    start, end = month_us("9999-11")
+    assert start < end and month_bounds("9999-11")[1] == dt.date(9999, 11, 30)
+    assert default_schedules().for_month("9999-11").name == default_schedules().versions[-1].name

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import calendar
 import datetime as dt
+import re
 import tomllib
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Context, Decimal, Inexact, InvalidOperation, localcontext
@@ -274,14 +275,19 @@ def default_schedules() -> ScheduleBook:
     return ScheduleBook(load_schedule_versions())
 
 
+_MONTH_RE = re.compile(r"[0-9]{4}-[0-9]{2}")
+LAST_MONTH = "9999-11"  # the last month whose end (the first instant of the next) a date can hold
+
+
 def parse_month(text: str) -> tuple[int, int]:
-    try:
-        year, month = (int(p) for p in text.strip().split("-"))
-        dt.date(year, month, 1)
-        if len(text.strip()) != 7:
-            raise ValueError
-    except (ValueError, TypeError):
-        raise FeeError("MONTH_INVALID", "month", f"a month is YYYY-MM, e.g. 2010-04; got {text!r}") from None
+    """(year, month) of ``YYYY-MM``, from 0001-01 to :data:`LAST_MONTH`; else ``MONTH_INVALID``."""
+    value = str(text).strip()
+    accepted = f"a month is YYYY-MM from 0001-01 to {LAST_MONTH}, e.g. 2010-04; got {str(text)[:40]!r}"
+    if not _MONTH_RE.fullmatch(value):
+        raise FeeError("MONTH_INVALID", "month", accepted)
+    year, month = int(value[:4]), int(value[5:])
+    if year < 1 or not 1 <= month <= 12 or value > LAST_MONTH:
+        raise FeeError("MONTH_INVALID", "month", accepted)
     return year, month
 
 
