@@ -46,6 +46,21 @@ def test_historic_year_is_available_after_eighteen_months():
     assert historic_year_aged(2009, et(2011, 7, 1, 0, 0, 1))
 
 
+def test_historic_aging_of_any_year_is_an_answer_not_an_error():
+    """A year whose 18 months end after 9999-12-31 is never aged (was ValueError: year 10000
+    is out of range, an HTTP 500 on /data/requests and /download/historic/.../9999/...)."""
+    import datetime as dt
+
+    from bondtape.access.authz import historic_year_available_from
+
+    now = et(2026, 8, 3, 10, 0, 0)
+    for year in (9997, 9998, 9999, 10**6):
+        assert not historic_year_aged(year, now)
+    assert historic_year_available_from(9997) == dt.date(9999, 7, 1)
+    assert historic_year_available_from(9998) == historic_year_available_from(9999) == dt.date.max
+    assert historic_year_aged(0, now) and historic_year_aged(2024, now)
+
+
 def test_totp_secret_is_encrypted_and_bound_to_its_user():
     key = os.urandom(32)
     secret = new_totp_secret()

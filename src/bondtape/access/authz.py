@@ -122,13 +122,31 @@ def decide(conn: Connection, actor: AuthenticatedUser | None, action: str, resou
     raise AssertionError(action)  # pragma: no cover
 
 
-def historic_year_available_from(year: int) -> dt.date:
+def _available_from(year: int) -> dt.date | None:
+    """The first market date on which every trade of ``year`` is aged; None when that date
+    would fall after the end of the calendar (9999-12-31): such a year is never aged."""
     from bondtape.rulebook import default_rulebook, historic_available_from
 
+    if year < dt.MINYEAR:  # long before TRACE: nothing to age
+        return dt.date.min
+    if year >= dt.MAXYEAR:
+        return None
     rules = default_rulebook().at(dt.date(year + 1, 1, 1))
-    return historic_available_from(year, rules)
+    try:
+        return historic_available_from(year, rules)
+    except (ValueError, OverflowError):  # e.g. 9998 + 18 months
+        return None
+
+
+def historic_year_available_from(year: int) -> dt.date:
+    """The first market date on which every trade of ``year`` is aged (the rulebook's aging);
+    ``dt.date.max`` for a year whose date would fall after 9999-12-31 (see ``historic_year_aged``)."""
+    available = _available_from(year)
+    return dt.date.max if available is None else available
 
 
 def historic_year_aged(year: int, now_us: int) -> bool:
-    """Every trade of ``year`` is at least 18 months old (the rulebook's aging) on this date."""
-    return market_date(now_us) >= historic_year_available_from(year)
+    """Every trade of ``year`` is at least 18 months old (the rulebook's aging) on this date.
+    False, never an error, for any year, however late."""
+    available = _available_from(year)
+    return available is not None and market_date(now_us) >= available
