@@ -15,7 +15,7 @@ from bondtape.access.schema import organisations, users
 from bondtape.cli import cli
 from bondtape.engine import Engine
 from bondtape.fees import build_invoices, record_historic_order, record_subscription, reporting_fee
-from bondtape.fees.records import end_subscription
+from bondtape.fees.records import end_subscription, parse_money_c
 from bondtape.fees.schedule import FeeError, default_schedules, round_money
 from bondtape.journal.schema import trade_reports
 from bondtape.reporting.commands import Command
@@ -287,6 +287,11 @@ HISTORIC_REFUSALS = [
     (dict(product="AD_HOC", media_cost="1"), "PRODUCT_NOT_FOR_KIND"),
     (dict(product="OTHER_REQUEST", amount="10"), "DESCRIPTION_REQUIRED"),
     (dict(product="OTHER_REQUEST", amount="10.001", description="x"), "COST_INVALID"),
+    (dict(product="OTHER_REQUEST", amount="1e3", description="x"), "COST_INVALID"),
+    (dict(product="OTHER_REQUEST", amount="99999999999999999999999", description="x"), "COST_INVALID"),
+    (dict(product="DATA", data_set="CORP", year=9999), "YEAR_NOT_AVAILABLE"),  # aged after 9999-12-31
+    (dict(product="DATA", data_set="CORP", year=10**30), "YEAR_NOT_AVAILABLE"),
+    (dict(product="REDISTRIBUTION", data_set="CORP", year=2007, recipient="X", cusips=10**30), "CUSIPS_INVALID"),
     (dict(product="LUNCH"), "PRODUCT_INVALID"),
 ]
 
@@ -324,6 +329,9 @@ SUBSCRIPTION_REFUSALS = [
     ("Vendor V", "BTDS_TERMINAL", dict(data_set="CORP", end_date="2009-12-31"), "END_BEFORE_START"),
     ("Vendor V", "BTDS_TERMINAL", dict(data_set="CORP", end_date="2010-02-30"), "DATE_INVALID"),
     ("Nobody", "BTDS_TERMINAL", dict(data_set="CORP"), "ORG_UNKNOWN"),
+    ("999999999999999999999999", "BTDS_TERMINAL", dict(data_set="CORP"), "ORG_UNKNOWN"),  # beyond any id
+    ("\u0661", "BTDS_TERMINAL", dict(data_set="CORP"), "ORG_UNKNOWN"),  # not an ASCII id
+    ("Vendor V", "BTDS_TERMINAL", dict(data_set="CORP", quantity=10**30), "QUANTITY_INVALID"),
 ]
 
 
@@ -377,6 +385,54 @@ def test_cli_errors_are_codes_not_tracebacks(market, db_url, tmp_path):
     assert r.exit_code == 2 and "ORG_UNKNOWN" in r.output
     r = runner.invoke(cli, ["fees", "schedule", "--date", "2010-04-01"])
     assert r.exit_code == 0 and json.loads(r.output)["system"]["ctci"] == "25"
+
+
+@pytest.mark.parametrize("text, cents", [
+    ("12.50", 1250), ("0", 0), ("7", 700), ("7.5", 750), (" 1,250.05 ", 125005), ("$3.05", 305),
+    ("999999999.99", 99999999999), ("0007", 700),
+])
+def test_money_is_plain_dollars(text, cents):
+    assert parse_money_c(text, "media_cost") == cents
+
+
+@pytest.mark.parametrize("text", [
+    "1e3", "1E+3", "1e-2", "-1", "+1", "NaN", "Infinity", "10.001", "1,00", "12,5", "12.", ".5", "1_000", "",
+    "\u0661\u0662", "0x10", "1000000000", "1,000,000,000.00", "99999999999999999999999", "12.50 USD",
+])
+def test_money_refused_with_cost_invalid_and_what_is_accepted(text):
+    with pytest.raises(FeeError) as err:
+        parse_money_c(text, "media_cost")
+    assert err.value.code == "COST_INVALID" and err.value.field == "media_cost"
+    assert "plain digits" in err.value.message and "999,999,999.99" in err.value.message
+
+
+def test_cli_out_of_range_input_is_a_code_not_an_internal_error(market, db_url, tmp_path):
+    """Numbers beyond a database integer or a date were OverflowErrors ("internal error", exit 1)."""
+    with market.begin() as conn:
+        add_org(conn, "Pat Investor", "NON_PROFESSIONAL")
+    runner = CliRunner()
+    big = "999999999999999999999999"
+    cases = [
+        (["fees", "invoice", "--month", "9999-12", "--out", str(tmp_path / "x4")], "MONTH_INVALID"),
+        (["fees", "subscribe", "--org", big, "--product", "CTCI", "--start", "2026-01-01"], "ORG_UNKNOWN"),
+        (["fees", "records", "--org", big], "ORG_UNKNOWN"),
+        (["fees", "historic-order", "--org", "Pat Investor", "--product", "AD_HOC", "--media-cost",
+          "99999999999999999999999", "--delivery-cost", "2", "--date", "2026-11-11"], "COST_INVALID"),
+        (["fees", "historic-order", "--org", "Pat Investor", "--product", "AD_HOC", "--media-cost", "1e3",
+          "--delivery-cost", "2", "--date", "2026-11-11"], "COST_INVALID"),
+    ]
+    for args, code in cases:
+        r = runner.invoke(cli, args + ["--db", db_url])
+        assert r.exit_code == 2 and f"error {code} (" in r.output and "internal error" not in r.output, (args, r.output)
+    assert not (tmp_path / "x4").exists()
+    with market.connect() as conn:  # nothing written
+        assert conn.execute(sa.text("select count(*) from historic_orders")).scalar_one() == 0
+        assert conn.execute(sa.text("select count(*) from fee_subscriptions")).scalar_one() == 0
+    r = runner.invoke(cli, ["fees", "historic-order", "--org", "Pat Investor", "--product", "AD_HOC", "--media-cost",
+                            "1,000", "--delivery-cost", "2.5", "--date", "2026-11-11", "--db", db_url])
+    assert r.exit_code == 0, r.output
+    with market.connect() as conn:
+        assert conn.execute(sa.text("select media_cost_c, delivery_cost_c from historic_orders")).one() == (100000, 250)
 
 
 def test_cli_records_subscriptions_and_orders(market, db_url):

@@ -8,7 +8,8 @@ the clock.
 from __future__ import annotations
 
 import datetime as dt
-from decimal import Decimal, InvalidOperation
+import re
+from decimal import Decimal
 from typing import Any
 
 import sqlalchemy as sa
@@ -47,7 +48,7 @@ FEE_ERROR_CODES: dict[str, str] = {
     "DATA_SET_INVALID": "a data set is CORP or AGCY (and none for CTCI, SETUP, AD_HOC, OTHER_REQUEST)",
     "DATE_INVALID": "a date is YYYY-MM-DD",
     "END_BEFORE_START": "the end date (last day of service) is before the start date",
-    "QUANTITY_INVALID": "a quantity is a whole number of at least 1 (more than 1 only for BTDS_TERMINAL)",
+    "QUANTITY_INVALID": "a quantity is a whole number from 1 to 1,000,000 (more than 1 only for BTDS_TERMINAL)",
     "SUBSCRIPTION_UNKNOWN": "no subscription with this id",
     "USER_UNKNOWN": "no user ID with this username",
     "WEB_ACCESS_INVALID": "a web access level is LEVEL_I, LEVEL_II or NONE",
@@ -60,11 +61,12 @@ FEE_ERROR_CODES: dict[str, str] = {
     "DATA_ALREADY_PURCHASED": "this data set and year was already ordered",
     "DATA_REQUIRED": "re-distribution needs a DATA order for the same data set and year",
     "RECIPIENT_REQUIRED": "a re-distribution order names its recipient",
-    "CUSIPS_INVALID": "a re-distribution order counts at least 1 CUSIP",
-    "COST_INVALID": "an amount is dollars with at most 2 decimals, not negative",
+    "CUSIPS_INVALID": "a re-distribution order counts from 1 to 1,000,000,000 CUSIPs",
+    "COST_INVALID": "an amount is dollars in plain digits (thousands separators in groups of three and a leading $ "
+                    "allowed) with at most 2 decimals, from 0 to 999,999,999.99: no sign, no exponent (1e3)",
     "DESCRIPTION_REQUIRED": "an OTHER_REQUEST order describes the data supplied",
     "FIELD_NOT_ALLOWED": "the field does not apply to this product",
-    "MONTH_INVALID": "a month is YYYY-MM",
+    "MONTH_INVALID": "a month is YYYY-MM from 0001-01 to 9999-11 (the last month whose end a date can hold)",
     "FORMAT_INVALID": "invoice formats are json, csv and html",
     "NO_SCHEDULE": "no fee schedule is in force in that month",
     "DATA_SETS_NOT_PRICED": "the schedule has no Level II rate for that many data sets",
@@ -80,28 +82,48 @@ def _date(text: Any, field: str) -> dt.date:
         raise FeeError("DATE_INVALID", field, f"a date is YYYY-MM-DD; got {text!r}") from None
 
 
+# Dollars as people write them: ASCII digits (thousands separators only in groups of three),
+# an optional point and at most 2 decimals, an optional leading $. No sign, no exponent (1e3),
+# no NaN or Infinity, no other scripts' digits; at most MAX_MONEY (cents fit any database integer).
+_MONEY_RE = re.compile(r"\$?([0-9]+|[0-9]{1,3}(?:,[0-9]{3})+)(?:\.([0-9]{1,2}))?")
+MAX_MONEY = Decimal("999999999.99")
+MONEY_ACCEPTED = f"dollars in plain digits with at most 2 decimals, from 0 to {MAX_MONEY:,}, e.g. 12.50"
+MAX_ID = 2**63 - 1  # the largest database id
+MAX_QUANTITY = 10**6  # terminals on one subscription (as bondtape fees subscribe --quantity)
+MAX_CUSIPS = 10**9  # CUSIPs on one re-distribution order (as bondtape fees historic-order --cusips)
+
+
+def _echo(value: Any) -> str:
+    text = str(value)
+    return repr(text if len(text) <= 40 else text[:40] + "...")
+
+
 def parse_money_c(text: Any, field: str) -> int:
-    """Dollars as text (``12.50``) to cents, exactly; at most 2 decimals, not negative."""
-    try:
-        value = Decimal(str(text).strip().replace(",", "").lstrip("$"))
-    except InvalidOperation:
-        raise FeeError("COST_INVALID", field, f"an amount in dollars, e.g. 12.50; got {text!r}") from None
-    if not value.is_finite() or value < 0 or value != value.quantize(Decimal("0.01")):
-        raise FeeError("COST_INVALID", field, f"dollars with at most 2 decimals, not negative; got {text!r}")
-    return int(value * 100)
+    """Dollars as text (``12.50``, ``1,250``, ``$7``) to cents, exactly; else ``COST_INVALID``.
+
+    The one check of a money amount for the command line and the website."""
+    value = str(text).strip()
+    match = _MONEY_RE.fullmatch(value)
+    if match is None:
+        raise FeeError("COST_INVALID", field, f"{MONEY_ACCEPTED}; got {_echo(text)}")
+    dollars = Decimal(match.group(1).replace(",", "") + "." + (match.group(2) or "0"))
+    if dollars > MAX_MONEY:
+        raise FeeError("COST_INVALID", field, f"{MONEY_ACCEPTED}; got {_echo(text)}, above {MAX_MONEY:,}")
+    return int(dollars * 100)
 
 
 def find_organisation(conn: Connection, key: Any) -> Any:
     """An organisation by id, MPID or exact name."""
     text = str(key).strip()
     o = organisations.c
-    if text.isdigit():
-        row = conn.execute(sa.select(organisations).where(o.id == int(text))).first()
+    if text.isascii() and text.isdigit():  # an id; one beyond any database id names nothing
+        number = int(text)
+        row = conn.execute(sa.select(organisations).where(o.id == number)).first() if number <= MAX_ID else None
     else:
         rows = conn.execute(sa.select(organisations).where(sa.or_(o.mpid == text.upper(), o.name == text))).all()
         row = rows[0] if len(rows) == 1 else None
     if row is None:
-        raise FeeError("ORG_UNKNOWN", "organisation", f"no single organisation with id, MPID or name {text!r}")
+        raise FeeError("ORG_UNKNOWN", "organisation", f"no single organisation with id, MPID or name {_echo(text)}")
     return row
 
 
@@ -158,8 +180,9 @@ def record_subscription(db: Engine | Connection, organisation: Any, product: str
         qty = int(quantity)
     except (TypeError, ValueError):
         raise FeeError("QUANTITY_INVALID", "quantity", f"a whole number; got {quantity!r}") from None
-    if qty < 1 or (qty > 1 and product != "BTDS_TERMINAL"):
-        raise FeeError("QUANTITY_INVALID", "quantity", "at least 1; more than 1 only for BTDS_TERMINAL")
+    if qty < 1 or qty > MAX_QUANTITY or (qty > 1 and product != "BTDS_TERMINAL"):
+        raise FeeError("QUANTITY_INVALID", "quantity",
+                       f"from 1 to {MAX_QUANTITY:,}; more than 1 only for BTDS_TERMINAL; got {_echo(quantity)}")
     with _conn(db) as conn:
         org = find_organisation(conn, organisation)
         _check_kind(org, product)
@@ -225,10 +248,15 @@ def record_historic_order(db: Engine | Connection, organisation: Any, product: s
                 raise FeeError("YEAR_INCLUDED", "year",
                                f"the {schedule.corporate_2002_in} Historic Corporate Bond Data Set includes {y}: "
                                f"order {schedule.corporate_2002_in}")
-            available = historic_available_from(y, rules)
-            if available > day:
+            try:
+                available = historic_available_from(y, rules)
+            except (ValueError, OverflowError):  # after the end of the calendar (9999-12-31)
+                available = None
+            if available is None or available > day:
                 raise FeeError("YEAR_NOT_AVAILABLE", "year",
-                               f"{y} data is Historic TRACE Data only from {available} (aged {rules.aging_months} months)")
+                               f"{y} data is Historic TRACE Data only "
+                               f"{f'from {available}' if available else 'after 9999-12-31'} "
+                               f"(aged {rules.aging_months} months)")
             values["year"] = y
             bought = conn.execute(sa.select(h.id).where(
                 h.org_id == org.id, h.product == "DATA", h.data_set == values["data_set"], h.year == y,
@@ -253,8 +281,8 @@ def record_historic_order(db: Engine | Connection, organisation: Any, product: s
                 n = int(cusips)  # type: ignore[arg-type]
             except (TypeError, ValueError):
                 raise FeeError("CUSIPS_INVALID", "cusips", f"a whole number of CUSIPs; got {cusips!r}") from None
-            if n < 1:
-                raise FeeError("CUSIPS_INVALID", "cusips", "at least 1")
+            if not 1 <= n <= MAX_CUSIPS:
+                raise FeeError("CUSIPS_INVALID", "cusips", f"from 1 to {MAX_CUSIPS:,}; got {_echo(cusips)}")
             values.update(recipient=recipient.strip(), cusips=n)
         elif product == "AD_HOC":
             values["media_cost_c"] = parse_money_c(media_cost if media_cost not in (None, "") else "0", "media_cost")
