@@ -116,11 +116,62 @@ def test_non_professional_ad_hoc_request_end_to_end(world):
     assert "Pat Person" in invoices and "ad-hoc" in invoices and "12.50" in invoices and "5.00" in invoices
 
 
+def test_ad_hoc_request_dates_and_fulfil_costs_are_refused_with_a_code(world):
+    """Dates before TRACE began, or too late for the calendar to age them, and costs beyond a
+    database integer or in exponent form: a 400 with the code, nothing written (were 500s, or
+    accepted)."""
+    import sqlalchemy as sa
+
+    from bondtape.web.schema import historic_requests
+
+    pat = signed_in(world, world.pat)
+    with world.db.begin() as conn:
+        actor = accounts.authenticated(conn, world.pat.id, "mfa")
+        entitlements.attest_non_professional(conn, actor, {k: True for k in entitlements.NON_PROFESSIONAL_STATEMENTS},
+                                             "Pat Person", at_us=NOW, source="test")
+    for date_from, date_to, code, text in (("2001-01-01", "2024-03-31", "DATE_INVALID", "2002-07-01"),
+                                           ("2002-06-30", "2002-12-31", "DATE_INVALID", "2002-07-01"),
+                                           ("2024-03-01", "9999-12-30", "NOT_AGED", "after 9999-12-31"),
+                                           ("2024-03-01", "9998-01-01", "NOT_AGED", "after 9999-12-31"),
+                                           ("2024-03-01", "9997-01-01", "NOT_AGED", "9999-07-01")):
+        r = pat.post("/data/requests", {"cusips": IG, "date_from": date_from, "date_to": date_to},
+                     csrf_from="/data/requests")
+        assert r.status_code == 400 and code in r.text and text in r.text, (date_from, date_to, r.status_code)
+    assert pat.post("/data/requests", {"cusips": IG, "date_from": "2002-07-01", "date_to": "2024-03-31"},
+                    csrf_from="/data/requests").status_code == 303
+    with world.db.begin() as conn:  # a request stored before the first date was checked
+        conn.execute(historic_requests.insert().values(
+            org_id=world.pat.org_id, user_id=world.pat.id, cusips=IG, date_from="2001-01-01", date_to="2024-03-31",
+            status="REQUESTED", requested_us=NOW))
+
+    op = signed_in(world, world.op)
+    fulfil = lambda id_, media: op.post("/operator/requests/fulfil",  # noqa: E731
+                                        {"id": id_, "media_cost": media, "delivery_cost": "0"},
+                                        csrf_from="/operator/requests")
+    for media in ("99999999999999999999999", "1e3", "1E+3", "-1", "NaN", "5.001", "1000000000"):
+        r = fulfil("1", media)
+        assert r.status_code == 400 and "COST_INVALID" in r.text and "999,999,999.99" in r.text, (media, r.text[:300])
+    r = fulfil("2", "5")
+    assert r.status_code == 400 and "DATE_INVALID" in r.text and "2002-07-01" in r.text
+    with world.db.connect() as conn:  # nothing half-written
+        assert conn.execute(sa.text("select count(*) from historic_orders")).scalar_one() == 0
+        assert set(conn.execute(sa.select(historic_requests.c.status)).scalars()) == {"REQUESTED"}
+    assert fulfil("1", "1,000.5").status_code == 303
+    with world.db.connect() as conn:
+        assert conn.execute(sa.text("select media_cost_c from historic_orders")).scalar_one() == 100050
+
+
 def test_invoices_for_the_firm_administrator_only_its_own(world):
     admin = signed_in(world, world.admin)
     page = admin.get("/invoices?month=2024-03")
     assert page.status_code == 200 and "Dealer A" in page.text and "Pat Person" not in page.text
     assert admin.get("/invoices?month=2024-13").status_code == 400
+    for month in ("9999-12", "0000-01", "2024-3"):  # 9999-12 was an OverflowError, a 500
+        page = admin.get(f"/invoices?month={month}")
+        assert page.status_code == 400 and "MONTH_INVALID" in page.text and "9999-11" in page.text, month
+    assert admin.get("/invoices?month=9999-11").status_code == 200
+    op = signed_in(world, world.op)
+    assert op.get("/invoices?month=9999-12").status_code == 400
     assert signed_in(world, world.trader).get("/invoices").status_code == 403
 
 

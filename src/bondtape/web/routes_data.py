@@ -26,6 +26,7 @@ from bondtape.clock import iso_market, market_date
 from bondtape.journal.schema import trade_reports
 from bondtape.reference.cusip import cusip_check_digit
 from bondtape.reference.schema import securities
+from bondtape.rulebook import default_rulebook
 from bondtape.web.routes_trading import scaled
 from bondtape.web.routing import Ctx, NotFound, route
 from bondtape.web.schema import historic_requests
@@ -88,13 +89,27 @@ def _parse_request(ctx: Ctx) -> dict:
             days[name] = dt.date.fromisoformat(text)
         except ValueError:
             raise AccessError("DATE_INVALID", f"{name} must be a date YYYY-MM-DD", name) from None
-    if days["date_to"] < days["date_from"]:
-        raise AccessError("DATE_INVALID", "date_to is before date_from", "date_to")
-    if not historic_year_aged(days["date_to"].year, ctx.now_us):
-        raise AccessError("NOT_AGED", f"{days['date_to'].year} is Historic TRACE Data only from "
-                          f"{historic_year_available_from(days['date_to'].year)} (18 months after the year)", "date_to")
+    check_request_dates(days["date_from"], days["date_to"], ctx.now_us)
     return {"cusips": ",".join(dict.fromkeys(raw)), "date_from": days["date_from"].isoformat(),
             "date_to": days["date_to"].isoformat(), "note": ctx.form.get("note", "").strip()[:500] or None}
+
+
+def check_request_dates(date_from: dt.date, date_to: dt.date, now_us: int) -> None:
+    """An ad-hoc request's dates: from the day TRACE began (the rulebook's ``first_trace_date``),
+    in order, and all in years already aged into Historic TRACE Data. Checked when the request
+    is submitted and again when the operator fulfils it."""
+    rules = default_rulebook().at(market_date(now_us))
+    first = rules.first_trace_date
+    if date_from < first:
+        raise AccessError("DATE_INVALID", f"date_from {date_from} is before TRACE began: the first date is {first}",
+                          "date_from")
+    if date_to < date_from:
+        raise AccessError("DATE_INVALID", "date_to is before date_from", "date_to")
+    if not historic_year_aged(date_to.year, now_us):
+        available = historic_year_available_from(date_to.year)
+        when = f"from {available}" if available < dt.date.max else "after 9999-12-31"
+        raise AccessError("NOT_AGED", f"{date_to.year} is Historic TRACE Data only {when} "
+                          f"({rules.aging_months} months after the year)", "date_to")
 
 
 def _own_requests(ctx: Ctx):
@@ -196,8 +211,8 @@ def operator_decide(ctx: Ctx):
     if action == "reject":
         values["status"] = "REJECTED"
     else:
-        if not historic_year_aged(int(row.date_to[:4]), ctx.now_us):  # never before the data is aged
-            raise AccessError("NOT_AGED", "the requested dates are not yet Historic TRACE Data", "date_to")
+        # never before the data is aged, nor a request the form would refuse today
+        check_request_dates(dt.date.fromisoformat(row.date_from), dt.date.fromisoformat(row.date_to), ctx.now_us)
         extract, n = build_extract(ctx.conn, row.cusips.split(","), row.date_from, row.date_to)
         try:
             with ctx.conn.begin_nested():
@@ -219,12 +234,11 @@ def operator_decide(ctx: Ctx):
 
 def invoices_page(ctx: Ctx):
     from bondtape.fees.invoice import build_invoices
-    from bondtape.fees.schedule import FeeError
+    from bondtape.fees.schedule import FeeError, parse_month
 
-    month = ctx.request.query_params.get("month") or market_date(ctx.now_us).strftime("%Y-%m")
-    if not re.match(r"^\d{4}-(0[1-9]|1[0-2])$", month):
-        raise AccessError("MONTH_INVALID", "month is YYYY-MM", "month")
+    month = (ctx.request.query_params.get("month") or market_date(ctx.now_us).strftime("%Y-%m")).strip()
     try:
+        parse_month(month)  # the fees' own check: MONTH_INVALID, with the accepted range
         invoices, _unbilled, schedule = build_invoices(ctx.conn, month)
     except FeeError as exc:
         raise AccessError(exc.code, exc.message, exc.field) from None
