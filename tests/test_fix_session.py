@@ -249,6 +249,18 @@ def test_reject_codes_match_other_channels(lite_client):
     assert ack.first(58).startswith("FIELD_INVALID: trading_market 'XX' is not accepted")
 
 
+def test_a_missing_security_id_source_is_named_missing_not_none(lite_client):
+    body = [(t, v) for t, v in report_body("R1") if t != 22]
+    lite_client.send("AE", body)
+    ack = lite_client.read_type("AR")
+    assert ack.first(939) == "1" and ack.first(20012) == "FIELD_INVALID" and ack.first(20013) == "cusip"
+    assert ack.first(58) == ("FIELD_INVALID: SecurityIDSource (22) is missing: it is required with SecurityID (48), "
+                             "and must be 1 (CUSIP)")
+    lite_client.send("AE", [(t, 4 if t == 22 else v) for t, v in report_body("R2")])
+    assert lite_client.read_type("AR").first(58) == ("FIELD_INVALID: SecurityIDSource (22) '4' is not accepted: "
+                                                     "1 (CUSIP) with SecurityID (48)")
+
+
 def _self_signed(tmp_path):
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization

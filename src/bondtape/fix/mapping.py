@@ -153,8 +153,10 @@ def read_trade_report(msg: RawMessage) -> TradeReport:
         f["contra"] = contra[0][448]
     # instrument
     if 48 in values:
-        if values.get(22) != "1":
-            return reject("FIELD_INVALID", "cusip", f"SecurityIDSource (22) {values.get(22)!r} is not accepted: 1 (CUSIP) with SecurityID (48)")
+        if 22 not in values:
+            return reject("FIELD_INVALID", "cusip", "SecurityIDSource (22) is missing: it is required with SecurityID (48), and must be 1 (CUSIP)")
+        if values[22] != "1":
+            return reject("FIELD_INVALID", "cusip", f"SecurityIDSource (22) {values[22]!r} is not accepted: 1 (CUSIP) with SecurityID (48)")
         f["cusip"] = values[48]
     if 32 in values:
         f["quantity"] = values[32]
