@@ -27,6 +27,22 @@ def test_every_indicator_tag_is_documented_with_its_field():
         assert re.search(rf"^\| {tag} \| .* \| `{name}` \|$", DOC, re.M), (tag, name)
 
 
+def test_every_reject_field_is_a_bondtape_field_or_documented_as_a_tag():
+    """RejectField (20013) is the bondtape field name, or for a FIX tag with no bondtape field
+    its name and number, each listed in the 20013 row (docs/fix.md said only field names)."""
+    from bondtape.reporting.commands import FIELDS
+
+    source = Path(mapping.__file__).read_text()
+    named = set(re.findall(r'reject\("[A-Z_]+", "([^"]+)"', source))
+    assert {"cusip", "TradeReportType (856)"} <= named
+    row = re.search(r"^\| 20013 \| .*$", DOC, re.M).group(0)
+    for name in named - set(FIELDS):
+        assert re.fullmatch(r"[A-Za-z]+ \(\d+\)", name), name
+        assert f"`{name}`" in row, name
+        tag = name.split("(")[1].rstrip(")")
+        assert re.search(rf"^\| {tag} \| .*`FIELD_INVALID` on `{re.escape(name)}`", DOC, re.M), name
+
+
 def test_session_reject_reasons_are_documented():
     for reason in (0, 1, 4, 5, 6, 9, 11, 13, 15, 16):
         assert re.search(rf"^\| {reason} \| ", DOC, re.M), reason
