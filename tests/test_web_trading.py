@@ -103,6 +103,19 @@ def test_journal_filters_history_and_actions(world):
     assert reversed_.status_code == 400 and "WINDOW_OPEN" in reversed_.text
 
 
+def test_journal_refuses_date_to_before_date_from_as_rest_does(world):
+    """It showed an empty journal (200); REST refuses the same search with FILTER_INVALID."""
+    c = signed_in(world, world.trader)
+    report(c)
+    for path in ("/journal", "/journal.csv"):
+        r = c.get(f"{path}?date_from=2026-11-30&date_to=2026-11-01")
+        assert r.status_code == 400 and "text/html" in r.headers["content-type"], (path, r.status_code)
+        assert "FILTER_INVALID" in r.text and "date_to 2026-11-01 is before date_from 2026-11-30" in r.text, path
+    same_day = c.get("/journal?date_from=2026-06-01&date_to=2026-06-01")
+    assert same_day.status_code == 200 and "FILTER_INVALID" not in same_day.text
+    assert c.get("/journal?date_from=2026-06-02").status_code == 200  # one end alone is fine
+
+
 def test_viewer_sees_but_cannot_act_and_other_firm_gets_404(world):
     t = signed_in(world, world.trader)
     cn = control_number(report(t))

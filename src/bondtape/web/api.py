@@ -28,7 +28,7 @@ from bondtape.engine import EngineUnavailable, Result
 from bondtape.journal.schema import trade_reports
 from bondtape.reporting.codes import REJECT_CODES, Reject, Rejected
 from bondtape.reporting.commands import FIELDS, INDICATORS, parse_command
-from bondtape.web.routes_trading import AfterCommit, report_mpid, scaled, submit
+from bondtape.web.routes_trading import AfterCommit, check_date_range, report_mpid, scaled, submit
 from bondtape.web.routing import Ctx, route
 
 MAX_BATCH = 500
@@ -258,8 +258,10 @@ def _date_param(ctx: Ctx, name: str) -> str | None:
 
 def _date_range(ctx: Ctx) -> tuple[str | None, str | None]:
     d0, d1 = _date_param(ctx, "date_from"), _date_param(ctx, "date_to")
-    if d0 and d1 and d1 < d0:
-        raise ApiError(400, "FILTER_INVALID", f"date_to {d1} is before date_from {d0}", "date_to")
+    try:
+        check_date_range(d0, d1)  # the website's journal search makes the same check
+    except AccessError as exc:
+        raise ApiError(400, exc.code, exc.message, exc.field) from None
     return d0, d1
 
 

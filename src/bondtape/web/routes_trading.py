@@ -154,11 +154,18 @@ def _day(text: str | None, name: str) -> str | None:
         raise AccessError("FILTER_INVALID", f"{name} must be a date YYYY-MM-DD; got {text!r}", name) from None
 
 
+def check_date_range(date_from: str | None, date_to: str | None) -> None:
+    """Refuse ``date_to`` before ``date_from`` (both ISO dates, either may be absent): a search
+    that can find nothing is a mistake to say so, not an empty page. The REST API's check too."""
+    if date_from and date_to and date_to < date_from:
+        raise AccessError("FILTER_INVALID", f"date_to {date_to} is before date_from {date_from}; "
+                          "date_to is on or after date_from", "date_to")
+
+
 def journal_filters(ctx: Ctx) -> dict[str, str]:
     q = ctx.request.query_params
     f = {k: (q.get(k) or "").strip() for k in ("date_from", "date_to", "cusip", "status", "late", "as_of", "mpid")}
-    _day(f["date_from"], "date_from")
-    _day(f["date_to"], "date_to")
+    check_date_range(_day(f["date_from"], "date_from"), _day(f["date_to"], "date_to"))
     f["cusip"] = f["cusip"].upper()[:9]
     f["status"] = f["status"].upper()
     if f["status"] and f["status"] not in STATUSES:
