@@ -42,6 +42,24 @@ def test_import_securities_rejects_bad_rows_and_loads_good(db, tmp_path):
         assert set(load_securities(conn)) == {"037833100", "912828U24"}
 
 
+def test_an_unterminated_quote_refuses_the_file_naming_its_line(db, tmp_path):
+    """Before: the quote took in every line after it as one cell; the lines vanished, the
+    import reported one bad row and loaded the good ones before it."""
+    header = "cusip,symbol,issuer,coupon,maturity,data_set,grade,rule_144a\n"
+    good = "037833100,AAPL4000001,Apple Inc,3.85,2043-05-04,CORP,IG,N\n"
+    rest = "".join(f"912828U24,UST40000{i:02d},Treasury,2,2026-11-15,AGCY,IG,N\n" for i in range(50))
+    f = tmp_path / "s.csv"
+    for bad in ('459200101,IBM4000001,"IBM, Inc,4,2030-01-01,CORP,IG,N\n',  # no closing quote
+                '459200101,IBM4000001,"IBM\nInc",4,2030-01-01,CORP,IG,N\n'):  # a cell over two lines
+        f.write_text(header + good + bad + rest)
+        result = import_securities(db, f)
+        assert result.loaded == 0, result
+        assert result.errors == [(3, result.errors[0][1])] and "line 3 is not CSV" in result.errors[0][1]
+        assert "nothing was loaded" in result.errors[0][1]
+    with db.connect() as conn:
+        assert "037833100" not in set(load_securities(conn))
+
+
 def test_import_needs_columns(db, tmp_path):
     f = tmp_path / "s.csv"
     f.write_text("cusip,symbol\n037833100,AAPL\n")

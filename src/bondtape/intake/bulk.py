@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, TextIO
 
+from bondtape.csvlines import CsvLineError, one_record_a_line
 from bondtape.engine import Engine, Result
 from bondtape.reporting.codes import Reject, Rejected
 from bondtape.reporting.commands import FIELDS, Command, parse_command
@@ -64,34 +65,14 @@ def header_names(fieldnames: list[str] | None) -> list[str]:
 
 
 def records(stream: Iterable[str], *, note: str = "") -> Iterator[tuple[int, list[str]]]:
-    """Each record of a bulk file, with its line number: strict CSV, one record a line.
-
-    A record must end on the line it starts on (a quoted cell may not hold a line break), so
-    that every line of the file gets its own result row: an unterminated quote would
-    otherwise take in the lines after it as one cell. Raises :class:`BulkFileError`
-    (``FILE_INVALID``, naming the line, ``note`` after the message) for a line that is not CSV
-    or that runs on."""
-    reader = csv.reader(stream, strict=True)
-    last = 0  # the line the previous record ended on
-    while True:
-        start = last + 1
-        try:
-            row = next(reader, None)
-        except csv.Error as exc:
-            if reader.line_num > start:
-                raise BulkFileError("FILE_INVALID", _runs_on(start) + note) from None
-            raise BulkFileError("FILE_INVALID", f"line {start} is not CSV: {exc}{note}") from None
-        if row is None:
-            return
-        if reader.line_num > start or any("\n" in cell or "\r" in cell for cell in row):
-            raise BulkFileError("FILE_INVALID", _runs_on(start) + note)
-        last = reader.line_num
-        yield start, row
-
-
-def _runs_on(line: int) -> str:
-    return (f"line {line} is not CSV: a quoted cell has no closing quote on that line (each report is one line; "
-            "a cell may not hold a line break: close the quote, e.g. \"1,000\", or remove it)")
+    """Each record of a bulk file, with its line number: strict CSV, one record a line
+    (:func:`bondtape.csvlines.one_record_a_line`), so that every line of the file gets its
+    own result row. Raises :class:`BulkFileError` (``FILE_INVALID``, naming the line,
+    ``note`` after the message) for a line that is not CSV or that runs on."""
+    try:
+        yield from one_record_a_line(stream, "report")
+    except CsvLineError as exc:
+        raise BulkFileError("FILE_INVALID", f"{exc}{note}") from None
 
 
 def check_file(stream: Iterable[str], *, only_mpid: str | None = None) -> int:

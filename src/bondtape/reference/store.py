@@ -1,7 +1,6 @@
 """Loading, importing and listing reference data."""
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import io
 import re
@@ -14,6 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from bondtape.clock import now_us
+from bondtape.csvlines import CsvLineError, one_record_a_line
 from bondtape.reference.cusip import cusip_problem
 from bondtape.reference.model import DATA_SETS, GRADES, Firm, Security
 from bondtape.reference.schema import firms as firms_table
@@ -154,12 +154,13 @@ def upsert_firms(conn: Connection, items: Iterable[Firm], ts: int | None = None)
 def _import(engine: Engine, text: str, required: tuple[str, ...], optional: tuple[str, ...], parse, upsert, key,
             check=None) -> ImportResult:
     result = ImportResult()
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+    lines = one_record_a_line(io.StringIO(text, newline=""), "row")  # strict: a line never swallows the next
     try:
-        header = [h.strip().lower() for h in (reader.fieldnames or [])]
-    except csv.Error as exc:
+        first = next(lines, None)
+    except CsvLineError as exc:
         result.errors.append((1, f"the header is not CSV: {exc}"))
         return result
+    header = [h.strip().lower() for h in (first[1] if first else [])]
     missing = [c for c in required if c not in header]
     if missing:
         result.errors.append((1, f"header lacks column(s) {', '.join(missing)}; needs {','.join(required)}"))
@@ -171,14 +172,16 @@ def _import(engine: Engine, text: str, required: tuple[str, ...], optional: tupl
                    f"unknown column(s) {', '.join(repr(u[:40]) for u in unknown[:5])}")
         result.errors.append((1, f"{problem}; the columns are {','.join(required + optional)}; nothing was loaded"))
         return result
-    reader.fieldnames = header
     good, seen = [], {}
     try:
-        for row in reader:
-            line = reader.line_num
+        for line, cells in lines:
+            if not cells:  # a blank line
+                continue
             try:
-                if None in row:
+                if len(cells) > len(header):
                     raise RowError(f"the line has more cells than the header's {len(header)}")
+                row: dict[str, str | None] = {name: None for name in header}  # a missing cell: None
+                row.update(zip(header, cells))
                 item = parse(row)
             except RowError as exc:
                 result.errors.append((line, str(exc)))
@@ -189,8 +192,8 @@ def _import(engine: Engine, text: str, required: tuple[str, ...], optional: tupl
                 continue
             seen[k] = line
             good.append((line, item))
-    except csv.Error as exc:
-        result.errors = [(reader.line_num, f"not CSV: {exc}; nothing was loaded")]
+    except CsvLineError as exc:
+        result.errors = [(exc.line, f"{exc}; nothing was loaded")]
         return result
     with engine.begin() as conn:
         if check is not None:
