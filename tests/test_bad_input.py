@@ -332,3 +332,17 @@ def test_api_paths_and_query_parameters(api):
         assert r.status_code == 400 and (r.json()["code"], r.json()["field"]) == (code, field), (query, r.text)
     r = c.post("/api/v1/reports", content=json.dumps({"k" * 5000: 1}), headers={"content-type": "application/json"})
     assert r.status_code == 400 and len(r.text) < 1000
+
+
+@pytest.mark.parametrize("argv", [
+    ["journal", "verify"], ["journal", "show"], ["securities", "list"], ["firms", "list"], ["feed", "status"],
+    ["feed", "replay"], ["fees", "records"], ["fees", "invoice", "--month", "2024-01", "--out", "{tmp}/inv"],
+    ["historic", "build", "--data-set", "agency", "--year", "2024", "--as-of", "2026-07-01", "--out", "{tmp}/h"],
+])
+def test_a_command_that_reads_refuses_a_database_that_is_not_there(tmp_path, argv):
+    """A mistyped --db: not a new, empty database read as if it were the market (before:
+    `journal verify` said "0 journal events: OK", an invoice or a data set came out empty)."""
+    missing = tmp_path / "typo.db"
+    res = CliRunner().invoke(cli, [a.replace("{tmp}", str(tmp_path)) for a in argv] + ["--db", f"sqlite:///{missing}"])
+    assert res.exit_code == 1 and "DATABASE_NOT_FOUND (db)" in res.output and str(missing) in res.output, res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing created: no database, no output

@@ -77,7 +77,7 @@ def securities_list(data_set: str | None, fmt: str, db_url: str | None) -> None:
     """List securities."""
     from bondtape.reference.store import load_securities
 
-    with reading(open_db(db_url)) as conn:
+    with reading(open_db(db_url, must_exist=True)) as conn:
         items = [s for s in load_securities(conn).values() if not data_set or s.data_set == data_set.upper()]
     cols = ["cusip", "symbol", "issuer", "coupon", "maturity", "data_set", "grade", "rule_144a", "eligible_from", "eligible_to"]
     rows = [[s.cusip, s.symbol, s.issuer, s.coupon if s.coupon is not None else "", s.maturity or "", s.data_set,
@@ -111,7 +111,7 @@ def firms_list(fmt: str, db_url: str | None) -> None:
     """List firms."""
     from bondtape.reference.store import load_firms
 
-    with reading(open_db(db_url)) as conn:
+    with reading(open_db(db_url, must_exist=True)) as conn:
         items = list(load_firms(conn).values())
     rows = [[f.mpid, f.name, "Y" if f.finra_member else "N", "Y" if f.test_only else "N"] for f in items]
     _print_rows(["mpid", "name", "finra_member", "test_only"], rows, fmt, "firms")
@@ -220,7 +220,7 @@ def journal_verify(db_url: str | None) -> None:
     """Check the journal (gapless sequence) and that replay equals the stored state."""
     from bondtape.journal.verify import verify
 
-    report_ = verify(open_db(db_url))
+    report_ = verify(open_db(db_url, must_exist=True))
     for line in report_.lines():
         click.echo(line)
     if not report_.ok:
@@ -252,7 +252,7 @@ def journal_show(from_seq: int, limit: int, db_url: str | None) -> None:
     from bondtape.journal.projection import decode_payload
     from bondtape.journal.schema import journal as jt
 
-    with reading(open_db(db_url)) as conn:
+    with reading(open_db(db_url, must_exist=True)) as conn:
         for r in conn.execute(sa.select(jt).where(jt.c.seq >= from_seq).order_by(jt.c.seq).limit(limit)):
             row = dict(r._mapping)
             row["payload"] = decode_payload(row["payload"])

@@ -18,7 +18,7 @@ DATA_SET = click.Choice(["CORP", "AGCY"], case_sensitive=False)
 def _publisher(db_url: str | None, catch_up: bool = True):
     from bondtape.dissemination.publisher import Publisher
 
-    pub = Publisher(open_db(db_url))
+    pub = Publisher(open_db(db_url, must_exist=True))
     if catch_up:
         try:
             pub.catch_up()
@@ -46,7 +46,7 @@ def feed_publish(db_url: str | None) -> None:
     """Publish every journal event not yet on the feed."""
     from bondtape.dissemination.publisher import Publisher
 
-    pub = Publisher(open_db(db_url))
+    pub = Publisher(open_db(db_url, must_exist=True))
     before = pub.position
     messages = pub.catch_up()
     click.echo(f"applied journal events {before + 1}..{pub.position}: {len(messages)} messages published")
@@ -210,7 +210,7 @@ def feed_rebuild(db_url: str | None) -> None:
     """Drop the published feed and publish it again from the journal and operator actions."""
     from bondtape.dissemination.publisher import Publisher
 
-    n = Publisher(open_db(db_url)).rebuild()
+    n = Publisher(open_db(db_url, must_exist=True)).rebuild()
     click.echo(f"rebuilt the feed: {n} messages")
 
 

@@ -59,7 +59,7 @@ def invoice_cmd(month: str, out_dir: Path, formats: str, db_url: str | None) -> 
         _fail(exc)
     except OSError as exc:
         raise click.ClickException(f"cannot use {out_dir}: {exc}") from None
-    db = open_db(db_url)
+    db = open_db(db_url, must_exist=True)
     try:
         invoices, unbilled, schedule = build_invoices(db, month)
         path = write_invoices(out_dir, month, schedule.name, invoices, unbilled, chosen)
@@ -162,7 +162,7 @@ def records_cmd(organisation: str | None, db_url: str | None) -> None:
     """Print subscriptions and Historic orders as JSON."""
     from bondtape.fees.records import find_organisation, list_records
 
-    with reading(open_db(db_url)) as conn:
+    with reading(open_db(db_url, must_exist=True)) as conn:
         try:
             org_id = find_organisation(conn, organisation).id if organisation else None
         except FeeError as exc:
