@@ -243,9 +243,15 @@ def test_certs_refuse_bad_hosts_and_unreadable_authorities(tmp_path):
 
 def test_a_bad_database_url_is_one_line(tmp_path):
     (tmp_path / "notdb.db").write_text("not a database")
-    for url in ("foo://bar", f"sqlite:///{tmp_path}/missing/x.db", f"sqlite:///{tmp_path}/notdb.db"):
-        res = invoke(["firms", "list", "--db", url])
-        assert res.exit_code == 1 and "cannot open database" in res.output and "sqlalche.me" not in res.output
+    (tmp_path / "firms.csv").write_text("mpid,name\nDLRA,Dealer A\n")
+    missing = f"sqlite:///{tmp_path}/missing/x.db"
+    for argv, url, says in ((["firms", "list"], "foo://bar", "cannot open database"),
+                            (["firms", "list"], missing, "DATABASE_NOT_FOUND"),  # a command that only reads
+                            (["firms", "import", str(tmp_path / "firms.csv")], missing, "cannot open database"),
+                            (["firms", "list"], f"sqlite:///{tmp_path}/notdb.db", "cannot open database")):
+        res = invoke([*argv, "--db", url])
+        assert res.exit_code == 1 and says in res.output and "sqlalche.me" not in res.output, res.output
+        assert len(res.output.strip().splitlines()) == 1, res.output
 
 
 # --- the REST API -------------------------------------------------------------------------
