@@ -179,9 +179,11 @@ def test_day_close_summaries_aggregates_and_gapless_numbers(feed):
     [agg] = of_type(day1, "MARKET_AGGREGATES")
     # 6 trades: 3 IG + 144A (IG) + HY + one inter-dealer trade counted once; no test report
     assert agg["total_trades"] == 6 and agg["disseminated_trades"] == 5
-    assert agg["by_grade"]["IG"] == {"trades": 5, "par": str(100000 + 100000 + 9000000 + 3000000 + 10000)}
-    assert agg["by_grade"]["HY"] == {"trades": 1, "par": "2000000"}
-    assert agg["total_par"] == "14210000"
+    # IG holds two trades of non-public size (9MM capped, the 144A), HY one (2MM capped):
+    # their par would give those sizes back, so it is withheld, and the total with it (R19)
+    assert agg["by_grade"]["IG"] == {"trades": 5, "par": None, "par_withheld": True}
+    assert agg["by_grade"]["HY"] == {"trades": 1, "par": None, "par_withheld": True}
+    assert agg["total_par"] is None and agg["total_par_withheld"] is True
     [agg2] = [m for m in of_type(msgs, "MARKET_AGGREGATES") if m["date"] == "2024-03-05" and m["data_set"] == "CORP"]
     assert (agg2["advances"], agg2["declines"], agg2["unchanged"]) == (1, 1, 0)  # IG 100 -> 102, HY 99.5 -> 90
     agcy = [m for m in msgs if m["data_set"] == "AGCY" and m["date"] == "2024-03-05"]
@@ -189,6 +191,36 @@ def test_day_close_summaries_aggregates_and_gapless_numbers(feed):
     with pytest.raises(FeedError) as e:
         pub.end_of_day("2024-03-05", at_us=et(2024, 3, 5, 18, 31))
     assert e.value.code == "DAY_CLOSED"
+
+
+def test_aggregates_par_never_reveals_one_capped_or_withheld_trade(feed):
+    """R19: a par total holding one or two trades of non-public size is withheld (with one,
+    total minus the public sizes is its exact size); with none or three or more it is
+    published; a withheld bucket withholds the total too (complementary suppression)."""
+    engine, pub = feed
+    engine.submit([new(ref="1", quantity=Decimal("100000")),
+                   new(ref="2", quantity=Decimal("12345678")),  # capped: 5MM+
+                   new(ref="3", cusip=R144A, quantity=Decimal("3000000")),  # not disseminated
+                   new(ref="4", cusip=R144A, quantity=Decimal("4000000")),
+                   new(ref="5", cusip=HY, quantity=Decimal("250000"))])
+    pub.end_of_day(DAY, at_us=et(2024, 3, 4, 18, 30))
+    [agg] = [m for m in of_type(bodies(pub), "MARKET_AGGREGATES") if m["data_set"] == "CORP"]
+    assert agg["by_grade"]["IG"] == {"trades": 4, "par": str(100000 + 12345678 + 3000000 + 4000000),
+                                     "par_withheld": False}  # three hidden: published
+    assert agg["by_grade"]["HY"] == {"trades": 1, "par": "250000", "par_withheld": False}
+    assert agg["total_par"] == str(100000 + 12345678 + 7000000 + 250000) and agg["total_par_withheld"] is False
+
+    engine.submit([new(ref="6", cusip=HY, quantity=Decimal("2500000"), execution_us=et(2024, 3, 5, 10, 0),
+                       report_us=et(2024, 3, 5, 10, 1)),
+                   new(ref="7", quantity=Decimal("100000"), execution_us=et(2024, 3, 5, 10, 0),
+                       report_us=et(2024, 3, 5, 10, 1))])
+    pub.end_of_day("2024-03-05", at_us=et(2024, 3, 5, 18, 30))
+    [agg] = [m for m in of_type(bodies(pub), "MARKET_AGGREGATES") if m["data_set"] == "CORP" and m["date"] == "2024-03-05"]
+    assert agg["by_grade"]["HY"] == {"trades": 1, "par": None, "par_withheld": True}
+    assert agg["by_grade"]["IG"] == {"trades": 1, "par": "100000", "par_withheld": False}
+    assert agg["total_par"] is None and agg["total_par_withheld"] is True  # else total - IG = the HY trade
+    assert agg["total_trades"] == 2  # counts reveal no size
+    assert "2600000" not in json.dumps(agg) and "2500000" not in json.dumps(agg)
 
 
 def test_a_day_after_today_cannot_be_closed(feed):

@@ -156,6 +156,31 @@ def test_market_pages_show_the_feed_capped(world):
     assert anon.get("/market?date=junk").status_code == 400
 
 
+def test_market_page_par_comes_from_the_public_tape_only(world):
+    """A capped trade's exact size and a 144A trade's size are not on the tape: the public
+    /market page must not give them back (per security, nor by grade or in total)."""
+    from tests.conftest import R144A
+    c = signed_in(world, world.trader)
+    report(c, quantity="12345678")  # investment grade: disseminated as 5MM+
+    report(c, quantity="250000", execution_time="2026-06-01T09:59:00")
+    svc = world.app.state.services
+    with world.db.connect() as conn:
+        seq = conn.execute(sa.select(sa.func.max(trade_reports.c.seq))).scalar()
+    assert svc.publisher.wait_for(seq)
+    anon = world.client()
+    before = anon.get("/market").text
+    assert "12345678" not in before and "12595678" not in before
+    assert ">5250000+<" in before  # the 5MM+ counted at the cap, shown as capped
+    assert re.search(r"Total par \(USD\)</th><td class=\"num\">withheld<", before)
+    report(c, cusip=R144A, quantity="3000000", execution_time="2026-06-01T09:59:30")  # not disseminated
+    with world.db.connect() as conn:
+        seq = conn.execute(sa.select(sa.func.max(trade_reports.c.seq))).scalar()
+    assert svc.publisher.wait_for(seq)
+    after = anon.get("/market").text
+    assert "3000000" not in after and "15595678" not in after and "15345678" not in after
+    assert ">5250000+<" in after
+
+
 def test_a_control_number_beyond_any_stored_one_is_not_found(world):
     c = signed_in(world, world.trader)
     for path in (f"/reports/{2**63}", f"/reports/{2**63}/history", f"/reports/{10**30}"):

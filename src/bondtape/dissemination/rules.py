@@ -179,6 +179,32 @@ def daily_summaries(trades: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]
     return out
 
 
+# R19: aggregates include non-disseminated trades "without revealing any one of them". A
+# par total that holds exactly one or two trades whose size is not public (capped or not
+# disseminated) would give that size back (total minus the public sizes), so such a total
+# is withheld; with none, or with at least this many, it is published.
+DISCLOSURE_MIN_HIDDEN = 3
+
+
+def size_public(t: Mapping[str, Any]) -> bool:
+    """Whether a counted trade's exact size is on the public tape: disseminated, not capped.
+
+    ``t`` carries ``withheld`` and, when disseminated, its trade ``block`` (as published)."""
+    if t["withheld"] is not None:
+        return False
+    block = t.get("block")
+    if block is None:
+        return False
+    if isinstance(block, str):
+        block = json.loads(block)
+    return block.get("quantity_indicator") == "A"
+
+
+def par_disclosable(hidden: int) -> bool:
+    """A par total may be published when it holds no trade of non-public size, or enough."""
+    return hidden == 0 or hidden >= DISCLOSURE_MIN_HIDDEN
+
+
 def market_aggregates(
     counted: Iterable[Mapping[str, Any]],
     summaries: Iterable[Mapping[str, Any]],
@@ -187,21 +213,28 @@ def market_aggregates(
     """End-of-day market aggregates of one data set.
 
     ``counted``: every active trade of the day that counts (disseminated or not, R19), with
-    grade, quantity_c and withheld; totals are uncapped. ``summaries``: the day's
+    grade, quantity_c, withheld and block; totals are uncapped, but a par total is published
+    only under the disclosure rule (:func:`par_disclosable`), else it is null with
+    ``par_withheld`` (``total_par_withheld``) true; if any grade's par is withheld the total
+    is withheld too. ``summaries``: the day's
     :func:`daily_summaries`; ``previous_last``: each security's last sale at its previous
     close, for advances and declines.
     """
     total_c = 0
     trades = disseminated = 0
-    by_grade = {"IG": [0, 0], "HY": [0, 0]}
+    by_grade = {"IG": [0, 0, 0], "HY": [0, 0, 0]}  # trades, par, trades whose size is not public
     for t in counted:
         trades += 1
         total_c += t["quantity_c"]
         if t["withheld"] is None:
             disseminated += 1
-        g = by_grade.setdefault(t["grade"], [0, 0])
+        g = by_grade.setdefault(t["grade"], [0, 0, 0])
         g[0] += 1
         g[1] += t["quantity_c"]
+        if not size_public(t):
+            g[2] += 1
+    withheld = {g: not par_disclosable(v[2]) for g, v in by_grade.items()}
+    total_withheld = any(withheld.values())  # else total minus the other buckets gives it back
     advances = declines = unchanged = 0
     summaries = list(summaries)
     for s in summaries:
@@ -216,11 +249,13 @@ def market_aggregates(
             unchanged += 1
     return {
         "total_trades": trades,
-        "total_par": scaled_text(total_c, 2),
+        "total_par": None if total_withheld else scaled_text(total_c, 2),
+        "total_par_withheld": total_withheld,
         "disseminated_trades": disseminated,
         "securities_traded": len(summaries),
         "advances": advances,
         "declines": declines,
         "unchanged": unchanged,
-        "by_grade": {g: {"trades": v[0], "par": scaled_text(v[1], 2)} for g, v in sorted(by_grade.items())},
+        "by_grade": {g: {"trades": v[0], "par": None if withheld[g] else scaled_text(v[1], 2),
+                         "par_withheld": withheld[g]} for g, v in sorted(by_grade.items())},
     }

@@ -69,15 +69,23 @@ def day_activity(ctx: Ctx, data_set: str, day: str) -> dict[str, Any]:
     previous = {r.cusip: r.price_u for r in ctx.conn.execute(
         sa.select(feed_last_sale).where(feed_last_sale.c.data_set == data_set, feed_last_sale.c.feed_date < day))}
     aggregates = R.market_aggregates([r for r in rows if r["counted"]], summaries, previous)
+    # A security's par is read from the public tape only: its disseminated trades at the
+    # quantity published, a capped one (5MM+) counted at the cap, the total then shown with
+    # "+". Withheld trades (144A, merger transfers) and exact sizes above the cap stay out.
     par: dict[str, int] = {}
+    capped: set[str] = set()
     for r in rows:
-        if r["counted"]:
-            par[r["cusip"]] = par.get(r["cusip"], 0) + r["quantity_c"]
+        if r["withheld"] is None and r["block"] is not None:
+            shown = json.loads(r["block"])["quantity"]
+            par[r["cusip"]] = par.get(r["cusip"], 0) + int(quantity_number(shown) * 100)
+            if shown.endswith("+"):
+                capped.add(r["cusip"])
     active = []
     for s in summaries:
         before = previous.get(s["cusip"])
         change = None if before is None else R.scaled_text(s["last_price_u"] - before, 6)
-        active.append({**s, "par": R.scaled_text(par.get(s["cusip"], 0), 2), "par_c": par.get(s["cusip"], 0),
+        par_c = par.get(s["cusip"], 0)
+        active.append({**s, "par": R.scaled_text(par_c, 2) + ("+" if s["cusip"] in capped else ""), "par_c": par_c,
                        "change": change})
     by_trades = sorted(active, key=lambda s: (-s["trades"], -s["par_c"], s["cusip"]))[:10]
     by_par = sorted(active, key=lambda s: (-s["par_c"], -s["trades"], s["cusip"]))[:10]
