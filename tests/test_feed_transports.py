@@ -148,6 +148,40 @@ def test_http_retransmission_time_and_sales_and_snapshot(feed):
         assert status["CORP"] == {"date": DAY, "last_seq": 4, "closed": False}
 
 
+def test_live_streams_end_when_access_ends(feed):
+    """Access is checked again while a stream runs (here every 0.05 s): once the caller may
+    no longer receive its data sets (signed out, disabled, entitlement ended), nothing more
+    is delivered: the WebSocket closes with 4403, the SSE stream ends."""
+    engine, pub, report = feed
+    allowed = {"CORP"}
+    app = create_app(pub, entitled=lambda conn: set(allowed), recheck_seconds=0.05)
+    with TestClient(app) as client:
+        with pytest.raises(WebSocketDisconnect) as e:
+            with client.websocket_connect("/feed/ws?data_sets=CORP") as ws:
+                report(1)
+                assert [json.loads(ws.receive_text())["type"] for _ in range(2)] == ["START_OF_DAY", "TRADE"]
+                allowed.clear()
+                time.sleep(0.1)
+                report(1)  # due for a check before it is delivered: never sent
+                got = ws.receive_text()
+                raise AssertionError(f"delivered after access ended: {got}")
+        assert e.value.code == 4403
+        allowed.add("CORP")
+        with pytest.raises(WebSocketDisconnect) as e:  # also while no message flows
+            with client.websocket_connect("/feed/ws?data_sets=CORP") as ws:
+                allowed.clear()
+                ws.receive_text()
+        assert e.value.code == 4403
+    allowed.add("CORP")
+    with Server(create_app(pub, entitled=lambda conn: set(allowed), recheck_seconds=0.05), free_port()) as srv:
+        with httpx.Client(timeout=10) as http:
+            with http.stream("GET", f"http://127.0.0.1:{srv.port}/feed/sse?data_sets=CORP") as r:
+                assert r.status_code == 200
+                threading.Thread(target=lambda: (time.sleep(0.2), allowed.clear(), time.sleep(0.2), report(1))).start()
+                lines = list(r.iter_lines())  # ends by itself
+            assert "event: ACCESS_ENDED" in lines and not any(line.startswith("event: TRADE") for line in lines)
+
+
 def _sse_events(response, n: int) -> list[tuple[str, str]]:
     events, ident, data = [], None, None
     for line in response.iter_lines():

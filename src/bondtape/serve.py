@@ -75,10 +75,11 @@ def start_services(db: SAEngine, *, clock: Callable[[], int] = now_us, follow: b
     return Services(db, engine, Sequencer(engine), publisher)
 
 
-def feed_entitlements(app) -> Callable[[Any], Iterable[str]]:
+def feed_entitlements(app, *, touch: bool = True) -> Callable[[Any], Iterable[str]]:
     """The data sets the caller of a feed route may receive: the operator all; a subscriber
     those its organisation holds REALTIME for (a Non-Professional once attested). The
-    caller is the website session (cookie) of the WebSocket or SSE request."""
+    caller is the website session (cookie) of the WebSocket or SSE request. ``touch=False``
+    for a live stream's re-checks: streaming does not keep the session from going idle."""
     from bondtape.access import accounts
     from bondtape.access.authz import decide
     from bondtape.dissemination.publisher import DATA_SETS
@@ -89,7 +90,7 @@ def feed_entitlements(app) -> Callable[[Any], Iterable[str]]:
         now = state.clock()
         with state.db.begin() as conn:
             session = sessions.resume(conn, conn_http.cookies.get(sessions.SESSION_COOKIE), now_us=now,
-                                      settings=state.settings)
+                                      settings=state.settings, touch=touch)
             if session is None:
                 return []
             actor = accounts.authenticated(conn, session.user_id, session.method)
@@ -112,7 +113,8 @@ def build_app(db: SAEngine | str | None, settings, *, clock: Callable[[], int] =
                                             poll_interval=feed_poll_interval)
     svc = services(app.state)
     if feed:
-        app.router.routes[0:0] = feed_routes(svc.publisher, entitled=feed_entitlements(app))
+        app.router.routes[0:0] = feed_routes(svc.publisher, entitled=feed_entitlements(app),
+                                             recheck=feed_entitlements(app, touch=False))
     return app
 
 

@@ -13,10 +13,18 @@ Entitlements are not decided here: ``entitled(connection)`` returns the data set
 caller may receive (the access capability plugs in there); asking for another one is
 refused (HTTP 403, or WebSocket close code 4403, with ``NOT_ENTITLED``; a malformed request
 closes with 4400), and a subscription carries only entitled data sets.
+
+A live WebSocket or SSE stream checks again while it runs (``recheck``, by default
+``entitled``): at most every ``recheck_seconds`` (5 s), and before delivering any message
+once a check is due, also while no message flows. When the caller may no longer receive
+every data set it subscribed to (signed out, session ended, idle or past its absolute
+limit, user disabled, entitlement ended), the stream ends: the WebSocket closes with 4403
+``ACCESS_ENDED``, an SSE stream sends an ``ACCESS_ENDED`` event and ends.
 """
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Callable, Iterable
 
 from starlette.applications import Starlette
@@ -34,6 +42,7 @@ from bondtape.dissemination.query import feed_status, snapshot_lines, time_and_s
 __all__ = ["feed_routes", "create_app", "parse_positions", "format_positions"]
 
 Entitled = Callable[[HTTPConnection], Iterable[str]]
+RECHECK_SECONDS = 5.0  # a live stream checks the caller's access again at most this often
 QUEUE_LIMIT = 50_000  # messages held for one slow subscriber before it is disconnected
 REPLAY_CHUNK = 1000
 
@@ -105,12 +114,17 @@ class _Stream:
     """Stored messages from the start positions (read in chunks, with back-pressure), then
     live from the publisher with no gap and no repeat."""
 
-    def __init__(self, publisher: Publisher, data_sets: list[str], start: dict[str, tuple[str, int]]):
+    def __init__(self, publisher: Publisher, data_sets: list[str], start: dict[str, tuple[str, int]],
+                 allowed: Callable[[], Iterable[str]] | None = None, recheck_seconds: float = RECHECK_SECONDS):
         self.publisher = publisher
         self.data_sets = data_sets
         self.start = dict(start)
         self.sub = None
         self.overflow = False
+        self.revoked = False  # the caller's access ended while streaming
+        self._allowed = allowed
+        self._recheck = recheck_seconds
+        self._checked = 0.0
         self.ended = False  # the server stops (Publisher.end_streams): the client resumes elsewhere
         self._filled = False
 
@@ -126,8 +140,25 @@ class _Stream:
                 s = status.get(ds)
                 self.start[ds] = (s["date"], s["last_seq"] + 1) if s else ("", 1)
 
+    def _due_in(self) -> float | None:
+        if self._allowed is None:
+            return None
+        return max(0.0, self._checked + self._recheck - asyncio.get_running_loop().time())
+
+    async def _still_allowed(self) -> bool:
+        """False once the caller may no longer receive every data set of the stream (checked
+        at most every ``recheck_seconds``)."""
+        if self._allowed is None or self._due_in() > 0:
+            return not self.revoked
+        self._checked = asyncio.get_running_loop().time()
+        allowed = set(await run_in_threadpool(self._allowed))
+        if not set(self.data_sets) <= allowed:
+            self.revoked = True
+        return not self.revoked
+
     async def __aiter__(self):
         await self._fill_start()
+        self._checked = asyncio.get_running_loop().time()  # the request was just checked
         positions = dict(self.start)
         for ds in self.data_sets:  # the stored part: paced by the client
             while True:
@@ -139,6 +170,8 @@ class _Stream:
                         return read_messages(conn, ds, positions[ds], limit=REPLAY_CHUNK)
                 batch = await run_in_threadpool(read)
                 for m in batch:
+                    if not await self._still_allowed():
+                        return
                     yield m
                 if batch:
                     positions[ds] = (batch[-1].date, batch[-1].seq + 1)
@@ -149,12 +182,20 @@ class _Stream:
                                                                             on_shutdown=handoff.end))
         try:
             while True:
-                batch = await handoff.get_batch()
+                wait = self._due_in()
+                try:  # get_batch takes nothing before it returns: safe to cancel on timeout
+                    batch = await (handoff.get_batch() if wait is None else asyncio.wait_for(handoff.get_batch(), wait))
+                except asyncio.TimeoutError:
+                    if not await self._still_allowed():
+                        return
+                    continue
                 if not batch:
                     # too slow, or the server stops: the client reconnects from its last position
                     self.overflow, self.ended = handoff.overflow, not handoff.overflow
                     return
                 for m in batch:
+                    if not await self._still_allowed():
+                        return
                     yield m
         finally:
             self.close()
@@ -165,9 +206,21 @@ class _Stream:
             self.sub = None
 
 
-def feed_routes(publisher: Publisher, *, entitled: Entitled | None = None) -> list[BaseRoute]:
-    """The feed's routes, for the main website to mount (e.g. under ``/``)."""
+ACCESS_ENDED = FeedError("ACCESS_ENDED", "data_sets",
+                         "access to this stream ended (signed out, session expired, user disabled or entitlement "
+                         "ended): sign in and reconnect from your last position")
+
+
+def feed_routes(publisher: Publisher, *, entitled: Entitled | None = None, recheck: Entitled | None = None,
+                recheck_seconds: float = RECHECK_SECONDS) -> list[BaseRoute]:
+    """The feed's routes, for the main website to mount (e.g. under ``/``). ``recheck``
+    (default ``entitled``) decides again while a stream runs, every ``recheck_seconds``."""
     entitled = entitled or _all
+    recheck = recheck or entitled
+
+    def _stream(conn: HTTPConnection, want: _Request) -> _Stream:
+        return _Stream(publisher, want.data_sets, want.start, allowed=lambda: recheck(conn),
+                       recheck_seconds=recheck_seconds)
 
     async def ws(websocket: WebSocket) -> None:
         try:
@@ -180,14 +233,16 @@ def feed_routes(publisher: Publisher, *, entitled: Entitled | None = None) -> li
             await websocket.accept()
             await websocket.close(code=4400, reason=f"{exc.code}: {exc.message}"[:120])
             return
-        stream = _Stream(publisher, want.data_sets, want.start)
+        stream = _stream(websocket, want)
         await stream._fill_start()  # "live from now" means from the accepted handshake
         await websocket.accept()
 
         async def pump() -> None:
             async for m in stream:
                 await websocket.send_text(m.body)
-            if stream.overflow:
+            if stream.revoked:
+                await websocket.close(code=4403, reason=f"{ACCESS_ENDED.code}: signed out, expired or no longer entitled")
+            elif stream.overflow:
                 await websocket.close(code=4008)  # the subscriber fell too far behind
             else:  # the server stops (1012: service restart): reconnect, to this server or another
                 await websocket.close(code=1012, reason="the server is stopping: reconnect from your last position")
@@ -215,7 +270,7 @@ def feed_routes(publisher: Publisher, *, entitled: Entitled | None = None) -> li
             return _error(exc.error, 403)
         except FeedError as exc:
             return _error(exc)
-        stream = _Stream(publisher, want.data_sets, want.start)
+        stream = _stream(request, want)
         await stream._fill_start()
 
         async def events():
@@ -225,6 +280,8 @@ def feed_routes(publisher: Publisher, *, entitled: Entitled | None = None) -> li
                 async for m in stream:
                     last[m.data_set] = m.position
                     yield f"id: {format_positions(last)}\nevent: {m.type}\ndata: {m.body}\n\n"
+                if stream.revoked:
+                    yield f"event: ACCESS_ENDED\ndata: {json.dumps({'error': ACCESS_ENDED.as_dict()})}\n\n"
             finally:
                 stream.close()
 
@@ -292,6 +349,8 @@ def feed_routes(publisher: Publisher, *, entitled: Entitled | None = None) -> li
     ]
 
 
-def create_app(publisher: Publisher, *, entitled: Entitled | None = None) -> Starlette:
+def create_app(publisher: Publisher, *, entitled: Entitled | None = None, recheck: Entitled | None = None,
+               recheck_seconds: float = RECHECK_SECONDS) -> Starlette:
     """A stand-alone app serving the feed (the main website mounts :func:`feed_routes`)."""
-    return Starlette(routes=feed_routes(publisher, entitled=entitled))
+    return Starlette(routes=feed_routes(publisher, entitled=entitled, recheck=recheck,
+                                        recheck_seconds=recheck_seconds))
