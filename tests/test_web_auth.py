@@ -392,6 +392,25 @@ def test_existing_user_enrolls_mfa_with_the_current_password(world):
         assert accounts.users_needing_mfa(conn) == []
 
 
+def test_audit_trail_never_records_an_enrollment_token(world):
+    """A refused form (no CSRF token) on an enrollment link is audited with its path: the
+    link's one-time token must not be in the trail (it would let a reader enroll)."""
+    from bondtape.access import accounts
+    from bondtape.access.schema import audit_log
+
+    legacy = world.user("token-user", world.firm, "viewer", mfa=False)
+    with world.db.begin() as conn:
+        token = accounts.issue_invitation(conn, legacy.id, actor=None, now_us=world.clock.t, source="test", hours=72)
+    c = world.client()
+    for path in (f"/enroll/{token}/confirm", f"/enroll/{token}"):
+        assert c.http.post(path, data={"code": "123456"}).status_code == 403
+    with world.db.connect() as conn:
+        rows = conn.execute(sa.select(audit_log)).all()
+    refused = [r for r in rows if r.action == "csrf.refused"]
+    assert {r.target for r in refused} >= {"/enroll/[redacted]/confirm", "/enroll/[redacted]"}
+    assert not any(token in repr(tuple(r)) for r in rows)
+
+
 def test_abandoned_re_enrollment_keeps_the_current_authenticator(world):
     """A new invitation for an enrolled user: until step 2 completes, the old device works."""
     from bondtape.access import accounts

@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 from urllib.parse import quote
@@ -46,6 +47,18 @@ from bondtape.web import sessions
 from bondtape.web.tls import client_certificate_der
 
 AUTH_MODES = ("session", "certificate")
+
+# Paths that carry a secret (a one-time enrollment link token): the audit trail records
+# them with the secret replaced. Every audited path goes through :func:`audited_path`.
+_SECRET_PATHS = (re.compile(r"^(/enroll/)[^/]+"),)
+REDACTED = "[redacted]"
+
+
+def audited_path(path: str) -> str:
+    """A request path as the audit trail records it: secrets redacted, at most 200 characters."""
+    for pattern in _SECRET_PATHS:
+        path = pattern.sub(lambda m: m.group(1) + REDACTED, path)
+    return path[:200]
 MAX_FORM_BYTES = 64 * 1024
 
 
@@ -183,7 +196,7 @@ def _certificate_actor(ctx: Ctx, r: GuardedRoute) -> tuple[AuthenticatedUser | N
     if check.reason != "ok":
         audit.record(ctx.conn, "cert.refused", at_us=ctx.now_us, outcome="denied", actor_user_id=check.user_id,
                      target=check.serial and f"cert:{check.serial}", source=ctx.source,
-                     detail={"reason": check.reason, "path": ctx.request.url.path})
+                     detail={"reason": check.reason, "path": audited_path(ctx.request.url.path)})
         messages = {
             "no_certificate": "a client certificate is required (TLS), with your login and password",
             "not_ours": "the client certificate was not issued by this service",
@@ -220,7 +233,7 @@ def _certificate_actor(ctx: Ctx, r: GuardedRoute) -> tuple[AuthenticatedUser | N
     actor = accounts.authenticated(ctx.conn, user.id, "certificate+password")
     audit.record(ctx.conn, "cert.use", at_us=ctx.now_us, actor_user_id=actor.user_id, actor=actor.username,
                  org_id=actor.org_id, target=f"cert:{check.serial}", source=ctx.source,
-                 detail={"path": ctx.request.url.path})
+                 detail={"path": audited_path(ctx.request.url.path)})
     return actor, None
 
 
@@ -243,7 +256,7 @@ def _handle_sync(request: Request, r: GuardedRoute, form: dict[str, str]) -> Res
             if request.method == "POST":
                 sent = form.get("csrf_token", "")
                 if not sent or not constant_equal(sent, ctx.csrf_token):
-                    ctx.audit("csrf.refused", outcome="denied", target=request.url.path)
+                    ctx.audit("csrf.refused", outcome="denied", target=audited_path(request.url.path))
                     return _error_response(r, 403, "CSRF", "the form's security token is missing or stale: "
                                            "reload the page and submit again")
         else:
@@ -256,7 +269,7 @@ def _handle_sync(request: Request, r: GuardedRoute, form: dict[str, str]) -> Res
                 ctx.resource = r.resource(ctx)
             decision = decide(conn, ctx.actor, r.rule, ctx.resource, now_us=now)
             if not decision.allowed:
-                ctx.audit("access.denied", outcome="denied", target=request.url.path,
+                ctx.audit("access.denied", outcome="denied", target=audited_path(request.url.path),
                           detail={"rule": r.rule, "reason": decision.reason})
                 if ctx.actor is None and r.auth == "session" and request.method == "GET":
                     return RedirectResponse("/login?next=" + quote(request.url.path), status_code=303)
@@ -267,7 +280,7 @@ def _handle_sync(request: Request, r: GuardedRoute, form: dict[str, str]) -> Res
             response = r.handler(ctx)
             if request.method != "GET" and ctx.actor is not None and r.rule != "public":
                 # every state-changing request of a signed-in user: who, what, when, from where
-                ctx.audit("request", target=request.url.path[:200],
+                ctx.audit("request", target=audited_path(request.url.path),
                           detail={"method": request.method, "route": r.path, "status": response.status_code})
         except NotFound as exc:
             return _error_response(r, 404, "NOT_FOUND", str(exc) or "no such record")
