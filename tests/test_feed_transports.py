@@ -209,12 +209,34 @@ def test_server_sent_events_over_a_real_server_resume_with_last_event_id(feed):
                 events = _sse_events(r, 6)
             assert [d for _, d in events] == stored(pub, "CORP") + stored(pub, "AGCY")  # stored part per data set
             last_id = events[2][0]
-            assert parse_positions(last_id) == {"CORP": (DAY, 3)}
+            assert parse_positions(last_id) == {"CORP": (DAY, 3), "AGCY": (DAY, 0)}  # AGCY not carried yet
             assert parse_positions(events[5][0]) == {"CORP": (DAY, 4), "AGCY": (DAY, 2)}
             with http.stream("GET", f"{base}/feed/sse?data_sets=CORP,AGCY", headers={"Last-Event-ID": last_id}) as r:
                 report(1)
-                again = _sse_events(r, 2)
-            assert [d for _, d in again] == stored(pub, "CORP")[3:]
+                again = _sse_events(r, 4)
+            # CORP after its position; AGCY, not carried yet, from where that stream started it
+            got = [d for _, d in again]
+            assert [d for d in got if '"data_set":"CORP"' in d] == stored(pub, "CORP")[3:]
+            assert [d for d in got if '"data_set":"AGCY"' in d] == stored(pub, "AGCY")
+
+
+def test_sse_resume_has_no_gap_on_a_data_set_not_carried_yet(feed):
+    """The event id names every subscribed data set: one that sent nothing before the
+    disconnect resumes where the stream started it, not live (what came meanwhile is sent)."""
+    engine, pub, report = feed
+    report(1)
+    report(1, cusip=AGCY)
+    with Server(create_app(pub), free_port()) as srv:
+        base = f"http://127.0.0.1:{srv.port}"
+        with httpx.Client(timeout=10) as http:
+            with http.stream("GET", f"{base}/feed/sse?data_sets=CORP,AGCY") as r:  # live from now
+                threading.Thread(target=lambda: (time.sleep(0.3), report(1))).start()
+                [(last_id, _)] = _sse_events(r, 1)
+            assert parse_positions(last_id) == {"CORP": (DAY, 3), "AGCY": (DAY, 2)}
+            report(1, cusip=AGCY)  # published while disconnected
+            with http.stream("GET", f"{base}/feed/sse?data_sets=CORP,AGCY", headers={"Last-Event-ID": last_id}) as r:
+                [(_, data)] = _sse_events(r, 1)
+            assert data == stored(pub, "AGCY")[2]
 
 
 def test_client_resumes_after_the_server_goes_away_without_gap_or_repeat(feed):
