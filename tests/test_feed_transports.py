@@ -148,6 +148,15 @@ def test_http_retransmission_time_and_sales_and_snapshot(feed):
         assert status["CORP"] == {"date": DAY, "last_seq": 4, "closed": False}
 
 
+def test_snapshot_of_a_malformed_date_is_a_clear_400(feed):
+    engine, pub, report = feed
+    with TestClient(create_app(pub), raise_server_exceptions=False) as client:
+        for bad in ("not-a-date", "2026-1-1", "2024-02-30"):
+            r = client.get(f"/feed/snapshot/CORP/{bad}")
+            assert r.status_code == 400, bad
+            assert r.json()["error"]["code"] == "DATE_INVALID" and r.json()["error"]["field"] == "date"
+
+
 def test_live_streams_end_when_access_ends(feed):
     """Access is checked again while a stream runs (here every 0.05 s): once the caller may
     no longer receive its data sets (signed out, disabled, entitlement ended), nothing more

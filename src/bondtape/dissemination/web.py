@@ -337,7 +337,10 @@ def feed_routes(publisher: Publisher, *, entitled: Entitled | None = None, reche
             return _error(FeedError("DATA_SET_INVALID", "data_set", f"data set is one of {', '.join(DATA_SETS)}"), 404)
         if ds not in set(entitled(request)):
             return _error(FeedError("NOT_ENTITLED", "data_set", f"this subscriber is not entitled to the {ds} data set"), 403)
-        lines = await run_in_threadpool(snapshot_lines, publisher.db, ds, date)
+        try:
+            lines = await run_in_threadpool(snapshot_lines, publisher.db, ds, date)
+        except FeedError as exc:  # DATE_INVALID: not YYYY-MM-DD
+            return _error(exc)
         return Response("".join(line + "\n" for line in lines), media_type="application/x-ndjson",
                         headers={"Content-Disposition": f'attachment; filename="bondtape-feed-{ds}-{date}.jsonl"'})
 
