@@ -148,6 +148,28 @@ def test_http_retransmission_time_and_sales_and_snapshot(feed):
         assert status["CORP"] == {"date": DAY, "last_seq": 4, "closed": False}
 
 
+def test_start_positions_that_are_malformed_or_impossible_are_refused(feed):
+    engine, pub, report = feed
+    report(4)  # CORP DAY: START_OF_DAY + 4 trades, seqs 1-5
+    with TestClient(create_app(pub)) as client:
+        for query in ("data_set=CORP&from=CORP:2024-99-99:1", "data_set=CORP&date=garbage123&from_seq=1",
+                      "data_set=CORP&date=2099-01-01&from_seq=1", f"data_set=CORP&date={DAY}&from_seq=99",
+                      "data_set=CORP&from=CORP::99", "data_set=CORP&from=CORP:2024-03-04:0"):
+            r = client.get(f"/feed/messages?{query}")
+            assert r.status_code == 400 and r.json()["error"]["code"] == "POSITION_INVALID", (query, r.text)
+        for query in ("from=CORP:2099-01-01:1", f"from=CORP:{DAY}:1000"):
+            with pytest.raises(WebSocketDisconnect) as e:
+                with client.websocket_connect(f"/feed/ws?data_sets=CORP&{query}") as ws:
+                    ws.receive_text()
+            assert e.value.code == 4400, query
+        # no date: the first day, as documented; never a message before the seq asked for
+        for query in ("from=CORP::3", "from_seq=3"):
+            r = client.get(f"/feed/messages?data_set=CORP&{query}")
+            assert r.status_code == 200 and r.text.splitlines() == stored(pub)[2:], query
+        r = client.get(f"/feed/messages?data_set=CORP&date={DAY}&from_seq=6")  # the next one: empty, fine
+        assert r.status_code == 200 and r.text == ""
+
+
 def test_snapshot_of_a_malformed_date_is_a_clear_400(feed):
     engine, pub, report = feed
     with TestClient(create_app(pub), raise_server_exceptions=False) as client:
@@ -218,7 +240,7 @@ def test_server_sent_events_over_a_real_server_resume_with_last_event_id(feed):
                 events = _sse_events(r, 6)
             assert [d for _, d in events] == stored(pub, "CORP") + stored(pub, "AGCY")  # stored part per data set
             last_id = events[2][0]
-            assert parse_positions(last_id) == {"CORP": (DAY, 3), "AGCY": (DAY, 0)}  # AGCY not carried yet
+            assert parse_positions(last_id, min_seq=0) == {"CORP": (DAY, 3), "AGCY": (DAY, 0)}  # AGCY not carried yet
             assert parse_positions(events[5][0]) == {"CORP": (DAY, 4), "AGCY": (DAY, 2)}
             with http.stream("GET", f"{base}/feed/sse?data_sets=CORP,AGCY", headers={"Last-Event-ID": last_id}) as r:
                 report(1)

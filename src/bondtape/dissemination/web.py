@@ -5,7 +5,8 @@ wraps them in an app of their own (``bondtape feed serve``). Every message is se
 exact JSON text stored in ``feed_messages``.
 
 Positions are written ``DATA_SET:DATE:SEQ`` (``CORP:2024-03-04:17``; an empty date,
-``CORP::1``, means the first day), several joined by commas. ``from`` names the first message to send per data set; an SSE client's
+``CORP::1``, means the data set's first day), several joined by commas; a malformed or
+impossible one (future day, seq beyond the day's next) is refused (POSITION_INVALID). ``from`` names the first message to send per data set; an SSE client's
 ``Last-Event-ID`` names the last one it received. A data set without a position starts at
 the feed's current end (live from now).
 
@@ -24,9 +25,11 @@ limit, user disabled, entitlement ended), the stream ends: the WebSocket closes 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 from typing import Callable, Iterable
 
+import sqlalchemy as sa
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection, Request
@@ -34,9 +37,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from bondtape.clock import market_date
 from bondtape.db import reading
 from bondtape.dissemination.handoff import LoopHandoff
 from bondtape.dissemination.publisher import DATA_SETS, FeedError, FeedMessage, Publisher, read_messages
+from bondtape.dissemination.schema import feed_days
 from bondtape.dissemination.query import feed_status, snapshot_lines, time_and_sales
 
 __all__ = ["feed_routes", "create_app", "parse_positions", "format_positions"]
@@ -47,7 +52,7 @@ QUEUE_LIMIT = 50_000  # messages held for one slow subscriber before it is disco
 REPLAY_CHUNK = 1000
 
 
-def parse_positions(text: str | None) -> dict[str, tuple[str, int]]:
+def parse_positions(text: str | None, *, min_seq: int = 1) -> dict[str, tuple[str, int]]:
     """``CORP:2024-03-04:17,AGCY:2024-03-04:5`` -> {data set: (date, seq)}."""
     out: dict[str, tuple[str, int]] = {}
     for part in (text or "").split(","):
@@ -55,9 +60,47 @@ def parse_positions(text: str | None) -> dict[str, tuple[str, int]]:
         if not part:
             continue
         bits = part.split(":")
-        if len(bits) != 3 or bits[0].upper() not in DATA_SETS or not bits[2].isdigit() or len(bits[1]) not in (0, 10):
-            raise FeedError("POSITION_INVALID", "from", f"position {part!r} is not DATA_SET:YYYY-MM-DD:SEQ with DATA_SET one of {', '.join(DATA_SETS)}")
+        if (len(bits) != 3 or bits[0].upper() not in DATA_SETS or not bits[2].isdigit() or int(bits[2]) < min_seq
+                or not _valid_date(bits[1], empty_ok=True)):
+            raise FeedError("POSITION_INVALID", "from", f"position {part[:40]!r} is not DATA_SET:YYYY-MM-DD:SEQ with "
+                            f"DATA_SET one of {', '.join(DATA_SETS)}, a real date (or none) and SEQ 1 or more")
         out[bits[0].upper()] = (bits[1], int(bits[2]))
+    return out
+
+
+def _valid_date(text: str, *, empty_ok: bool) -> bool:
+    if not text:
+        return empty_ok
+    if len(text) != 10:
+        return False
+    try:
+        return dt.date.fromisoformat(text).isoformat() == text
+    except ValueError:
+        return False
+
+
+def resolve_positions(db, start: dict[str, tuple[str, int]], field: str, today: str) -> dict[str, tuple[str, int]]:
+    """Start positions checked against the stored feed: a position without a date means
+    the data set's first day; a day after the feed's current day (and after today), or a
+    number beyond the day's next one, is refused with POSITION_INVALID."""
+    fd = feed_days.c
+    out: dict[str, tuple[str, int]] = {}
+    with reading(db) as conn:
+        for ds, (date, seq) in start.items():
+            days = dict(conn.execute(sa.select(fd.feed_date, fd.last_seq).where(fd.data_set == ds)).all())
+            if not date and days:
+                date = min(days)
+            if date in days:
+                next_seq = days[date] + 1
+            else:  # a day with no message (yet): only its start
+                next_seq = 1
+            latest = max([*days, today])
+            if (date and date > latest) or seq > next_seq:
+                where = f"{ds} {date or 'first day'}"
+                raise FeedError("POSITION_INVALID", field,
+                                f"{where} seq {seq} is beyond the feed: the next message of that day is seq {next_seq} "
+                                f"and the latest day is {latest}")
+            out[ds] = (date, seq)
     return out
 
 
@@ -95,11 +138,16 @@ class _Request:
         self.data_sets = wanted
         start = parse_positions(q.get("from"))
         if last_event_id:
-            start.update({ds: (d, s + 1) for ds, (d, s) in parse_positions(last_event_id).items()})
+            # an SSE id names the last message received (seq 0: none yet of that day)
+            start.update({ds: (d, s + 1) for ds, (d, s) in parse_positions(last_event_id, min_seq=0).items()})
         if q.get("from_seq"):
             if not q["from_seq"].isdigit():
                 raise FeedError("POSITION_INVALID", "from_seq", "from_seq is a message sequence number (1 or more)")
             date = q.get("date", "")
+            if not _valid_date(date, empty_ok=True):
+                raise FeedError("POSITION_INVALID", "date", f"date {date[:20]!r} is not a date (YYYY-MM-DD)")
+            if int(q["from_seq"]) < 1:
+                raise FeedError("POSITION_INVALID", "from_seq", "from_seq is a message sequence number (1 or more)")
             for ds in wanted:
                 start.setdefault(ds, (date, int(q["from_seq"])))
         self.start = {ds: pos for ds, pos in start.items() if ds in wanted}
@@ -218,6 +266,10 @@ def feed_routes(publisher: Publisher, *, entitled: Entitled | None = None, reche
     entitled = entitled or _all
     recheck = recheck or entitled
 
+    async def _resolve(want: _Request) -> None:
+        today = market_date(publisher.clock()).isoformat()
+        want.start = await run_in_threadpool(resolve_positions, publisher.db, want.start, "from", today)
+
     def _stream(conn: HTTPConnection, want: _Request) -> _Stream:
         return _Stream(publisher, want.data_sets, want.start, allowed=lambda: recheck(conn),
                        recheck_seconds=recheck_seconds)
@@ -225,6 +277,7 @@ def feed_routes(publisher: Publisher, *, entitled: Entitled | None = None, reche
     async def ws(websocket: WebSocket) -> None:
         try:
             want = _Request(websocket, entitled)
+            await _resolve(want)
         except _NotEntitled as exc:  # accepted, then closed with a code the client can act on
             await websocket.accept()
             await websocket.close(code=4403, reason=f"{exc.error.code}: {exc.error.message}"[:120])
@@ -266,6 +319,7 @@ def feed_routes(publisher: Publisher, *, entitled: Entitled | None = None, reche
     async def sse(request: Request) -> Response:
         try:
             want = _Request(request, entitled, request.headers.get("last-event-id"))
+            await _resolve(want)
         except _NotEntitled as exc:
             return _error(exc.error, 403)
         except FeedError as exc:
@@ -301,6 +355,7 @@ def feed_routes(publisher: Publisher, *, entitled: Entitled | None = None, reche
             limit = q.get("limit", "1000")
             if not limit.isdigit() or not 1 <= int(limit) <= 100_000:
                 raise FeedError("LIMIT_INVALID", "limit", "limit is 1 to 100000")
+            await _resolve(want)
         except _NotEntitled as exc:
             return _error(exc.error, 403)
         except FeedError as exc:
