@@ -104,6 +104,27 @@ def test_batch_bulk_and_malformed_bodies(world):
     assert c.post("/api/v1/reports", json=[1, 2]).status_code == 400
 
 
+def test_a_client_ref_reused_for_another_request_is_refused(world):
+    """The API and bulk files answer as the engine does: a cancel under the client_ref of
+    the NEW it cancels is CLIENT_REF_REUSED, not the NEW's first answer (nothing cancelled)."""
+    c = api_client(world, world.trader)
+    cn = c.post("/api/v1/reports", json=trade(client_ref="A-1")).json()["control_number"]
+    r = c.post(f"/api/v1/reports/{cn}/cancel", json={"client_ref": "A-1"})
+    assert r.status_code == 422, r.text
+    assert (r.json()["reject"]["code"], r.json()["reject"]["field"]) == ("CLIENT_REF_REUSED", "client_ref")
+    assert f"control number {cn}" in r.json()["reject"]["message"]
+    assert c.get(f"/api/v1/reports/{cn}").json()["report"]["status"] == "ACTIVE"
+    done = c.post(f"/api/v1/reports/{cn}/cancel", json={"client_ref": "X-1"})
+    assert done.status_code == 200 and done.json()["control_number"] == cn
+    again = c.post(f"/api/v1/reports/{cn}/cancel", json={"client_ref": "X-1"}).json()
+    assert again["repeated"] and again["status"] == "ACCEPTED"
+    other = c.post("/api/v1/reports", json=trade(client_ref="B-1", quantity="8000")).json()["control_number"]
+    csv_in = ("action,client_ref,original_control_number,reporting_mpid\n"
+              f"CANCEL,B-1,{other},DLRA\nCANCEL,B-2,{other},DLRA\n")
+    lines = c.post("/api/v1/bulk", content=csv_in.encode(), headers={"content-type": "text/csv"}).text.splitlines()
+    assert "CLIENT_REF_REUSED,client_ref" in lines[1] and "ACCEPTED" in lines[2], lines
+
+
 def test_access(world):
     c = api_client(world, world.trader)
     cn = c.post("/api/v1/reports", json=trade()).json()["control_number"]

@@ -47,6 +47,35 @@ def test_repeated_client_ref_returns_first_result(market):
         assert conn.execute(sa.select(sa.func.count()).select_from(journal)).scalar_one() == 1
 
 
+def test_a_client_ref_reused_for_another_request_is_refused_not_answered_as_done(market):
+    """A cancel reusing the client_ref of an accepted NEW was answered with the NEW's first
+    result (accepted, its control number) and nothing was cancelled."""
+    engine = Engine(market)
+    [first] = engine.submit([new(ref="r1")])
+    [other] = engine.submit([new(ref="r2", price=Decimal("98"))])
+    [cancel] = engine.submit([act("CANCEL", first.control_number, ref="r1")])
+    assert not cancel.accepted and not cancel.repeated
+    assert (cancel.reject.code, cancel.reject.field) == ("CLIENT_REF_REUSED", "client_ref")
+    assert f"a NEW report, control number {first.control_number}" in cancel.reject.message
+    assert state(market, first.control_number).status == "ACTIVE"
+    # a real cancel, then the same client_ref for another report, or for a correction of the same one
+    [done] = engine.submit([act("CANCEL", first.control_number, ref="c1")])
+    assert done.accepted
+    again, elsewhere, correct = engine.submit([
+        act("CANCEL", first.control_number, ref="c1"),  # the retry: its first answer
+        act("CANCEL", other.control_number, ref="c1"),
+        act("CORRECT", first.control_number, ref="c1", price=Decimal("98.5"))])
+    assert again.repeated and again.accepted and again.control_number == done.control_number
+    assert [r.reject.code for r in (elsewhere, correct)] == ["CLIENT_REF_REUSED"] * 2
+    assert f"the CANCEL of report {first.control_number}" in elsewhere.reject.message
+    assert state(market, other.control_number).status == "ACTIVE"
+    # within one batch too: the second request is not a retry of the first
+    a, b = engine.submit([new(ref="r3", price=Decimal("97")), act("REVERSE", other.control_number, ref="r3")])
+    assert a.accepted and b.reject.code == "CLIENT_REF_REUSED"
+    with market.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(journal)).scalar_one() == 4
+
+
 def test_repeat_within_one_batch(market):
     engine = Engine(market)
     a, b = engine.submit([new(ref="y"), new(ref="y")])

@@ -244,6 +244,27 @@ def test_a_duplicate_of_two_matches_made_by_the_batch_before_names_the_first(tmp
     engine.close()
 
 
+def test_a_client_ref_of_the_batch_before_reused_for_a_cancel_is_refused(tmp_path, monkeypatch):
+    """The batch before's references (not yet in this batch's snapshot) tell a retry, which
+    gets the first answer, from another request under the same client_ref (CLIENT_REF_REUSED)."""
+    from bondtape.journal.schema import CONTROL_BASE
+
+    db, engine = _engine(tmp_path / "r.db")
+    HeldRequests(monkeypatch)
+    cn = CONTROL_BASE + 1
+    batches = [[new(ref="one", quantity=Decimal("1000")), new(ref="f1", quantity=Decimal("2000")),
+                new(ref="f2", quantity=Decimal("3000"))],
+               [act("CANCEL", cn, ref="one"), new(ref="one", quantity=Decimal("1000")),
+                new(ref="f3", quantity=Decimal("4000"))]]
+    answers = _stream(engine, batches)
+    assert answers[0][0].control_number == cn
+    reused, retry = answers[1][0], answers[1][1]
+    assert reused.reject is not None and reused.reject.code == "CLIENT_REF_REUSED"
+    assert retry.repeated and retry.control_number == cn
+    assert _journaled(db) == (4, 4) and verify(db).ok
+    engine.close()
+
+
 def test_ctrl_c_after_a_commit_was_sent_still_answers_that_batch(tmp_path):
     """Interrupted while the batch before commits: it committed, so its results are passed
     on before the interrupt goes on; nothing of the next batch is journaled."""

@@ -52,6 +52,7 @@ CASES = {
     "WINDOW_OPEN": dict(action="REVERSE", original_control_number=FIRST),
     "DUPLICATE_TRADE": dict(),
     "TEST_MISMATCH": dict(action="CANCEL", original_control_number=FIRST, test="Y"),
+    "CLIENT_REF_REUSED": dict(action="CANCEL", original_control_number=FIRST, client_ref="setup"),
 }
 
 
@@ -74,7 +75,7 @@ def results(market):
             continue
         fields = {"price": "99.25"} if code == "DUPLICATE_TRADE" else {}  # the setup row's terms
         fields.update(over)
-        rows.append(_row(client_ref=f"case{i}", **fields))
+        rows.append(_row(**{"client_ref": f"case{i}", **fields}))
         expected[len(rows) + 1] = code
     # REPORT_NOT_ACTIVE: a new report, cancelled, then cancelled again
     second = str(CONTROL_BASE + 2)

@@ -102,6 +102,9 @@ class Result:
     modifier3: str | None = None
     warning: str | None = None
     repeated: bool = False  # the client_ref was seen before: this is the first answer
+    # The report an accepted CANCEL, CORRECT or REVERSE acted on: with ``action``, what a
+    # retry under the same client_ref must repeat (not in ``as_dict``).
+    original_control_number: int | None = None
 
     @property
     def accepted(self) -> bool:
@@ -200,7 +203,25 @@ def _result_from_journal(row: Any) -> Result:
         action=row.event_type, client_ref=row.client_ref, status="ACCEPTED",
         control_number=row.control_number, seq=row.seq,
         timeliness=payload.get("timeliness"), modifier3=payload.get("modifier3"), repeated=True,
+        original_control_number=row.ref_control_number,
     )
+
+
+def _reused(cmd: Command, first: Result) -> Reject | None:
+    """CLIENT_REF_REUSED when ``cmd`` is not a retry of the request ``first`` answered:
+    another action, or another report acted on. (A retry may differ in its terms: the
+    first answer is returned whatever they are.)"""
+    if first.action == cmd.action and first.original_control_number == cmd.original_control_number:
+        return None
+    if first.action == "NEW":
+        used = f"a NEW report, control number {first.control_number}"
+    elif first.action == "CANCEL":
+        used = f"the CANCEL of report {first.original_control_number}"
+    else:
+        used = f"the {first.action} of report {first.original_control_number}, control number {first.control_number}"
+    return Reject("CLIENT_REF_REUSED", "client_ref",
+                  f"client_ref {cmd.client_ref!r} was already used for {used}; a retry repeats the same request "
+                  f"(same action and report acted on), anything else needs a new client_ref")
 
 
 class WalCheckpointer:
@@ -668,7 +689,8 @@ class Engine:
             "states": "SELECT t.control_number, t.reporting_mpid, t.status, t.report_date, t.first_control_number, "
                       "t.first_report_date, t.is_test, t.terms_key FROM json_each(?) v "
                       "JOIN trade_reports t ON t.control_number = v.value",
-            "refs": "SELECT j.seq, j.event_type, j.mpid, j.client_ref, j.control_number, j.payload FROM json_each(?) v "
+            "refs": "SELECT j.seq, j.event_type, j.mpid, j.client_ref, j.control_number, j.ref_control_number, j.payload "
+                    "FROM json_each(?) v "
                     "JOIN journal j ON j.mpid = json_extract(v.value, '$[0]') AND j.client_ref = json_extract(v.value, '$[1]')",
             "dups": "SELECT t.terms_key, t.control_number FROM json_each(?) v "
                     "JOIN trade_reports t ON t.cusip = json_extract(v.value, '$[0]') "
@@ -679,8 +701,8 @@ class Engine:
             "states": "SELECT t.control_number, t.reporting_mpid, t.status, t.report_date, t.first_control_number, "
                       "t.first_report_date, t.is_test, t.terms_key FROM unnest(%s::bigint[]) AS v(cn) "
                       "JOIN trade_reports t ON t.control_number = v.cn",
-            "refs": "SELECT j.seq, j.event_type, j.mpid, j.client_ref, j.control_number, j.payload "
-                    "FROM unnest(%s::text[], %s::text[]) AS v(mpid, client_ref) "
+            "refs": "SELECT j.seq, j.event_type, j.mpid, j.client_ref, j.control_number, j.ref_control_number, "
+                    "j.payload FROM unnest(%s::text[], %s::text[]) AS v(mpid, client_ref) "
                     "JOIN journal j ON j.mpid = v.mpid AND j.client_ref = v.client_ref",
             "dups": "SELECT t.terms_key, t.control_number FROM unnest(%s::text[], %s::bigint[], %s::text[]) "
                     "AS v(cusip, ex, k) JOIN trade_reports t ON t.cusip = v.cusip AND t.execution_us = v.ex "
@@ -773,11 +795,15 @@ class Engine:
         existing_dups = self._active_duplicates(conn, wanted, batch)
         for cmd, (report_us, is_test, checked, rej), key in zip(commands, prepared, keys):
             ref_key = (cmd.reporting_mpid, cmd.client_ref) if cmd.client_ref else None
-            if ref_key and ref_key in seen:
-                results.append(replace(seen[ref_key], client_ref=cmd.client_ref))
-                continue
-            if ref_key and ref_key in batch_refs:
-                results.append(replace(batch_refs[ref_key], repeated=True))
+            if ref_key and (ref_key in seen or ref_key in batch_refs):
+                first = seen.get(ref_key) or batch_refs[ref_key]
+                reused = _reused(cmd, first)
+                if reused is not None:
+                    results.append(Result(cmd.action, cmd.client_ref, "REJECTED", reject=reused))
+                elif ref_key in seen:
+                    results.append(replace(first, client_ref=cmd.client_ref))
+                else:
+                    results.append(replace(first, repeated=True))
                 continue
             if rej is not None:
                 results.append(Result(cmd.action, cmd.client_ref, "REJECTED", reject=rej))
@@ -795,7 +821,8 @@ class Engine:
             # positional: action, client_ref, status, control_number, seq, reject, timeliness, modifier3, warning
             result = Result(cmd.action, cmd.client_ref, "ACCEPTED", event.control_number, event.seq, None,
                             p.get("timeliness"), p.get("modifier3"),
-                            f"possible duplicate of {duplicate_of}" if duplicate_of else None)
+                            f"possible duplicate of {duplicate_of}" if duplicate_of else None, False,
+                            cmd.original_control_number)
             results.append(result)
             if ref_key:
                 batch_refs[ref_key] = result
