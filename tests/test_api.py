@@ -125,6 +125,28 @@ def test_a_client_ref_reused_for_another_request_is_refused(world):
     assert "CLIENT_REF_REUSED,client_ref" in lines[1] and "ACCEPTED" in lines[2], lines
 
 
+def test_a_client_ref_holding_control_characters_is_refused(world):
+    """A NUL in a client_ref failed the engine's whole batch on PostgreSQL (text cannot hold
+    it): every report in the batch was lost. It and other control characters are FIELD_INVALID."""
+    c = api_client(world, world.trader)
+    for ref in ("N\x00UL", "tab\there", "esc\x1b[2J"):
+        r = c.post("/api/v1/reports", json=trade(client_ref=ref, quantity="7000"))
+        assert r.status_code == 422, r.text
+        reject = r.json()["reject"]
+        assert (reject["code"], reject["field"]) == ("FIELD_INVALID", "client_ref"), reject
+        assert "printable" in reject["message"] and "\x00" not in reject["message"]
+    good = trade(client_ref="B-1", quantity="8000")
+    batch = c.post("/api/v1/reports", json={"reports": [good, trade(client_ref="B-\x00", quantity="9000")]}).json()
+    assert [x["status"] for x in batch["results"]] == ["ACCEPTED", "REJECTED"]  # the good one is not failed with it
+    csv_in = ("client_ref,reporting_mpid,cusip,side,capacity,contra,quantity,price,execution_time\n"
+              f"F-\x00,DLRA,{HY},B,P,C,100000,98.5,{EXEC}\n")
+    lines = c.post("/api/v1/bulk", content=csv_in.encode(), headers={"content-type": "text/csv"}).text.splitlines()
+    assert "FIELD_INVALID,client_ref" in lines[1], lines
+    listed = c.get("/api/v1/reports", params={"client_ref": "B-\x00"})  # was HTTP 500 on PostgreSQL
+    assert listed.status_code == 400 and (listed.json()["code"], listed.json()["field"]) == ("FILTER_INVALID", "client_ref")
+    assert [x["client_ref"] for x in c.get("/api/v1/reports", params={"client_ref": "B-1"}).json()["reports"]] == ["B-1"]
+
+
 def test_access(world):
     c = api_client(world, world.trader)
     cn = c.post("/api/v1/reports", json=trade()).json()["control_number"]

@@ -76,6 +76,21 @@ def test_a_client_ref_reused_for_another_request_is_refused_not_answered_as_done
         assert conn.execute(sa.select(sa.func.count()).select_from(journal)).scalar_one() == 4
 
 
+def test_a_client_ref_with_a_nul_fails_only_its_own_report(market):
+    """On PostgreSQL (text cannot hold NUL) such a reference failed the whole batch: the
+    other firms' reports in it were not journaled. parse_command refuses it on every
+    channel; the engine refuses it too, whoever built the command."""
+    engine = Engine(market)
+    good, bad, tab = engine.submit([new(ref="ok"), new(ref="N\x00UL", price=Decimal("98")),
+                                    new(ref="a\tb", price=Decimal("97"))])
+    assert good.accepted
+    assert (bad.reject.code, bad.reject.field) == ("FIELD_INVALID", "client_ref")
+    assert "control character (U+0000)" in bad.reject.message and "\x00" not in bad.reject.message
+    assert (tab.reject.code, tab.reject.field) == ("FIELD_INVALID", "client_ref")
+    with market.connect() as conn:
+        assert conn.execute(sa.select(journal.c.client_ref)).scalars().all() == ["ok"]
+
+
 def test_repeat_within_one_batch(market):
     engine = Engine(market)
     a, b = engine.submit([new(ref="y"), new(ref="y")])

@@ -49,7 +49,7 @@ from bondtape.journal.writer import WriterError, WriterGone, WriterProcess
 from bondtape.reference.model import Firm, Security
 from bondtape.reference.store import load_firms, load_securities
 from bondtape.reporting.codes import Reject, Rejected
-from bondtape.reporting.commands import Command
+from bondtape.reporting.commands import Command, client_ref_problem
 from bondtape.reporting.validation import check_firm, check_terms
 from bondtape.rulebook import Rulebook, default_rulebook, within_cancel_correct_window
 
@@ -730,7 +730,8 @@ class Engine:
             for r in self._lookup(conn, "states", refs):
                 states[r[0]] = _State(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7])
         seen: dict[tuple[str, str], Result] = {}
-        keyed = list({(c.reporting_mpid, c.client_ref) for c in commands if c.client_ref})
+        keyed = list({(c.reporting_mpid, c.client_ref) for c in commands
+                      if c.client_ref and client_ref_problem(c.client_ref) is None})  # the others are refused
         if prior_refs:  # the batch before's first results, as the journal gives them back
             seen = {k: replace(prior_refs[k], warning=None, repeated=True) for k in keyed if k in prior_refs}
             keyed = [k for k in keyed if k not in seen]
@@ -773,6 +774,12 @@ class Engine:
         for cmd in commands:
             report_us = cmd.report_us if cmd.report_us is not None else now
             try:
+                # parse_command refuses such a client_ref; the engine does too, whoever built the
+                # command: a NUL would fail PostgreSQL's statement, and with it the whole batch.
+                if cmd.client_ref is not None:
+                    problem = client_ref_problem(cmd.client_ref)
+                    if problem is not None:
+                        raise Rejected("FIELD_INVALID", "client_ref", problem)
                 firm = check_firm(cmd.reporting_mpid, self.firms)
                 is_test = cmd.test or firm.test_only
                 checked = None

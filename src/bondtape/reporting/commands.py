@@ -43,6 +43,9 @@ _MIN_US = -2_208_988_800_000_000  # 1900-01-01T00:00:00Z
 _MAX_US = 253_402_128_000_000_000  # 9999-12-30T00:00:00Z
 _ECHO = 40  # characters of a rejected value repeated in a message
 _FALSE = {"N", "NO", "FALSE", "0", ""}
+CLIENT_REF_MAX = 64
+CLIENT_REF_ACCEPTED = (f"at most {CLIENT_REF_MAX} printable characters (letters, digits, punctuation, spaces; "
+                       "no control characters such as NUL, tab or a line break)")
 
 
 @dataclass(slots=True, unsafe_hash=True)  # not frozen: a frozen dataclass is slow to build
@@ -84,6 +87,22 @@ class Command:
     allow_duplicate: bool = False
     channel: str = "api"
     report_us: int | None = None  # receipt time, only when an operator back-fills on a clock
+
+
+def client_ref_problem(ref: str) -> str | None:
+    """Why a client_ref is refused (the message of FIELD_INVALID on client_ref), or None.
+
+    It is journaled and looked up by every channel, so it must be text every database
+    holds and every channel can send back: at most 64 printable characters. A control
+    character (NUL, tab, line break, escape, ...) or another invisible one is refused: PostgreSQL
+    cannot store NUL at all, and the others would make two references that look alike."""
+    if len(ref) > CLIENT_REF_MAX:
+        return f"client_ref is at most {CLIENT_REF_MAX} characters; got {len(ref)}"
+    if ref.isprintable():  # the usual case
+        return None
+    index, char = next((i, c) for i, c in enumerate(ref) if not c.isprintable())
+    kind = "a control character" if ord(char) < 0x20 or 0x7F <= ord(char) <= 0x9F else "a character that is not printable"
+    return f"client_ref {_echo(ref)} holds {kind} (U+{ord(char):04X}) at position {index + 1}: {CLIENT_REF_ACCEPTED}"
 
 
 def _echo(value: str) -> str:
@@ -218,8 +237,10 @@ def parse_command(fields: Mapping[str, object], *, channel: str, use_report_time
         raise Rejected("ACTION_INVALID", "action", f"action {_echo(action)} is not accepted: one of {', '.join(ACTIONS)}")
     mpid = _required(fields, "reporting_mpid", "the reporting firm's MPID").upper()
     client_ref = _text(fields, "client_ref") or None
-    if client_ref is not None and len(client_ref) > 64:
-        raise Rejected("FIELD_INVALID", "client_ref", f"client_ref is at most 64 characters; got {len(client_ref)}")
+    if client_ref is not None:
+        problem = client_ref_problem(client_ref)
+        if problem is not None:
+            raise Rejected("FIELD_INVALID", "client_ref", problem)
     original = None
     if action != "NEW":
         text = _required(fields, "original_control_number", "the control number of the report acted on")

@@ -27,7 +27,7 @@ from bondtape.clock import iso_market, market_date
 from bondtape.engine import EngineUnavailable, Result
 from bondtape.journal.schema import trade_reports
 from bondtape.reporting.codes import REJECT_CODES, Reject, Rejected
-from bondtape.reporting.commands import FIELDS, INDICATORS, parse_command
+from bondtape.reporting.commands import FIELDS, INDICATORS, client_ref_problem, parse_command
 from bondtape.web.routes_trading import AfterCommit, check_date_range, report_mpid, scaled, submit
 from bondtape.web.routing import Ctx, route
 
@@ -304,6 +304,9 @@ def get_reports(ctx: Ctx):
     if cusip:
         stmt = stmt.where(t.cusip == cusip)
     if q.get("client_ref"):
+        problem = client_ref_problem(q["client_ref"])
+        if problem is not None:  # a NUL would fail PostgreSQL's query (HTTP 500); no report has one
+            raise ApiError(400, "FILTER_INVALID", problem, "client_ref")
         stmt = stmt.where(t.client_ref == q["client_ref"])
     status = (q.get("status") or "").upper()
     if status:
