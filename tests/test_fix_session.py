@@ -11,9 +11,9 @@ import sqlalchemy as sa
 
 from bondtape.fix import codec
 from bondtape.fix.schema import fix_messages, fix_sessions
-from tests.conftest import make_cusip
+from tests.conftest import IG, make_cusip
 from tests.test_fix_helpers import (  # noqa: F401 - lite_market is a fixture
-    RawClient, ServerThread, add_users, journal_count, lite_market, report_body)
+    EXEC_UTC, RawClient, ServerThread, add_users, journal_count, lite_market, report_body)
 
 
 @pytest.fixture
@@ -259,6 +259,135 @@ def test_a_missing_security_id_source_is_named_missing_not_none(lite_client):
     lite_client.send("AE", [(t, 4 if t == 22 else v) for t, v in report_body("R2")])
     assert lite_client.read_type("AR").first(58) == ("FIELD_INVALID: SecurityIDSource (22) '4' is not accepted: "
                                                      "1 (CUSIP) with SecurityID (48)")
+
+
+def _journal_refs(db) -> list:
+    from bondtape.journal.schema import journal
+
+    with db.connect() as conn:
+        return [r[0] for r in conn.execute(sa.select(journal.c.client_ref).order_by(journal.c.seq))]
+
+
+def test_a_trade_report_id_that_is_not_printable_ascii_is_refused_and_the_session_goes_on(srv, client, market):
+    """A NUL in TradeReportID (571) failed the engine's whole batch on PostgreSQL (other reports
+    in it were answered 'resend it later'), the firm got no answer and every resend failed the
+    same way; UTF-8 bytes were journaled garbled (latin-1: 'é' as 'Ã©')."""
+    utf8 = "R-é".encode("utf-8").decode("latin-1")  # the bytes a UTF-8 firm sends, as read
+    client.raw(client.message("AE", report_body("GOOD1")) + client.message("AE", report_body("N\x00UL", qty="200000")))
+    good, bad = client.read_type("AR"), client.read_type("AR")
+    assert (good.first(571), good.first(939)) == ("GOOD1", "0")
+    assert bad.first(571) == "N\x00UL" and bad.first(939) == "1"  # echoed as sent: the firm matches it
+    assert (bad.first(20012), bad.first(20013)) == ("FIELD_INVALID", "client_ref")
+    assert "control character (0x00)" in bad.first(58) and "printable ASCII" in bad.first(58)
+    for ref, says in ((utf8, "not ASCII (0xC3)"), ("ESC\x1b[2J", "control character (0x1B)"), ("DEL\x7f", "(0x7F)")):
+        client.send("AE", report_body(ref, qty="300000"))
+        ack = client.read_type("AR")
+        assert ack.first(571) == ref and (ack.first(20012), ack.first(20013)) == ("FIELD_INVALID", "client_ref")
+        assert says in ack.first(58), ack.first(58)
+    # a reference acted on, and a party, are ASCII too (and never looked up otherwise)
+    client.send("AE", [(571, "X1"), (487, 1), (572, "GO\x00D1")])
+    ack = client.read_type("AR")
+    assert (ack.first(20012), ack.first(20013)) == ("FIELD_INVALID", "original_control_number")
+    client.send("AE", report_body("P1", reporting="DL\x00A"))
+    ack = client.read_type("AR")
+    assert (ack.first(20012), ack.first(20013)) == ("FIELD_INVALID", "reporting_mpid")
+    client.send("AE", report_body("GOOD2", qty="400000"))
+    assert client.read_type("AR").first(939) == "0"
+    assert _journal_refs(market) == ["GOOD1", "GOOD2"]
+    # The answers stay durable; the one echoing a NUL cannot be stored (PostgreSQL): a resend
+    # gap-fills it. The session is not stuck on it.
+    client.send("2", [(7, 1), (16, 0)])
+    seen = []
+    while True:
+        m = client.read()
+        seen.append((m.msg_type, m.first(34), m.first(571), m.first(36)))
+        if m.msg_type == "AR" and m.first(571) == "GOOD2":
+            break
+    assert seen[0] == ("4", "1", None, "2") and seen[1] == ("AR", "2", "GOOD1", None)
+    assert ("4", "3", None, "4") in seen  # the NUL one's place
+    client.send("1", [(112, "alive")])
+    assert client.read_type("0").first(112) == "alive"
+
+
+def test_a_logon_with_a_nul_in_its_comp_id_is_refused_not_dropped(srv):
+    """SenderCompID is looked up in the database: on PostgreSQL a NUL in it raised there,
+    and the connection was dropped without an answer."""
+    c = RawClient(srv.port, sender="FIRM\x00A")
+    logout = c.logon()
+    assert logout is not None and logout.msg_type == "5"
+    assert "SenderCompID (49)" in logout.first(58) and "printable ASCII" in logout.first(58)
+    assert c.closed()
+    c.close()
+    c = RawClient(srv.port)
+    assert c.logon(username="ali\x00ce").first(58).startswith("Username (553)")
+    c.close()
+
+
+def test_a_blank_trade_report_id_is_missing(lite_client, lite_market):
+    """571 of spaces was accepted and journaled with client_ref NULL: no duplicate protection."""
+    lite_client.send("AE", report_body("   "))
+    rej = lite_client.read_type("3")
+    assert (rej.first(373), rej.first(371), rej.first(45)) == ("1", "571", "2")
+    assert journal_count(lite_market) == 0
+    lite_client.send("1", [(112, "next")])
+    assert lite_client.read_type("0").first(112) == "next"
+
+
+def test_digits_that_are_not_ascii_get_the_documented_answers(lite_srv, lite_client, lite_market):
+    """'²' passes str.isdigit() and int() refuses it: the connection dropped with no answer
+    and the report was lost. Now each is answered as any value that is not a number."""
+    body = [(t, "1\xb2" if t == 453 else v) for t, v in report_body("SUP1")]
+    lite_client.send("AE", body)
+    rej = lite_client.read_type("3")
+    assert (rej.first(373), rej.first(371), rej.first(45)) == ("6", "453", "2")
+    lite_client.send("AE", report_body("SUP3") + [(64, "2024030\xb2")])
+    ack = lite_client.read_type("AR")
+    assert (ack.first(571), ack.first(20012), ack.first(20013)) == ("SUP3", "DATE_INVALID", "settlement_date")
+    lite_client.send("2", [(7, "\xb2"), (16, 0)])
+    assert (lambda r: (r.first(373), r.first(371)))(lite_client.read_type("3")) == ("6", "7")
+    lite_client.send("4", [(123, "Y"), (36, "\xb9")])
+    assert (lambda r: (r.first(373), r.first(371)))(lite_client.read_type("3")) == ("6", "36")
+    lite_client.send("1", [(112, "still here")])
+    assert lite_client.read_type("0").first(112) == "still here"
+    seq = lite_client.seq
+    bad_seq = lite_client.message("1", [(112, "x")]).replace(b"\x0134=%d\x01" % seq, b"\x0134=\xb2\x01")
+    data = bad_seq[: bad_seq.rindex(b"10=")]
+    lite_client.raw(data + f"10={codec.checksum(data):03d}\x01".encode())
+    assert "MsgSeqNum (34)" in lite_client.read_type("5").first(58)
+    assert lite_client.closed()
+    c = RawClient(lite_srv.port, sender="FIRMB")
+    logout = c.logon(username="bob", heartbeat="3\xb2")
+    assert logout.msg_type == "5" and "HeartBtInt" in logout.first(58)
+    c.close()
+    assert journal_count(lite_market) == 0
+
+
+def test_heart_bt_int_is_read_whole(lite_srv):
+    """108=0000050000 passed the 1..3600 check (only 6 characters were read) and was echoed as 50000."""
+    c = RawClient(lite_srv.port)
+    logout = c.logon(heartbeat="0000050000")
+    assert logout.msg_type == "5" and "HeartBtInt (108) must be 1 to 3600" in logout.first(58)
+    c.close()
+    c = RawClient(lite_srv.port)
+    logon = c.logon(heartbeat="0030")
+    assert logon.msg_type == "A" and logon.first(108) == "30"
+    c.close()
+
+
+def test_a_two_sided_report_gets_an_ack_refusing_no_sides(lite_client, lite_market):
+    """NoSides=2 with its two sides (Side 54 and the parties repeated) got a session Reject
+    ('tag 54 appears more than once', no 571) instead of the Ack that 552=2 with one side gets."""
+    body = [(571, "TWO1"), (487, 0), (856, 0), (48, IG), (22, 1), (32, 100000), (31, "99.5"), (60, EXEC_UTC),
+            (552, 2),
+            (54, 1), (453, 1), (448, "DLRA"), (447, "C"), (452, 1), (528, "P"),
+            (54, 2), (453, 1), (448, "DLRB"), (447, "C"), (452, 17), (528, "P")]
+    lite_client.send("AE", body)
+    ack = lite_client.read_type("AR")
+    assert (ack.first(571), ack.first(939), ack.first(150)) == ("TWO1", "1", "8")
+    assert (ack.first(20012), ack.first(20013)) == ("FIELD_INVALID", "NoSides (552)")
+    assert ack.first(58) == "FIELD_INVALID: NoSides (552) '2' is not accepted: 1 (each firm reports its own side)"
+    assert ack.first(48) == IG
+    assert journal_count(lite_market) == 0
 
 
 def _self_signed(tmp_path):

@@ -8,6 +8,7 @@ missing, a repeated tag, a wrong NumInGroup count) are session-level: a Reject (
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from bondtape.engine import Result
@@ -81,6 +82,47 @@ def _bad(code: str, name: str, text: str) -> Reject:
     return Reject(code, name, text)
 
 
+def ascii_digits(text: str) -> bool:
+    """Only the ASCII digits 0-9 (str.isdigit() also takes e.g. '²', which int() refuses)."""
+    return text.isascii() and text.isdigit()
+
+
+# FIX 4.4 text without MessageEncoding (347) is ASCII: a TradeReportID, TradeReportRefID or
+# PartyID is printable ASCII, space to ~.
+_NOT_PRINTABLE_ASCII = re.compile(r"[^\x20-\x7e]")
+TEXT_ACCEPTED = "printable ASCII, space to ~ (FIX 4.4 text is ASCII: no control characters, no accented letters)"
+
+
+def text_problem(value: str, name: str) -> str | None:
+    """Why a FIX text value is refused (it holds a byte outside printable ASCII), or None."""
+    bad = _NOT_PRINTABLE_ASCII.search(value)
+    if bad is None:
+        return None
+    byte = ord(bad.group())  # the wire's byte: fields are read as latin-1
+    kind = "a control character" if byte < 0x20 or byte == 0x7F else "a byte that is not ASCII"
+    shown = repr(value) if len(value) <= 40 else repr(value[:40]) + "..."
+    return f"{name} {shown} holds {kind} (0x{byte:02X}) at position {bad.start() + 1}: {TEXT_ACCEPTED}"
+
+
+def _multi_side(msg: RawMessage, sides: str) -> TradeReport:
+    """A report with NoSides (552) other than 1 whose group repeats a tag (a two-sided report:
+    Side (54) and the parties twice): not read further; the AR refuses NoSides, as for one side."""
+    first: dict[int, str] = {}
+    for tag, value in msg.fields:
+        first.setdefault(tag, value)
+    trade_report_id = first.get(571)
+    if trade_report_id is None or not trade_report_id.strip():
+        raise SessionLevelReject(1, 571, "TradeReportID (571) is required")
+    report = TradeReport(trade_report_id, first.get(487, "0"))
+    for tag in (856, 572, 48, 22):
+        if tag in first:
+            report.echo.append((tag, first[tag]))
+    report.ref_id = first.get(572)
+    report.fields["client_ref"] = trade_report_id
+    report.reject = _bad("FIELD_INVALID", "NoSides (552)", f"NoSides (552) {sides!r} is not accepted: 1 (each firm reports its own side)")
+    return report
+
+
 def read_trade_report(msg: RawMessage) -> TradeReport:
     """Read an AE. Raises :class:`SessionLevelReject` for structural problems."""
     values: dict[int, str] = {}
@@ -103,17 +145,19 @@ def read_trade_report(msg: RawMessage) -> TradeReport:
             raise SessionLevelReject(15, tag, f"tag {tag} outside the parties group (453)")
         if tag in _SINGLE:
             if tag in values:
+                if values.get(552, "1") != "1":  # a two-sided report: its second side repeats Side (54)...
+                    return _multi_side(msg, values[552])
                 raise SessionLevelReject(13, tag, f"tag {tag} appears more than once")
             values[tag] = value
             if tag == 453:
-                if not value.isdigit() or len(value) > 3:
+                if not ascii_digits(value) or len(value) > 3:
                     raise SessionLevelReject(6, 453, "NoPartyIDs (453) is not a number")
                 declared_parties = int(value)
                 in_parties = declared_parties > 0
     if declared_parties is not None and declared_parties != len(parties):
         raise SessionLevelReject(16, 453, f"NoPartyIDs (453) is {declared_parties} but {len(parties)} parties follow")
     trade_report_id = values.get(571)
-    if trade_report_id is None:
+    if trade_report_id is None or not trade_report_id.strip():  # only spaces: no reference either
         raise SessionLevelReject(1, 571, "TradeReportID (571) is required")
 
     trans_type = values.get(487, "0")
@@ -129,6 +173,9 @@ def read_trade_report(msg: RawMessage) -> TradeReport:
         report.reject = report.reject or _bad(code, name, text)
         return report
 
+    problem = text_problem(trade_report_id, "TradeReportID (571)")
+    if problem is not None:
+        return reject("FIELD_INVALID", "client_ref", problem)
     action = TRANS_TYPES.get(trans_type)
     if action is None:
         return reject("ACTION_INVALID", "action", f"TradeReportTransType (487) {trans_type!r} is not accepted: 0 New, 1 Cancel, 2 Replace (correction) or 4 Reverse")
@@ -137,6 +184,10 @@ def read_trade_report(msg: RawMessage) -> TradeReport:
         return reject("FIELD_INVALID", "TradeReportType (856)", f"TradeReportType (856) {values[856]!r} is not accepted: 0 (Submit) or absent; the action is TradeReportTransType (487)")
     if values.get(552, "1") != "1":
         return reject("FIELD_INVALID", "NoSides (552)", f"NoSides (552) {values[552]!r} is not accepted: 1 (each firm reports its own side)")
+    if report.ref_id is not None:
+        problem = text_problem(report.ref_id, "TradeReportRefID (572)")
+        if problem is not None:
+            return reject("FIELD_INVALID", "original_control_number", problem)
     # parties
     reporting = [p for p in parties if p.get(452) == ROLE_REPORTING]
     contra = [p for p in parties if p.get(452) == ROLE_CONTRA]
@@ -147,6 +198,11 @@ def read_trade_report(msg: RawMessage) -> TradeReport:
     for p in reporting + contra:
         if p.get(447, "C") != "C":
             return reject("FIELD_INVALID", "PartyIDSource (447)", f"PartyIDSource (447) {p[447]!r} is not accepted: C (MPID)")
+    for name, found in (("reporting_mpid", reporting), ("contra", contra)):
+        if found:
+            problem = text_problem(found[0][448], "PartyID (448)")
+            if problem is not None:
+                return reject("FIELD_INVALID", name, problem)
     if reporting:
         f["reporting_mpid"] = reporting[0][448]
     if contra:
@@ -181,7 +237,7 @@ def read_trade_report(msg: RawMessage) -> TradeReport:
             return reject("TIME_INVALID", "execution_time", f"TransactTime (60) {values[60]!r} is not a UTCTimestamp (YYYYMMDD-HH:MM:SS[.sss])")
     if 64 in values:
         text = values[64]
-        if len(text) != 8 or not text.isdigit():
+        if len(text) != 8 or not ascii_digits(text):
             return reject("DATE_INVALID", "settlement_date", f"SettlDate (64) {text!r} is not a date (YYYYMMDD)")
         f["settlement_date"] = f"{text[:4]}-{text[4:6]}-{text[6:]}"
     if 236 in values:
@@ -208,7 +264,7 @@ def reject_text(reject: Reject) -> str:
 def ack_body(report: TradeReport, result: Result | None, reject: Reject | None) -> list[tuple[int, str]]:
     """The body of the Trade Capture Report Ack (35=AR) for a report."""
     body: list[tuple[int, str]] = [(571, report.trade_report_id)]
-    if report.trans_type.isdigit() and len(report.trans_type) < 3:
+    if ascii_digits(report.trans_type) and len(report.trans_type) < 3:
         body.append((487, report.trans_type))
     echo = dict(report.echo)
     if 856 in echo:

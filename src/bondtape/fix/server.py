@@ -447,7 +447,11 @@ class Connection:
                 chunks.append(data)
                 in_seq = max(in_seq, slot.in_seq)
                 if app and self.session is not None:
-                    rows.append((self.session.id, seq, msg_type, now_us(), data.decode("latin-1")))
+                    if b"\x00" in data:  # an echo of the firm's NUL (571, 572, 48, 22, 856): not storable
+                        log.info("FIX %s: %s %s holds a NUL byte: sent, not stored (a resend gap-fills it)",
+                                 self.peer, msg_type, seq)
+                    else:
+                        rows.append((self.session.id, seq, msg_type, now_us(), data.decode("latin-1")))
             await self._flush(chunks, rows, in_seq)
 
     async def _ack(self, slot: _Slot) -> tuple[str, list, bool]:
@@ -537,7 +541,7 @@ class Connection:
             await self._logout_and_close(f"BeginString (8) {m.begin_string!r} is not accepted: FIX.4.4")
             return
         seq_text = first.get(34, "")
-        if not seq_text.isdigit() or len(seq_text) > 18:
+        if not mapping.ascii_digits(seq_text) or len(seq_text) > 18:
             await self._logout_and_close("MsgSeqNum (34) is missing or not a number")
             return
         seq = int(seq_text)
@@ -617,8 +621,9 @@ class Connection:
 
     async def _resend_request(self, seq: int, first: dict[int, str]) -> None:
         begin, end = first.get(7, ""), first.get(16, "")
-        if not begin.isdigit() or not end.isdigit() or len(begin) > 18 or len(end) > 18:
-            await self._reject(seq, "2", 1 if not begin or not end else 6, 7 if not begin.isdigit() else 16,
+        digits = mapping.ascii_digits
+        if not digits(begin) or not digits(end) or len(begin) > 18 or len(end) > 18:
+            await self._reject(seq, "2", 1 if not begin or not end else 6, 7 if not digits(begin) else 16,
                                "ResendRequest needs BeginSeqNo (7) and EndSeqNo (16) as numbers")
             return
         b, e = int(begin), int(end)
@@ -629,7 +634,7 @@ class Connection:
 
     async def _sequence_reset(self, seq: int, first: dict[int, str], gap_fill: bool) -> None:
         new_text = first.get(36, "")
-        if not new_text.isdigit() or len(new_text) > 18:
+        if not mapping.ascii_digits(new_text) or len(new_text) > 18:
             await self._reject(seq, "4", 1 if not new_text else 6, 36, "NewSeqNo (36) is required as a number")
             return
         new = int(new_text)
@@ -744,14 +749,21 @@ class Connection:
             self._queue_close()
             return
         sender, target, seq_text = first.get(49, ""), first.get(56, ""), first.get(34, "")
-        if not sender or not target or not seq_text.isdigit() or len(seq_text) > 18 or len(sender) > 64:
+        if (not sender or not target or not mapping.ascii_digits(seq_text) or len(seq_text) > 18
+                or len(sender) > 64):
             await self._refuse(None, sender[:64], target[:64], "Logon needs SenderCompID (49), TargetCompID (56) and MsgSeqNum (34)")
             return
+        for tag, name in ((49, "SenderCompID"), (56, "TargetCompID"), (553, "Username")):
+            problem = mapping.text_problem(first.get(tag, ""), f"{name} ({tag})")
+            if problem is not None:  # looked up in the database, which cannot hold every byte
+                await self._refuse(None, sender, target, problem)
+                return
         if target != self.server.comp_id:
             await self._refuse(None, sender, target, f"TargetCompID (56) must be {self.server.comp_id}")
             return
         hb_text = first.get(108, "")
-        if not hb_text.isdigit() or not 1 <= int(hb_text[:6]) <= self.server.max_heartbeat:
+        if (not mapping.ascii_digits(hb_text) or len(hb_text) > 10
+                or not 1 <= int(hb_text) <= self.server.max_heartbeat):  # the whole value: 0000050000 is 50000
             await self._refuse(None, sender, target, f"HeartBtInt (108) must be 1 to {self.server.max_heartbeat} seconds")
             return
         if first.get(98, "0") != "0":
