@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import datetime as dt
 import ssl
+import threading
+import time
 
 import pytest
 import sqlalchemy as sa
@@ -388,6 +390,70 @@ def test_a_two_sided_report_gets_an_ack_refusing_no_sides(lite_client, lite_mark
     assert ack.first(58) == "FIELD_INVALID: NoSides (552) '2' is not accepted: 1 (each firm reports its own side)"
     assert ack.first(48) == IG
     assert journal_count(lite_market) == 0
+
+
+def _stall(c: RawClient, count: int = 300) -> None:
+    """Make the acceptor's answers pile up unread: big TestRequests, each echoed in a Heartbeat."""
+    big = "Z" * 60000
+    c.raw(b"".join(c.message("1", [(112, f"{k}{big}")]) for k in range(count)))
+
+
+def _logon_again_within(port: int, seconds: float, seq: int) -> float | None:
+    """Seconds until a new connection's logon of FIRMA is accepted, or None."""
+    start = time.monotonic()
+    while time.monotonic() - start < seconds:
+        c = RawClient(port)
+        c.seq = seq
+        answer = c.logon(heartbeat=1)
+        c.close()
+        if answer is not None and answer.msg_type == "A":
+            return time.monotonic() - start
+        time.sleep(0.5)
+    return None
+
+
+def test_a_firm_that_stops_reading_is_dropped_and_can_log_on_again(lite_srv):
+    """The writer blocked on the unread bytes, the TestRequest timer behind it, and the close
+    waited for ever: every new logon of the session was refused 'already logged on'."""
+    c = RawClient(lite_srv.port)
+    assert c.logon(heartbeat=1).msg_type == "A"
+    _stall(c)
+    took = _logon_again_within(lite_srv.port, 20, 302)
+    c.close()
+    assert took is not None and took < 15, took
+
+
+def test_a_firm_that_sends_but_does_not_read_is_dropped(lite_srv):
+    """Its heartbeats keep it from looking silent: the bound on a send drops it."""
+    c = RawClient(lite_srv.port)
+    assert c.logon(heartbeat=1).msg_type == "A"
+    _stall(c)
+    stop = threading.Event()
+
+    def heartbeats():
+        while not stop.wait(0.3):
+            try:
+                c.send("0", [])
+            except OSError:
+                return
+
+    beat = threading.Thread(target=heartbeats, daemon=True)
+    beat.start()
+    try:
+        deadline = time.monotonic() + 20
+        dropped = False
+        while time.monotonic() < deadline and not dropped:
+            time.sleep(0.5)
+            dropped = not lite_srv.call(_is_live(lite_srv.server))
+        assert dropped
+    finally:
+        stop.set()
+        beat.join(2)
+        c.close()
+
+
+async def _is_live(server) -> bool:
+    return bool(server.live)
 
 
 def _self_signed(tmp_path):

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl as ssl_module
+import struct
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -256,6 +258,7 @@ class Connection:
         self._writer_task: asyncio.Task | None = None
         self._close_queued = False
         self._writer_ok = False
+        self._writer_failed = False
         self._unsubmitted: list[_Slot] = []
         self._last_sending_time = ""  # the last SendingTime (52) found valid
 
@@ -300,16 +303,47 @@ class Connection:
             await self._persist_final()
             if self.session is not None and self.server.live.get(self.session.id) is self:
                 del self.server.live[self.session.id]
-            self._abort_transport()
+            self._close_transport()
 
-    def _abort_transport(self) -> None:
+    @property
+    def send_timeout(self) -> float:
+        """How long a send may wait for the firm to take our bytes before the session is
+        dropped: 2.4 x HeartBtInt (a TestRequest's two intervals), 5 to 60 seconds."""
+        return min(max(2.4 * self.heartbeat, 5.0), 60.0)
+
+    def _close_transport(self) -> None:
+        """Close after what is buffered goes out; abort if the firm does not take it in time."""
         try:
             self.writer.close()
+            asyncio.get_running_loop().call_later(self.send_timeout, self._abort_transport)
         except Exception:  # pragma: no cover
             pass
 
+    def _abort_transport(self) -> None:
+        """Drop the connection now, whatever is still buffered (a close would wait for a firm
+        that does not read for ever, and the session would stay logged on)."""
+        try:
+            sock = self.writer.get_extra_info("socket")
+            if sock is not None and sock.fileno() >= 0:
+                # a reset: the kernel drops the unread bytes too, instead of keeping them queued
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:  # pragma: no cover - already closed
+            pass
+        try:
+            self.writer.transport.abort()
+        except Exception:  # pragma: no cover
+            pass
+
+    async def _drain(self) -> None:
+        """Wait until the firm takes what we wrote, at most :attr:`send_timeout` seconds."""
+        try:
+            await asyncio.wait_for(self.writer.drain(), self.send_timeout)
+        except asyncio.TimeoutError:
+            raise ConnectionError(f"the firm took none of our messages for {self.send_timeout:.0f} s "
+                                  "(it does not read)") from None
+
     def _queue_close(self) -> None:
-        if not self._close_queued:
+        if not self._close_queued and not self._writer_failed:
             self._close_queued = True
             try:
                 self.out.put_nowait(_Slot("close", self.next_in))
@@ -356,17 +390,27 @@ class Connection:
             hb = self.heartbeat
             # Timer messages carry in_seq 0: they never advance the recorded inbound number
             # past a report whose ack is not yet written.
+            # The timer never waits on the writer: a firm that does not read stalls the writer
+            # (full queue), and the timer must still drop it. A message that finds the queue
+            # full is skipped: the writer has plenty to send.
             if now - self.last_sent >= hb:
                 self.last_sent = now
-                await self.out.put(_Slot("msg", 0, "0", []))
+                self._put_nowait(_Slot("msg", 0, "0", []))
             silent = now - self.last_recv
             if self.test_request_at is None and silent >= hb * 1.2 + 0.5:
                 self.test_request_at = now
-                await self.out.put(_Slot("msg", 0, "1", [(112, f"TEST{int(now_us())}")]))
+                self._put_nowait(_Slot("msg", 0, "1", [(112, f"TEST{int(now_us())}")]))
             elif self.test_request_at is not None and now - self.test_request_at >= hb * 1.2 + 0.5:
                 self.logout("no answer to TestRequest (35=1)")
-                asyncio.get_running_loop().call_later(5, self._abort_transport)  # if the Logout cannot go out
+                # if the Logout cannot go out (the firm does not read), drop the connection
+                asyncio.get_running_loop().call_later(min(5.0, hb * 1.2 + 0.5), self._abort_transport)
                 return
+
+    def _put_nowait(self, slot: _Slot) -> None:
+        try:
+            self.out.put_nowait(slot)
+        except asyncio.QueueFull:
+            pass
 
     # -- output ---------------------------------------------------------------------------
     async def _send(self, msg_type: str, body: list[tuple[int, Any]], app: bool = False) -> None:
@@ -400,10 +444,12 @@ class Connection:
         except Exception as exc:
             log.warning("FIX %s: cannot send: %r; closing", self.peer, exc)
             self.closing = True
+            self._writer_failed = True  # from now on nothing is queued (_put, _queue_close)
             self._abort_transport()
-            while True:  # keep the reader from blocking on a full queue
-                if (await self.out.get()).kind == "close":
-                    return
+            # Empty the queue, which wakes a put waiting on it (the reader, a close). Waiting
+            # for a close instead would wait for ever when the failed batch held it.
+            while not self.out.empty():
+                self.out.get_nowait()
 
     async def _write_slots(self) -> None:
         while True:
@@ -424,10 +470,10 @@ class Connection:
                 if slot.kind == "close":
                     await self._flush(chunks, rows, in_seq)
                     try:
-                        await self.writer.drain()
+                        await self._drain()
                     except Exception:
                         pass
-                    self._abort_transport()
+                    self._close_transport()
                     return
                 if slot.kind == "resend":
                     await self._flush(chunks, rows, in_seq)
@@ -494,7 +540,7 @@ class Connection:
             raise ConnectionResetError("the connection is closed")
         self.writer.write(b"".join(chunks))
         self.last_sent = time.monotonic()
-        await self.writer.drain()
+        await self._drain()
 
     async def _resend(self, begin: int, end: int) -> None:
         last = self.next_out - 1
@@ -527,7 +573,7 @@ class Connection:
         log.info("FIX %s: resent %s..%s (%d messages)", self.peer, begin, end, len(out))
         self.writer.write(b"".join(out))
         self.last_sent = time.monotonic()
-        await self.writer.drain()
+        await self._drain()
 
     # -- input ----------------------------------------------------------------------------
     async def _on_message(self, m: codec.RawMessage) -> None:
@@ -699,6 +745,8 @@ class Connection:
         self._unsubmitted.clear()
 
     async def _put(self, slot: _Slot) -> None:
+        if self._writer_failed:  # nothing more goes out: the connection is being dropped
+            return
         if self.out.full():
             self._submit_pending()  # the writer is about to wait on them
             await self.out.put(slot)
