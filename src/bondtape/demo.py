@@ -84,7 +84,7 @@ def run_demo(directory: Path, *, days: int, trades_per_day: int, console: Consol
     for cmd in (
         f"bondtape --help",
         f"bondtape securities list --db {url}",
-        f"bondtape report {sample} --use-report-time --db {url}",
+        f"bondtape report {sample.resolve()} --use-report-time --db {url}",
         f"bondtape journal show --from-seq 1 --limit 5 --db {url}",
         f"bondtape journal verify --db {url}",
     ):
