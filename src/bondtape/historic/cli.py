@@ -33,7 +33,8 @@ def build(data_set: str, year: int, as_of: dt.datetime | None, out: Path, db_url
 
     The folder is built beside OUT and renamed to OUT only when complete. Ctrl-C or SIGTERM
     stops the build, removes the half-built folder and exits 130 (SIGTERM: 143); the same
-    command then builds it again from the start.
+    command then builds it again from the start. A second build of the same OUT while one
+    runs is refused (OUT_BUSY).
     """
     from bondtape.clock import market_date, now_us
     from bondtape.cli_core import progress_bar
