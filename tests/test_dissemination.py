@@ -199,16 +199,16 @@ def test_aggregates_par_never_reveals_one_capped_or_withheld_trade(feed):
     published; a withheld bucket withholds the total too (complementary suppression)."""
     engine, pub = feed
     engine.submit([new(ref="1", quantity=Decimal("100000")),
-                   new(ref="2", quantity=Decimal("12345678")),  # capped: 5MM+
+                   new(ref="2", quantity=Decimal("6345678")),  # capped: 5MM+
                    new(ref="3", cusip=R144A, quantity=Decimal("3000000")),  # not disseminated
                    new(ref="4", cusip=R144A, quantity=Decimal("4000000")),
                    new(ref="5", cusip=HY, quantity=Decimal("250000"))])
     pub.end_of_day(DAY, at_us=et(2024, 3, 4, 18, 30))
     [agg] = [m for m in of_type(bodies(pub), "MARKET_AGGREGATES") if m["data_set"] == "CORP"]
-    assert agg["by_grade"]["IG"] == {"trades": 4, "par": str(100000 + 12345678 + 3000000 + 4000000),
-                                     "par_withheld": False}  # three hidden: published
+    assert agg["by_grade"]["IG"] == {"trades": 4, "par": str(100000 + 6345678 + 3000000 + 4000000),
+                                     "par_withheld": False}  # three hidden, none dominant: published
     assert agg["by_grade"]["HY"] == {"trades": 1, "par": "250000", "par_withheld": False}
-    assert agg["total_par"] == str(100000 + 12345678 + 7000000 + 250000) and agg["total_par_withheld"] is False
+    assert agg["total_par"] == str(100000 + 6345678 + 7000000 + 250000) and agg["total_par_withheld"] is False
 
     engine.submit([new(ref="6", cusip=HY, quantity=Decimal("2500000"), execution_us=et(2024, 3, 5, 10, 0),
                        report_us=et(2024, 3, 5, 10, 1)),
@@ -221,6 +221,16 @@ def test_aggregates_par_never_reveals_one_capped_or_withheld_trade(feed):
     assert agg["total_par"] is None and agg["total_par_withheld"] is True  # else total - IG = the HY trade
     assert agg["total_trades"] == 2  # counts reveal no size
     assert "2600000" not in json.dumps(agg) and "2500000" not in json.dumps(agg)
+
+
+def test_a_par_total_is_withheld_when_one_hidden_trade_dominates():
+    """Three hidden trades are not enough if one is most of them: 50MM beside two of 1MM
+    gives the large one within 2MM."""
+    from bondtape.dissemination.rules import par_disclosable
+
+    assert par_disclosable([]) and par_disclosable([600, 300, 400]) and par_disclosable([1, 1, 1, 1])
+    assert not par_disclosable([100]) and not par_disclosable([100, 100])
+    assert not par_disclosable([5_000, 100, 100]) and not par_disclosable([701, 300, 400])
 
 
 def test_a_day_after_today_cannot_be_closed(feed):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from decimal import Decimal
 from json.encoder import encode_basestring_ascii
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from bondtape.clock import iso_market
 from bondtape.rulebook import Rules, volume_cap
@@ -181,8 +181,13 @@ def daily_summaries(trades: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]
 
 # R19: aggregates include non-disseminated trades "without revealing any one of them". A
 # par total that holds exactly one or two trades whose size is not public (capped or not
-# disseminated) would give that size back (total minus the public sizes), so such a total
-# is withheld; with none, or with at least this many, it is published.
+# disseminated) would give that size back (total minus the public sizes), and so would one
+# whose largest hidden trade dominates the others (one of 50MM beside two of 1MM: the total
+# gives it within 2MM): such a total is withheld. With none, or with at least this many of
+# which the largest is at most half their sum, it is published. These figures are
+# published once, at the end of the day: a total shown again as the day goes on would give
+# each new hidden trade away as the difference (the live /market page shows the public tape
+# only until the day is closed).
 DISCLOSURE_MIN_HIDDEN = 3
 
 
@@ -200,15 +205,17 @@ def size_public(t: Mapping[str, Any]) -> bool:
     return block.get("quantity_indicator") == "A"
 
 
-def par_disclosable(hidden: int) -> bool:
-    """A par total may be published when it holds no trade of non-public size, or enough."""
-    return hidden == 0 or hidden >= DISCLOSURE_MIN_HIDDEN
+def par_disclosable(hidden: list[int]) -> bool:
+    """A par total may be published when it holds no trade of non-public size (``hidden``:
+    their sizes), or at least DISCLOSURE_MIN_HIDDEN of them, none more than half their sum."""
+    return not hidden or (len(hidden) >= DISCLOSURE_MIN_HIDDEN and 2 * max(hidden) <= sum(hidden))
 
 
 def market_aggregates(
     counted: Iterable[Mapping[str, Any]],
     summaries: Iterable[Mapping[str, Any]],
     previous_last: Mapping[str, int],
+    is_public: Callable[[Mapping[str, Any]], bool] = size_public,
 ) -> dict[str, Any]:
     """End-of-day market aggregates of one data set.
 
@@ -218,21 +225,22 @@ def market_aggregates(
     ``par_withheld`` (``total_par_withheld``) true; if any grade's par is withheld the total
     is withheld too. ``summaries``: the day's
     :func:`daily_summaries`; ``previous_last``: each security's last sale at its previous
-    close, for advances and declines.
+    close, for advances and declines. ``is_public``: whether a trade's size is on the public
+    tape (the live page passes trades at their published size only).
     """
     total_c = 0
     trades = disseminated = 0
-    by_grade = {"IG": [0, 0, 0], "HY": [0, 0, 0]}  # trades, par, trades whose size is not public
+    by_grade: dict[str, list] = {"IG": [0, 0, []], "HY": [0, 0, []]}  # trades, par, sizes not public
     for t in counted:
         trades += 1
         total_c += t["quantity_c"]
         if t["withheld"] is None:
             disseminated += 1
-        g = by_grade.setdefault(t["grade"], [0, 0, 0])
+        g = by_grade.setdefault(t["grade"], [0, 0, []])
         g[0] += 1
         g[1] += t["quantity_c"]
-        if not size_public(t):
-            g[2] += 1
+        if not is_public(t):
+            g[2].append(t["quantity_c"])
     withheld = {g: not par_disclosable(v[2]) for g, v in by_grade.items()}
     total_withheld = any(withheld.values())  # else total minus the other buckets gives it back
     advances = declines = unchanged = 0

@@ -68,7 +68,12 @@ def day_activity(ctx: Ctx, data_set: str, day: str) -> dict[str, Any]:
     summaries = R.daily_summaries(r for r in rows if r["sets_last_sale"])
     previous = {r.cusip: r.price_u for r in ctx.conn.execute(
         sa.select(feed_last_sale).where(feed_last_sale.c.data_set == data_set, feed_last_sale.c.feed_date < day))}
-    aggregates = R.market_aggregates([r for r in rows if r["counted"]], summaries, previous)
+    closed = ctx.conn.execute(sa.select(feed_days.c.closed).where(
+        feed_days.c.data_set == data_set, feed_days.c.feed_date == day)).scalar()
+    if closed:  # the end-of-day market aggregates, as the feed published them
+        aggregates = R.market_aggregates([r for r in rows if r["counted"]], summaries, previous)
+    else:  # the day so far: the public tape only (shown again at each refresh, see rules.R19 note)
+        aggregates = _public_aggregates(rows, summaries, previous)
     # A security's par is read from the public tape only: its disseminated trades at the
     # quantity published, a capped one (5MM+) counted at the cap, the total then shown with
     # "+". Withheld trades (144A, merger transfers) and exact sizes above the cap stay out.
@@ -90,6 +95,26 @@ def day_activity(ctx: Ctx, data_set: str, day: str) -> dict[str, Any]:
     by_trades = sorted(active, key=lambda s: (-s["trades"], -s["par_c"], s["cusip"]))[:10]
     by_par = sorted(active, key=lambda s: (-s["par_c"], -s["trades"], s["cusip"]))[:10]
     return {"aggregates": aggregates, "by_trades": by_trades, "by_par": by_par}
+
+
+def _public_aggregates(rows: list[dict[str, Any]], summaries: list, previous: dict) -> dict[str, Any]:
+    """The market aggregates of an open day from the public tape only: disseminated trades
+    at the quantity published (one above the cap counted at the cap, the par then shown with
+    "+"). Uncapped totals with withheld trades wait for the end of the day: shown at every
+    refresh, their difference would give each new hidden trade's size."""
+    public, capped = [], set()
+    for r in rows:
+        if r["counted"] and r["withheld"] is None and r["block"] is not None:
+            shown = json.loads(r["block"])["quantity"]
+            public.append({**r, "quantity_c": int(quantity_number(shown) * 100)})
+            if shown.endswith("+"):
+                capped.add(r["grade"])
+    aggregates = R.market_aggregates(public, summaries, previous, is_public=lambda t: True)
+    for grade in capped:
+        aggregates["by_grade"][grade]["par"] += "+"
+    if capped:
+        aggregates["total_par"] += "+"
+    return aggregates
 
 
 def _unchanged(ctx: Ctx) -> Response | None:
