@@ -242,6 +242,10 @@ def test_a_day_after_today_cannot_be_closed(feed):
         with pytest.raises(FeedError) as e:
             pub.end_of_day(day, at_us=now)
         assert (e.value.code, e.value.field) == ("DATE_IN_FUTURE", "date") and "2024-03-04" in e.value.message
+    for day in ("20240304", "2024-W10-1", "2024-3-4"):  # dates fromisoformat takes, not YYYY-MM-DD
+        with pytest.raises(FeedError) as e:
+            pub.end_of_day(day, at_us=now)
+        assert (e.value.code, e.value.field) == ("DATE_INVALID", "date"), day
     assert pub.current_date != "9999-12-31"
     pub.end_of_day("2024-03-04", at_us=now)  # today still can be closed
     assert all(pub.days[(ds, "2024-03-04")][1] for ds in ("CORP", "AGCY"))

@@ -910,8 +910,9 @@ class Publisher:
         at_us = self.clock() if at_us is None else at_us
         today = market_date(at_us).isoformat()
         day = str(date) if date is not None else today
-        try:
-            dt.date.fromisoformat(day)
+        try:  # YYYY-MM-DD only (fromisoformat also takes 20261001 and 2024-W10-1), compared as dates
+            if len(day) != 10 or dt.date.fromisoformat(day).isoformat() != day:
+                raise ValueError(day)
         except ValueError:
             raise FeedError("DATE_INVALID", "date", f"date {day!r} is not a date (YYYY-MM-DD)") from None
         if day > today:

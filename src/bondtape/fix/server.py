@@ -398,19 +398,21 @@ class Connection:
                 self._put_nowait(_Slot("msg", 0, "0", []))
             silent = now - self.last_recv
             if self.test_request_at is None and silent >= hb * 1.2 + 0.5:
-                self.test_request_at = now
-                self._put_nowait(_Slot("msg", 0, "1", [(112, f"TEST{int(now_us())}")]))
+                if self._put_nowait(_Slot("msg", 0, "1", [(112, f"TEST{int(now_us())}")])):
+                    self.test_request_at = now  # only one it sent is waited on (a full queue: next tick)
             elif self.test_request_at is not None and now - self.test_request_at >= hb * 1.2 + 0.5:
                 self.logout("no answer to TestRequest (35=1)")
                 # if the Logout cannot go out (the firm does not read), drop the connection
                 asyncio.get_running_loop().call_later(min(5.0, hb * 1.2 + 0.5), self._abort_transport)
                 return
 
-    def _put_nowait(self, slot: _Slot) -> None:
+    def _put_nowait(self, slot: _Slot) -> bool:
+        """Queue ``slot`` unless the queue is full; whether it was queued."""
         try:
             self.out.put_nowait(slot)
         except asyncio.QueueFull:
-            pass
+            return False
+        return True
 
     # -- output ---------------------------------------------------------------------------
     async def _send(self, msg_type: str, body: list[tuple[int, Any]], app: bool = False) -> None:
