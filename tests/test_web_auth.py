@@ -423,3 +423,36 @@ def test_abandoned_re_enrollment_keeps_the_current_authenticator(world):
     assert c.get(link + "/authenticator").status_code == 200  # new QR shown, not confirmed
     world.clock.advance(31)
     assert world.client().login(world.trader).status_code == 303  # the old authenticator still signs in
+
+
+def test_a_live_feed_stream_keeps_its_session_from_going_idle(market, tmp_path):
+    """The feed's re-checks (every few seconds) touch the session at most once a minute:
+    a subscriber watching the live feed is not signed out at the idle limit, and the
+    absolute limit still ends the session."""
+    from bondtape.access.api import create_active_user, create_organisation
+    from bondtape.access.settings import AccessSettings
+    from bondtape.serve import STREAM_TOUCH_US
+    from bondtape.web import sessions
+
+    settings = AccessSettings(secret_key=b"k" * 32)
+    org = create_organisation(market, "Market Operator", "OPERATOR")
+    user = create_active_user(market, org_id=org, username="olive", password="operator password 1",
+                              roles=["operator_admin"])
+    minute, t = 60_000_000, 1_000_000_000_000
+    with market.begin() as conn:
+        token, _ = sessions.start(conn, user, method="mfa", now_us=t, settings=settings, source="test")
+
+    def recheck(at: int) -> bool:
+        with market.begin() as conn:
+            return sessions.resume(conn, token, now_us=at, settings=settings,
+                                   touch_every_us=STREAM_TOUCH_US) is not None
+
+    idle = settings.session_idle_minutes * minute
+    at = t
+    while at < t + 2 * idle:  # a stream re-checking every 5 s for twice the idle limit
+        at += 5_000_000
+        assert recheck(at), at - t
+    with market.connect() as conn:  # one write a minute, not one a re-check
+        last = conn.execute(sa.select(sessions.web_sessions.c.last_seen_us)).scalar()
+    assert at - STREAM_TOUCH_US <= last <= at
+    assert not recheck(t + settings.session_max_hours * 60 * minute)  # the absolute limit ends it

@@ -75,11 +75,16 @@ def start_services(db: SAEngine, *, clock: Callable[[], int] = now_us, follow: b
     return Services(db, engine, Sequencer(engine), publisher)
 
 
-def feed_entitlements(app, *, touch: bool = True) -> Callable[[Any], Iterable[str]]:
+STREAM_TOUCH_US = 60_000_000  # a live stream keeps its session from going idle, one write a minute
+
+
+def feed_entitlements(app, *, touch_every_us: int = 0) -> Callable[[Any], Iterable[str]]:
     """The data sets the caller of a feed route may receive: the operator all; a subscriber
     those its organisation holds REALTIME for (a Non-Professional once attested). The
-    caller is the website session (cookie) of the WebSocket or SSE request. ``touch=False``
-    for a live stream's re-checks: streaming does not keep the session from going idle."""
+    caller is the website session (cookie) of the WebSocket or SSE request, touched as
+    activity: a subscriber watching the live feed is not signed out at the idle limit (the
+    absolute limit still ends the session). ``touch_every_us``: a live stream's re-checks,
+    every few seconds, touch it at most that often."""
     from bondtape.access import accounts
     from bondtape.access.authz import decide
     from bondtape.dissemination.publisher import DATA_SETS
@@ -90,7 +95,7 @@ def feed_entitlements(app, *, touch: bool = True) -> Callable[[Any], Iterable[st
         now = state.clock()
         with state.db.begin() as conn:
             session = sessions.resume(conn, conn_http.cookies.get(sessions.SESSION_COOKIE), now_us=now,
-                                      settings=state.settings, touch=touch)
+                                      settings=state.settings, touch_every_us=touch_every_us)
             if session is None:
                 return []
             actor = accounts.authenticated(conn, session.user_id, session.method)
@@ -114,7 +119,7 @@ def build_app(db: SAEngine | str | None, settings, *, clock: Callable[[], int] =
     svc = services(app.state)
     if feed:
         app.router.routes[0:0] = feed_routes(svc.publisher, entitled=feed_entitlements(app),
-                                             recheck=feed_entitlements(app, touch=False))
+                                             recheck=feed_entitlements(app, touch_every_us=STREAM_TOUCH_US))
     return app
 
 

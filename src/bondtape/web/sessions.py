@@ -38,9 +38,10 @@ def start(conn: Connection, user_id: int, *, method: str, now_us: int, settings:
 
 
 def resume(conn: Connection, token: str | None, *, now_us: int, settings: AccessSettings,
-           touch: bool = True) -> Session | None:
-    """The live session for this cookie, touched (unless ``touch`` is False: a live feed
-    stream's re-check is not activity); None when unknown, ended, idle, too old, or
+           touch: bool = True, touch_every_us: int = 0) -> Session | None:
+    """The live session for this cookie, touched (unless ``touch`` is False; with
+    ``touch_every_us``, only once that long has passed since the last touch: a live feed
+    stream's re-checks, every few seconds); None when unknown, ended, idle, too old, or
     when its user is no longer ACTIVE (disabled by any route or command)."""
     if not token or len(token) > 100:
         return None
@@ -53,7 +54,7 @@ def resume(conn: Connection, token: str | None, *, now_us: int, settings: Access
     if now_us >= row.expires_us or now_us >= idle_limit or row.status != "ACTIVE":
         conn.execute(web_sessions.update().where(web_sessions.c.token_sha256 == digest).values(ended_us=now_us))
         return None
-    if touch:
+    if touch and now_us - row.last_seen_us >= touch_every_us:
         conn.execute(web_sessions.update().where(web_sessions.c.token_sha256 == digest).values(last_seen_us=now_us))
     return Session(row.token_sha256, row.user_id, row.csrf_token, row.method, row.created_us, row.expires_us)
 
