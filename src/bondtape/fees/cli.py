@@ -123,9 +123,9 @@ def unsubscribe_cmd(subscription_id: int, end_date: str, db_url: str | None) -> 
 @click.option("--year", type=click.IntRange(1900, 9999), help="Calendar year of the data (DATA, REDISTRIBUTION).")
 @click.option("--recipient", help="REDISTRIBUTION: who receives the data.")
 @click.option("--cusips", type=click.IntRange(0, 10**9), help="REDISTRIBUTION: CUSIPs delivered to the recipient.")
-@click.option("--media-cost", help="AD_HOC: cost of the media, dollars in plain digits, e.g. 12.50.")
-@click.option("--delivery-cost", help="AD_HOC: cost of delivery, dollars in plain digits, e.g. 7.35.")
-@click.option("--amount", help="OTHER_REQUEST: the charge, dollars in plain digits, e.g. 150.00.")
+@click.option("--media-cost", help="AD_HOC: cost of the media, dollars in plain digits, e.g. 12.50 (a leading $ and 1,000 separators allowed).")
+@click.option("--delivery-cost", help="AD_HOC: cost of delivery, dollars in plain digits, e.g. 7.35 (a leading $ and 1,000 separators allowed).")
+@click.option("--amount", help="OTHER_REQUEST: the charge, dollars in plain digits, e.g. 150.00 (a leading $ and 1,000 separators allowed).")
 @click.option("--description", help="What was supplied (required for OTHER_REQUEST).")
 @db_option
 def historic_order_cmd(organisation: str, product: str, order_date: str, db_url: str | None, **kw: Any) -> None:

@@ -87,7 +87,8 @@ def _date(text: Any, field: str) -> dt.date:
 # no NaN or Infinity, no other scripts' digits; at most MAX_MONEY (cents fit any database integer).
 _MONEY_RE = re.compile(r"\$?([0-9]+|[0-9]{1,3}(?:,[0-9]{3})+)(?:\.([0-9]{1,2}))?")
 MAX_MONEY = Decimal("999999999.99")
-MONEY_ACCEPTED = f"dollars in plain digits with at most 2 decimals, from 0 to {MAX_MONEY:,}, e.g. 12.50"
+MONEY_ACCEPTED = (f"dollars in plain digits (a leading $ and thousands separators in groups of three allowed) with "
+                  f"at most 2 decimals, from 0 to {MAX_MONEY:,}, e.g. 12.50 or 1,250.00")
 MAX_ID = 2**63 - 1  # the largest database id
 MAX_QUANTITY = 10**6  # terminals on one subscription (as bondtape fees subscribe --quantity)
 MAX_CUSIPS = 10**9  # CUSIPs on one re-distribution order (as bondtape fees historic-order --cusips)
