@@ -38,11 +38,19 @@ def test_settlement_defaults_to_the_regular_cycle_of_the_day(market):
 
 
 def test_repeated_client_ref_returns_first_result(market):
+    """A retry (the same request, the same terms; its report time may differ) gets the first
+    result; another trade under the same reference is refused, not answered as reported
+    (it would never be journaled: under-reporting)."""
     engine = Engine(market)
     [first] = engine.submit([new(ref="x")])
-    [again, also] = engine.submit([new(ref="x", price=Decimal("50")), new(ref="x")])
+    [again, other, also] = engine.submit([new(ref="x", report_us=DEFAULT_EXEC + 90_000_000),
+                                          new(ref="x", price=Decimal("50")), new(ref="x")])
     assert again.repeated and again.control_number == first.control_number
-    assert also.control_number == first.control_number
+    assert also.repeated and also.control_number == first.control_number
+    assert not other.accepted and other.reject.code == "CLIENT_REF_REUSED"
+    assert f"control number {first.control_number}, with other terms" in other.reject.message
+    [later] = engine.submit([new(ref="x", quantity=Decimal("777000"))])  # from the journal, not the batch
+    assert later.reject is not None and later.reject.code == "CLIENT_REF_REUSED"
     with market.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(journal)).scalar_one() == 1
 

@@ -105,6 +105,8 @@ class Result:
     # The report an accepted CANCEL, CORRECT or REVERSE acted on: with ``action``, what a
     # retry under the same client_ref must repeat (not in ``as_dict``).
     original_control_number: int | None = None
+    # The accepted report's terms key (NEW, CORRECT): a retry must repeat its terms too.
+    terms_key: str | None = None
 
     @property
     def accepted(self) -> bool:
@@ -203,25 +205,29 @@ def _result_from_journal(row: Any) -> Result:
         action=row.event_type, client_ref=row.client_ref, status="ACCEPTED",
         control_number=row.control_number, seq=row.seq,
         timeliness=payload.get("timeliness"), modifier3=payload.get("modifier3"), repeated=True,
-        original_control_number=row.ref_control_number,
+        original_control_number=row.ref_control_number, terms_key=payload.get("terms_key"),
     )
 
 
-def _reused(cmd: Command, first: Result) -> Reject | None:
-    """CLIENT_REF_REUSED when ``cmd`` is not a retry of the request ``first`` answered:
-    another action, or another report acted on. (A retry may differ in its terms: the
-    first answer is returned whatever they are.)"""
-    if first.action == cmd.action and first.original_control_number == cmd.original_control_number:
+def _reused(cmd: Command, first: Result, key: str | None) -> Reject | None:
+    """CLIENT_REF_REUSED when ``cmd`` (its terms key ``key``; None when its terms did not
+    pass) is not a retry of the request ``first`` answered: another action, another report
+    acted on, or other terms (firm, CUSIP, side, quantity, price, execution time, contra:
+    another trade under a reused reference must not be answered as already reported)."""
+    same_terms = first.terms_key is None or key is None or first.terms_key == key
+    if first.action == cmd.action and first.original_control_number == cmd.original_control_number and same_terms:
         return None
+    other = "" if same_terms or first.action != cmd.action else ", with other terms"
     if first.action == "NEW":
-        used = f"a NEW report, control number {first.control_number}"
+        used = f"a NEW report, control number {first.control_number}{other}"
     elif first.action == "CANCEL":
         used = f"the CANCEL of report {first.original_control_number}"
     else:
-        used = f"the {first.action} of report {first.original_control_number}, control number {first.control_number}"
+        used = (f"the {first.action} of report {first.original_control_number}, control number "
+                f"{first.control_number}{other}")
     return Reject("CLIENT_REF_REUSED", "client_ref",
                   f"client_ref {cmd.client_ref!r} was already used for {used}; a retry repeats the same request "
-                  f"(same action and report acted on), anything else needs a new client_ref")
+                  f"(same action, report acted on and terms), anything else needs a new client_ref")
 
 
 class WalCheckpointer:
@@ -804,7 +810,7 @@ class Engine:
             ref_key = (cmd.reporting_mpid, cmd.client_ref) if cmd.client_ref else None
             if ref_key and (ref_key in seen or ref_key in batch_refs):
                 first = seen.get(ref_key) or batch_refs[ref_key]
-                reused = _reused(cmd, first)
+                reused = _reused(cmd, first, key)
                 if reused is not None:
                     results.append(Result(cmd.action, cmd.client_ref, "REJECTED", reject=reused))
                 elif ref_key in seen:
@@ -829,7 +835,7 @@ class Engine:
             result = Result(cmd.action, cmd.client_ref, "ACCEPTED", event.control_number, event.seq, None,
                             p.get("timeliness"), p.get("modifier3"),
                             f"possible duplicate of {duplicate_of}" if duplicate_of else None, False,
-                            cmd.original_control_number)
+                            cmd.original_control_number, key)
             results.append(result)
             if ref_key:
                 batch_refs[ref_key] = result

@@ -39,7 +39,7 @@ REJECT_CODES: dict[str, str] = {
     "WINDOW_CLOSED": "past the cancel/correct window (T+20 business days): reverse instead",
     "WINDOW_OPEN": "within the cancel/correct window: cancel instead of reversing",
     "DUPLICATE_TRADE": "the terms match an accepted report of the same firm",
-    "CLIENT_REF_REUSED": "the client_ref was used for another request (another action or report acted on)",
+    "CLIENT_REF_REUSED": "the client_ref was used for another request (another action, report acted on or terms)",
     "TEST_MISMATCH": "a test report and a production report cannot act on each other",
 }
 
