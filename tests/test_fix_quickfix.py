@@ -189,9 +189,12 @@ def test_report_cancel_correct_reject_and_repeat(gateway, clients, market):
     assert first[939] == "0" and first[150] == "F" and first[818].isdigit()
     assert status_of(market, first[818]) == "ACTIVE"
 
-    # A repeated TradeReportID returns the first answer, even with other terms.
-    again = c.report("R1", price="101")
+    # A repeated TradeReportID returns the first answer; with other terms (another trade)
+    # it is refused, never answered as reported.
+    again = c.report("R1")
     assert again[939] == "0" and again[818] == first[818]
+    other = c.report("R1", price="101")
+    assert other[939] == "1" and other[20012] == "CLIENT_REF_REUSED" and 818 not in other
 
     # Cancel by control number.
     cancel = c.report("X1", trans="1", ref_id=first[818])
