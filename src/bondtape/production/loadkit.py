@@ -207,11 +207,12 @@ class LoadRun:
 
         sent = time.perf_counter()
         give_up = sent + self.deadline_s
+        # the trade's execution time is stamped once: a retry repeats the same report (the
+        # engine answers a client_ref repeated with other terms CLIENT_REF_REUSED)
+        execution = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=o.delay_s)
         body = {"client_ref": o.ref, "cusip": o.cusip, "side": o.side, "capacity": "P", "contra": "C",
-                "quantity": o.quantity, "price": o.price}
+                "quantity": o.quantity, "price": o.price, "execution_time": execution.isoformat(timespec="seconds")}
         while True:
-            execution = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=o.delay_s)
-            body["execution_time"] = execution.isoformat(timespec="seconds")
             try:
                 r = await client.post("/api/v1/reports", json=body)
             except (httpx.TransportError, OSError):
@@ -343,11 +344,11 @@ class FixSession:
     async def report(self, o: Order) -> None:
         sent = time.perf_counter()
         give_up = sent + self.run.deadline_s
+        execution = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=o.delay_s)  # once: a retry repeats it
         while True:
             if not await self._ensure(give_up):
                 self.run.answers.append(Answer(o.ref, "fix", "FAILED", None, time.perf_counter() - sent, "CONNECTION"))
                 return
-            execution = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=o.delay_s)
             body = [(571, o.ref), (487, "0"), (856, "0"), (48, o.cusip), (22, "1"), (32, str(o.quantity)),
                     (31, o.price), (60, execution.strftime("%Y%m%d-%H:%M:%S")), (552, "1"),
                     (54, "1" if o.side == "B" else "2"), (453, "2"), (448, self.trader.mpid), (447, "C"), (452, "1"),
