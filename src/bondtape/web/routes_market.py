@@ -68,23 +68,21 @@ def day_activity(ctx: Ctx, data_set: str, day: str) -> dict[str, Any]:
     summaries = R.daily_summaries(r for r in rows if r["sets_last_sale"])
     previous = {r.cusip: r.price_u for r in ctx.conn.execute(
         sa.select(feed_last_sale).where(feed_last_sale.c.data_set == data_set, feed_last_sale.c.feed_date < day))}
+    tape = _public_tape(rows)
     closed = ctx.conn.execute(sa.select(feed_days.c.closed).where(
         feed_days.c.data_set == data_set, feed_days.c.feed_date == day)).scalar()
     if closed:  # the end-of-day market aggregates, as the feed published them
         aggregates = R.market_aggregates([r for r in rows if r["counted"]], summaries, previous)
     else:  # the day so far: the public tape only (shown again at each refresh, see rules.R19 note)
-        aggregates = _public_aggregates(rows, summaries, previous)
-    # A security's par is read from the public tape only: its disseminated trades at the
-    # quantity published, a capped one (5MM+) counted at the cap, the total then shown with
-    # "+". Withheld trades (144A, merger transfers) and exact sizes above the cap stay out.
+        aggregates = _public_aggregates(tape, summaries, previous)
+    # A security's par is read from the public tape only: withheld trades (144A, merger
+    # transfers) and exact sizes above the cap stay out.
     par: dict[str, int] = {}
     capped: set[str] = set()
-    for r in rows:
-        if r["withheld"] is None and r["block"] is not None:
-            shown = json.loads(r["block"])["quantity"]
-            par[r["cusip"]] = par.get(r["cusip"], 0) + int(quantity_number(shown) * 100)
-            if shown.endswith("+"):
-                capped.add(r["cusip"])
+    for r in tape:
+        par[r["cusip"]] = par.get(r["cusip"], 0) + r["quantity_c"]
+        if r["capped"]:
+            capped.add(r["cusip"])
     active = []
     for s in summaries:
         before = previous.get(s["cusip"])
@@ -97,19 +95,24 @@ def day_activity(ctx: Ctx, data_set: str, day: str) -> dict[str, Any]:
     return {"aggregates": aggregates, "by_trades": by_trades, "by_par": by_par}
 
 
-def _public_aggregates(rows: list[dict[str, Any]], summaries: list, previous: dict) -> dict[str, Any]:
-    """The market aggregates of an open day from the public tape only: disseminated trades
-    at the quantity published (one above the cap counted at the cap, the par then shown with
-    "+"). Uncapped totals with withheld trades wait for the end of the day: shown at every
-    refresh, their difference would give each new hidden trade's size."""
-    public, capped = [], set()
+def _public_tape(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The day's disseminated trades at the quantity published: one above the cap (5MM+)
+    counted at the cap and marked ``capped`` (its total is then shown with "+")."""
+    tape = []
     for r in rows:
-        if r["counted"] and r["withheld"] is None and r["block"] is not None:
+        if r["withheld"] is None and r["block"] is not None:
             shown = json.loads(r["block"])["quantity"]
-            public.append({**r, "quantity_c": int(quantity_number(shown) * 100)})
-            if shown.endswith("+"):
-                capped.add(r["grade"])
+            tape.append({**r, "quantity_c": int(quantity_number(shown) * 100), "capped": shown.endswith("+")})
+    return tape
+
+
+def _public_aggregates(tape: list[dict[str, Any]], summaries: list, previous: dict) -> dict[str, Any]:
+    """The market aggregates of an open day from the public tape only (:func:`_public_tape`).
+    Uncapped totals with withheld trades wait for the end of the day: shown at every
+    refresh, their difference would give each new hidden trade's size."""
+    public = [r for r in tape if r["counted"]]
     aggregates = R.market_aggregates(public, summaries, previous, is_public=lambda t: True)
+    capped = {r["grade"] for r in public if r["capped"]}
     for grade in capped:
         aggregates["by_grade"][grade]["par"] += "+"
     if capped:
