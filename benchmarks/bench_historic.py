@@ -1,6 +1,6 @@
 """Historic TRACE Data build: throughput, peak memory, and a plain copy as the baseline.
 
-``python benchmarks/run.py historic [--days N] [--trades-per-day N] [--db PATH] [--repeat N] [--phases]``
+``python benchmarks/run.py historic [--days N] [--trades-per-day N] [--db PATH] [--repeat N] [--phases] [--floor]``
 
 1. Simulates a market (through the engine) over the end of 2024 and the start of 2025,
    so that 2024 is a large year and 2025 a small one with the same daily volume.
@@ -19,6 +19,13 @@
 4. With ``--phases``: each step of the 2024 build timed on its own (reading the texts,
    parsing them, deriving the records, putting each day in file order, the pipe-delimited text, the two Parquet files
    with their SHA-256), in microseconds a record, to show which step bounds the build.
+5. With ``--floor``: the least CPU a record that any build of the 2024 sets costs on this
+   machine, each part measured alone: SQLite (APSW, as the reader process) visiting every
+   column of every row the build reads, and the builder's own functions writing each day's
+   two Parquet files and its text file, with their SHA-256, from records already derived.
+   ``records_per_s_ceiling`` = cores / that CPU: the most a build could reach here with
+   deriving, ordering and hand-overs free and every core busy (and ``..._text_free``: with
+   the text file free as well).
 """
 from __future__ import annotations
 
@@ -165,6 +172,103 @@ print(json.dumps({k: round(v / records_n * 1e6, 2) for k, v in seconds.items()})
 """
 
 
+# --- the floor: what any build of these files costs on this machine, with nothing derived ---
+
+_READ_FLOOR = _HWM + """
+import json, sys, time
+import apsw  # SQLite 3.54, as the build's reader process uses; this child imports nothing of bondtape
+path, year = sys.argv[1], int(sys.argv[2])
+first, last = f"{year}-01-01", f"{year}-12-31"
+COLUMNS = ("control_number seq report_us first_control_number prior_control_number quantity_c price_u yield_u "
+           "execution_us commission_c closed_seq closed_us successor_control_number report_date first_report_date "
+           "cusip symbol side capacity contra_type trading_market execution_date settlement_date status remuneration "
+           "modifier3 when_issued special_price weighted_average locked_in agu as_of disseminated").split()
+visit = " + ".join(f"count({c})" for c in COLUMNS)  # SQLite reads each column of each row, and makes nothing of it
+con = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READONLY)
+from datetime import datetime
+from zoneinfo import ZoneInfo
+lo_us, hi_us = (int(datetime(y, 1, 1, tzinfo=ZoneInfo("America/New_York")).timestamp()) * 1_000_000
+                for y in (year, year + 1))  # the year's report dates, in market time, as the build bounds them
+(low, high), = con.execute("SELECT min(control_number), max(control_number) FROM trade_reports "
+                           "WHERE report_date BETWEEN ? AND ?", (first, last))
+kept = "data_set IN ('CORP', 'AGCY') AND is_test = 0 AND rule_144a = 0"  # both data sets in one pass: the least
+rows = values = 0
+cpu = time.process_time()
+con.execute("BEGIN")
+for sql, args in ((f"SELECT count(*), {visit} FROM trade_reports WHERE {kept} AND control_number BETWEEN ? AND ? "
+                   "AND +report_date BETWEEN ? AND ?", (low, high, first, last)),  # created: in table order
+                  (f"SELECT count(*), {visit} FROM trade_reports WHERE {kept} AND closed_us >= ? AND closed_us < ?",
+                   (lo_us, hi_us))):  # closed: through their index
+    (n, v), = con.execute(sql, args)
+    rows, values = rows + n, values + v
+con.execute("COMMIT")
+print(json.dumps({"rows": rows, "values": values, "cpu_s": time.process_time() - cpu}))
+"""
+
+_WRITE_FLOOR = _HWM + """
+import datetime as dt, hashlib, json, sys, tempfile, time
+from pathlib import Path
+import pyarrow as pa, pyarrow.parquet as pq
+from bondtape.db import connect
+from bondtape.historic import build_data_set, builder as B, layout
+db = connect(sys.argv[1])
+year = int(sys.argv[2])
+seconds = dict.fromkeys(("parquet", "final_parquet", "ehts_text"), 0.0)
+records = 0
+schema = layout.arrow_schema()
+
+def as_built(path):  # a day's records as the builder holds them before writing (times in seconds)
+    table = pq.read_table(path)
+    return pa.Table.from_arrays([table.column(f.name).cast(f.type) for f in schema],
+                                schema=schema.with_metadata(table.schema.metadata))
+
+with tempfile.TemporaryDirectory() as tmp:
+    for data_set in ("corporate", "agency"):
+        as_of = dt.date(year + 2, 7, 1)
+        built = build_data_set(db, data_set, year, as_of, Path(tmp) / data_set, today=as_of).out  # not timed
+        for entry in json.loads((built / "manifest.json").read_text())["files"]:
+            if entry["kind"] not in ("parquet", "final"):
+                continue
+            table = as_built(built / entry["path"])
+            day = dt.date.fromisoformat(entry["report_date"])
+            out = Path(tmp) / "floor"
+            cpu = time.process_time()  # CPU, one thread: the builder's own writing functions, nothing else
+            if entry["kind"] == "parquet":
+                B._write_parquet(out, table)
+                seconds["parquet"] += time.process_time() - cpu
+                cpu = time.process_time()
+                B._write_text(out, day, table)
+                seconds["ehts_text"] += time.process_time() - cpu
+                records += table.num_rows
+            else:
+                B._write_parquet(out, table)
+                seconds["final_parquet"] += time.process_time() - cpu
+print(json.dumps({"records": records, **{k: v for k, v in seconds.items()}}))
+"""
+
+
+def _floor(url: str, path: Path, year: int, cores: int) -> dict:
+    """The least CPU a record any build of this data set costs here: SQLite visiting the
+    rows and columns the build reads, and the builder's own writers writing the files it
+    writes (the two Parquet files and the text file, with their SHA-256), from records
+    already derived and in file order. Deriving, ordering, moving texts between threads and
+    processes are left out (free): ``records_per_s_ceiling`` is what the build could reach
+    if every core of this machine did nothing else."""
+    read = _child(_READ_FLOOR, str(path), str(year))
+    write = _child(_WRITE_FLOOR, url, str(year))
+    n = write["records"]
+    if read["rows"] != n:
+        raise RuntimeError(f"the read floor visited {read['rows']} rows, the build wrote {n} records")
+    us = {"read_sqlite": read["cpu_s"], "parquet": write["parquet"], "final_parquet": write["final_parquet"],
+          "ehts_text": write["ehts_text"]}
+    us = {k: round(v / n * 1e6, 2) for k, v in us.items()}
+    total = round(sum(us.values()), 2)
+    no_text = round(total - us["ehts_text"], 2)
+    return {"records": n, "us_per_record": {**us, "total": total},
+            "records_per_s_ceiling": round(cores * 1e6 / total),
+            "records_per_s_ceiling_text_free": round(cores * 1e6 / no_text)}
+
+
 def _child(code: str, *args: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
@@ -204,6 +308,10 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("--repeat", type=_positive, default=3,
                         help="alternating runs of the plain copy and the 2024 build; their medians are reported "
                              "(default 3)")
+    parser.add_argument("--floor", action="store_true",
+                        help="also measure the least CPU a record any build costs here (SQLite visiting the rows, "
+                             "the builder's writers writing the files, nothing derived) and the records/s it "
+                             "allows on this machine's cores")
     parser.add_argument("--phases", action="store_true",
                         help="also time each step of the 2024 build on its own, one after the other in one "
                              "process (reading in a process of its own): microseconds a record")
@@ -240,6 +348,7 @@ def main(argv: list[str]) -> dict:
         records, copy_rows = runs[0][1]["records"], runs[0][0]["records"]
         small = _child(_BUILD, url, str(Path(tmp) / "y2025"), "2025")
         phases = _child(_PHASES, url, "2024") if args.phases else None
+        floor = _floor(url, path, 2024, os.cpu_count() or 1) if args.floor else None
         return {
             "benchmark": "historic build (corporate + agency, SQLite)",
             "journal_rows": journal_rows,
@@ -264,6 +373,7 @@ def main(argv: list[str]) -> dict:
                       "ratio_to_plain_copy": round(c["seconds"] / b["seconds"], 3),
                       "cpu_us_per_record": round(b["cpu_s"] / b["records"] * 1e6, 2)} for c, b in runs],
             "phases_us_per_record": phases,
+            "floor": floor,
             "small_year": {"records": small["records"], "peak_rss_mb": small["peak_rss_mb"],
                            "records_per_s": round(small["records"] / small["seconds"])},
             "goal": {"records_per_s": 1_000_000, "ratio_to_plain_copy": 0.5,
