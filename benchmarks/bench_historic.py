@@ -10,7 +10,7 @@
    closed in it, every column the build reads, as stored) to Parquet with no
    transformation, through the same reader (``bondtape.historic.source``: day by day, one
    text of delimited lines a statement, parsed by pyarrow; on SQLite in a process of its own).
-3. Runs the plain copy and the 2024 build ``--repeat`` times (default 3), alternating, and
+3. Runs the plain copy and the 2024 build ``--repeat`` times (default 5), alternating, and
    prints the medians: records/s of the build, the ratio copy time / build time (1.0: the
    build costs no more than copying the rows), the build's CPU time a record and the cores
    it kept busy; each pair's figures under ``runs``; and each child's peak RSS (its own
@@ -305,9 +305,9 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("--days", type=int, default=30, help="business days simulated (about 1/6 in 2025)")
     parser.add_argument("--trades-per-day", type=int, default=3000)
     parser.add_argument("--db", help="reuse (or create) this SQLite file instead of a temporary one")
-    parser.add_argument("--repeat", type=_positive, default=3,
+    parser.add_argument("--repeat", type=_positive, default=5,
                         help="alternating runs of the plain copy and the 2024 build; their medians are reported "
-                             "(default 3)")
+                             "(default 5)")
     parser.add_argument("--floor", action="store_true",
                         help="also measure the least CPU a record any build costs here (SQLite visiting the rows, "
                              "the builder's writers writing the files, nothing derived) and the records/s it "
