@@ -4,6 +4,7 @@ TLS, and the session's state on disk."""
 from __future__ import annotations
 
 import datetime as dt
+import socket
 import ssl
 import threading
 import time
@@ -454,6 +455,81 @@ def test_a_firm_that_sends_but_does_not_read_is_dropped(lite_srv):
 
 async def _is_live(server) -> bool:
     return bool(server.live)
+
+
+async def _outbound_state(server) -> tuple[int, int, float]:
+    """(messages queued for the writer, the queue's size, seconds since the reader last read)
+    of the one live session, read on the acceptor's loop."""
+    conn = next(iter(server.live.values()))
+    return conn.out.qsize(), conn.out.maxsize, time.monotonic() - conn.last_recv
+
+
+def test_a_test_request_that_found_the_queue_full_is_not_waited_on(lite_srv):
+    """35c1d80: the timer marked a TestRequest as sent when the full outbound queue had
+    skipped it, and 1.2 x HeartBtInt later logged the firm out for not answering it. Here the
+    queue is full (the firm stopped reading for a moment) when the TestRequest falls due, the
+    firm then reads again and answers every TestRequest it gets: it is not logged out. A
+    TestRequest that does go out and is not answered still ends the session."""
+    hb = 1
+    c = RawClient(lite_srv.port)
+    assert c.logon(heartbeat=hb).msg_type == "A"
+    # The firm does not read: its answers fill the socket buffers and the writer waits on them.
+    _stall(c, count=150)
+    server = lite_srv.server
+    queued, deadline = -1, time.monotonic() + 10
+    while time.monotonic() < deadline:  # until the writer has stopped taking from the queue
+        time.sleep(0.3)
+        now_queued, size, _ = lite_srv.call(_outbound_state(server))
+        if now_queued == queued:
+            break
+        queued = now_queued
+    assert 0 <= queued < size, (queued, size)
+    # Then exactly enough TestRequests (their Heartbeats queued) to fill the queue, in one
+    # go, and silence: the reader reads them all and then nothing.
+    c.raw(b"".join(c.message("1", [(112, f"fill{k}")]) for k in range(size - queued)))
+    due = hb * 1.2 + 0.5  # the gateway's silence before a TestRequest
+    deadline = time.monotonic() + 10
+    while True:
+        queued, size, silent = lite_srv.call(_outbound_state(server))
+        if silent >= due + 0.5 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    # The setup worked: a TestRequest has been due for two timer ticks or more, with no room.
+    assert queued == size and silent >= due + 0.5, (queued, size, silent)
+
+    # The firm reads again, answers each TestRequest, and sends nothing else.
+    test_requests: list[float] = []
+    resumed = time.monotonic()
+    while time.monotonic() - resumed < 3 * due:
+        try:
+            m = c.read(timeout=0.5)
+        except socket.timeout:
+            continue
+        if m is None:
+            pytest.fail("the gateway closed the connection")
+        if m.msg_type == "5":
+            pytest.fail(f"logged out without a TestRequest to answer: {m.first(58)!r}; "
+                        f"TestRequests received: {len(test_requests)}")
+        if m.msg_type == "1":
+            test_requests.append(time.monotonic())
+            c.send("0", [(112, m.first(112))])
+    assert test_requests, "the gateway never sent its TestRequest once the queue had room"
+    c.send("1", [(112, "still on")])
+    assert c.read_type("0", timeout=5).first(112) == "still on"
+
+    # Now the firm reads but answers nothing: the TestRequest it gets ends the session.
+    while True:
+        m = c.read(timeout=3 * due)
+        assert m is not None, "the gateway closed the connection without a Logout"
+        if m.msg_type == "1":
+            unanswered = time.monotonic()
+            break
+        assert m.msg_type != "5", m.first(58)
+    logout = c.read_type("5", timeout=3 * due)
+    assert logout.first(58) == "no answer to TestRequest (35=1)"
+    assert time.monotonic() - unanswered >= hb * 1.2
+    assert c.closed()
+    c.close()
 
 
 def _self_signed(tmp_path):
