@@ -259,9 +259,12 @@ def record_historic_order(db: Engine | Connection, organisation: Any, product: s
                                f"{f'from {available}' if available else 'after 9999-12-31'} "
                                f"(aged {rules.aging_months} months)")
             values["year"] = y
-            bought = conn.execute(sa.select(h.id).where(
-                h.org_id == org.id, h.product == "DATA", h.data_set == values["data_set"], h.year == y,
-                h.order_date <= day.isoformat())).first()
+            data_orders = sa.select(h.id, h.order_date).where(
+                h.org_id == org.id, h.product == "DATA", h.data_set == values["data_set"], h.year == y)
+            # bought on or before this order's date (a re-distribution needs it); any DATA
+            # order at all, whatever its date, makes another one a duplicate
+            bought = conn.execute(data_orders.where(h.order_date <= day.isoformat())).first()
+            ordered = bought or conn.execute(data_orders.order_by(h.order_date, h.id)).first()
         if product == "SETUP":
             if conn.execute(sa.select(h.id).where(h.org_id == org.id, h.product == "SETUP")).first():
                 raise FeeError("SETUP_ALREADY_RECORDED", "product", f"{org.name} already has a set-up order")
@@ -269,9 +272,10 @@ def record_historic_order(db: Engine | Connection, organisation: Any, product: s
             if not conn.execute(sa.select(h.id).where(h.org_id == org.id, h.product == "SETUP",
                                                       h.order_date <= day.isoformat())).first():
                 raise FeeError("SETUP_REQUIRED", "product", f"{org.name} has no SETUP order on or before {day}")
-            if bought:
+            if ordered:
                 raise FeeError("DATA_ALREADY_PURCHASED", "year",
-                               f"{org.name} already ordered {values['data_set']} {values['year']} (order {bought.id})")
+                               f"{org.name} already ordered {values['data_set']} {values['year']} "
+                               f"(order {ordered.id} of {ordered.order_date}): the data fee is charged once")
         elif product == "REDISTRIBUTION":
             if not bought:
                 raise FeeError("DATA_REQUIRED", "year",

@@ -1,0 +1,42 @@
+"""Fees as its users meet it: a member firm's billing contact checking an invoice against
+Rule 7730, and the finance operator running, re-running and correcting a month."""
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+
+import pytest
+import sqlalchemy as sa
+from click.testing import CliRunner
+
+from bondtape.cli import cli
+from bondtape.fees import build_invoices, record_historic_order
+from bondtape.fees.schedule import FeeError
+from tests.test_fees_invoice import NOW, add_org, add_user, by_org, lines
+
+D = Decimal
+
+
+def test_a_data_set_year_is_billed_once_even_if_recorded_again_with_an_earlier_date(market):
+    """The operator records CORP 2007 dated May, then (the date was wrong) again dated April:
+    before, the second order was accepted (the duplicate check looked only at orders on or
+    before the new order's date) and the vendor paid $2,000 twice, in April and in May."""
+    with market.begin() as conn:
+        vendor = add_org(conn, "Vendor V", "VENDOR")
+        taxex = add_org(conn, "Endowment T", "TAX_EXEMPT")
+    for org in (vendor, taxex):
+        record_historic_order(market, org, "SETUP", order_date="2010-04-01", now_us=NOW)
+        record_historic_order(market, org, "DATA", order_date="2010-05-03", data_set="CORP", year=2007, now_us=NOW)
+        with pytest.raises(FeeError) as err:
+            record_historic_order(market, org, "DATA", order_date="2010-04-02", data_set="CORP", year=2007, now_us=NOW)
+        assert err.value.code == "DATA_ALREADY_PURCHASED" and err.value.field == "year"
+        # a re-distribution still needs the data bought on or before its own date
+        with pytest.raises(FeeError) as err:
+            record_historic_order(market, org, "REDISTRIBUTION", order_date="2010-04-20", data_set="CORP", year=2007,
+                                  recipient="Client X", cusips=10, now_us=NOW)
+        assert err.value.code == "DATA_REQUIRED"
+    data_lines = [(inv.organisation.name, month, x.code, x.amount)
+                  for month in ("2010-04", "2010-05") for inv in build_invoices(market, month)[0]
+                  for x in inv.lines if x.code.startswith("HIS_DATA")]
+    assert data_lines == [("Vendor V", "2010-05", "HIS_DATA", D("2000.00")),
+                          ("Endowment T", "2010-05", "HIS_DATA_TAX_EXEMPT", D("500.00"))]
