@@ -40,3 +40,27 @@ def test_a_data_set_year_is_billed_once_even_if_recorded_again_with_an_earlier_d
                   for x in inv.lines if x.code.startswith("HIS_DATA")]
     assert data_lines == [("Vendor V", "2010-05", "HIS_DATA", D("2000.00")),
                           ("Endowment T", "2010-05", "HIS_DATA_TAX_EXEMPT", D("500.00"))]
+
+
+def test_a_month_with_an_organisation_id_of_seven_digits_can_be_run_again(market, db_url, tmp_path):
+    """Invoice numbers are YYYY-MM-<id, at least 6 digits>: organisation 1234567 (every
+    Non-Professional is an organisation) makes 2010-04-1234567.json. Before, a re-run of the
+    month into its folder was refused with OUT_NOT_EMPTY: the file was not recognised as part
+    of the earlier run."""
+    with market.begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO organisations (id, name, kind, created_us) VALUES (1234567, 'Pat Investor', "
+            "'PROFESSIONAL', 0)"))
+        add_user(conn, 1234567, "pat", "LEVEL_I", activated=NOW)
+    out = tmp_path / "april"
+    runner = CliRunner()
+    for _ in range(2):
+        r = runner.invoke(cli, ["fees", "invoice", "--month", "2010-04", "--out", str(out), "--db", db_url])
+        assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.iterdir()) == [
+        "2010-04-1234567.csv", "2010-04-1234567.html", "2010-04-1234567.json", "summary.json"]
+    assert json.loads((out / "summary.json").read_text())["invoices"][0]["total"] == "20.00"
+    # another month's seven-digit invoice is still refused
+    (out / "2010-03-1234567.json").write_text("{}")
+    r = runner.invoke(cli, ["fees", "invoice", "--month", "2010-04", "--out", str(out), "--db", db_url])
+    assert r.exit_code == 2 and "OUT_NOT_EMPTY" in r.output

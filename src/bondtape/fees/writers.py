@@ -91,7 +91,7 @@ def invoice_html(inv: Invoice) -> str:
 _RENDER = {"json": invoice_json, "csv": invoice_csv, "html": invoice_html}
 
 
-_INVOICE_FILE = re.compile(r"(\d{4}-\d{2})-\d{6}\.(?:json|csv|html)")
+_INVOICE_FILE = re.compile(r"(\d{4}-\d{2})-\d{6,}\.(?:json|csv|html)")  # YYYY-MM-<org id, 6+ digits>
 
 
 def _hidden(out: Path, what: str) -> Path:
