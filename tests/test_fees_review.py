@@ -64,3 +64,21 @@ def test_a_month_with_an_organisation_id_of_seven_digits_can_be_run_again(market
     (out / "2010-03-1234567.json").write_text("{}")
     r = runner.invoke(cli, ["fees", "invoice", "--month", "2010-04", "--out", str(out), "--db", db_url])
     assert r.exit_code == 2 and "OUT_NOT_EMPTY" in r.output
+
+
+def test_a_user_id_deactivated_at_the_first_instant_of_the_month_is_not_billed_for_it(market):
+    """A user ID is in service from its activation up to (not including) its deactivation.
+    One switched off at 00:00:00 on April 1 (market time), the end of the March 31 business
+    day, served no day of April; before, April billed it a full $20 (and March did too)."""
+    from tests.conftest import et
+
+    with market.begin() as conn:
+        org = add_org(conn, "Dealer A", "FIRM", "DLRA")
+        add_user(conn, org, "olga", "LEVEL_I", activated=et(2010, 1, 4, 9, 0), deactivated=et(2010, 4, 1, 0, 0))
+        add_user(conn, org, "omar", "LEVEL_I", activated=et(2010, 1, 4, 9, 0), deactivated=et(2010, 4, 1, 0, 0, 1))
+        add_user(conn, org, "otto", "LEVEL_I", activated=et(2010, 5, 1, 0, 0))  # from May 1: not April
+    [april] = build_invoices(market, "2010-04")[0]
+    assert [(x.code, x.quantity, [u.split(":")[1] for u in x.sources["users"]]) for x in april.lines] == [
+        ("SYS_LEVEL_I", 1, ["omar"])]
+    [march] = build_invoices(market, "2010-03")[0]
+    assert lines(march)[("SYS_LEVEL_I", None)].quantity == 2  # olga and omar, both in service in March

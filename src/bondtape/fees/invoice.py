@@ -289,14 +289,15 @@ def collect(conn: Connection, month: str, schedule: Schedule,
         .order_by(j.seq)
     )]
 
-    # Web user IDs active on any day of the month.
+    # Web user IDs in service at some time in the month: activated before its end, not
+    # deactivated at or before its first instant.
     u = users.c
     web_users = []
     for r in conn.execute(
         sa.select(u.id, u.org_id, u.username, u.web_access, u.web_data_sets, u.activated_us)
         .where(u.web_access.in_(("LEVEL_I", "LEVEL_II")), u.activated_us.isnot(None), u.activated_us < end_us,
                *([u.org_id == org_id] if org_id is not None else []),
-               sa.or_(u.deactivated_us.is_(None), u.deactivated_us >= start_us))
+               sa.or_(u.deactivated_us.is_(None), u.deactivated_us > start_us))  # in service [activated, deactivated)
         .order_by(u.org_id, u.activated_us, u.id)
     ):
         sets = {s.strip().upper() for s in (r.web_data_sets or "").split(",") if s.strip()}
