@@ -21,12 +21,23 @@ once a check is due, also while no message flows. When the caller may no longer 
 every data set it subscribed to (signed out, session ended, idle or past its absolute
 limit, user disabled, entitlement ended), the stream ends: the WebSocket closes with 4403
 ``ACCESS_ENDED``, an SSE stream sends an ``ACCESS_ENDED`` event and ends.
+
+When the database fails a re-check (unavailable: locked beyond its timeout, connection
+lost), nothing is delivered while the check is tried once more ``RECHECK_RETRY_SECONDS``
+later (1 s); a second failure ends the stream, as does the database failing while the
+stream reads stored messages or opens: the WebSocket closes with 1013 (try again later)
+``SERVICE_UNAVAILABLE``, an SSE stream sends a ``SERVICE_UNAVAILABLE`` event and ends (at
+the opening: HTTP 503). Any other failure ends it with 1011 ``INTERNAL_ERROR`` (an SSE
+``INTERNAL_ERROR`` event). The subscriber gets no traceback; the server logs one line
+(``bondtape.feed``; the traceback only for an internal error).
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
+import logging
 from typing import Callable, Iterable
 
 import sqlalchemy as sa
@@ -43,11 +54,15 @@ from bondtape.dissemination.handoff import LoopHandoff
 from bondtape.dissemination.publisher import DATA_SETS, FeedError, FeedMessage, Publisher, read_messages
 from bondtape.dissemination.schema import feed_days
 from bondtape.dissemination.query import feed_status, snapshot_lines, time_and_sales
+from bondtape.production.resilience import RETRY_AFTER_SECONDS, UNAVAILABLE_CODE, is_unavailable
 
 __all__ = ["feed_routes", "create_app", "parse_positions", "format_positions"]
 
+log = logging.getLogger("bondtape.feed")
+
 Entitled = Callable[[HTTPConnection], Iterable[str]]
 RECHECK_SECONDS = 5.0  # a live stream checks the caller's access again at most this often
+RECHECK_RETRY_SECONDS = 1.0  # a re-check the database failed is tried once more this much later
 QUEUE_LIMIT = 50_000  # messages held for one slow subscriber before it is disconnected
 REPLAY_CHUNK = 1000
 
@@ -163,8 +178,10 @@ class _Stream:
     live from the publisher with no gap and no repeat."""
 
     def __init__(self, publisher: Publisher, data_sets: list[str], start: dict[str, tuple[str, int]],
-                 allowed: Callable[[], Iterable[str]] | None = None, recheck_seconds: float = RECHECK_SECONDS):
+                 allowed: Callable[[], Iterable[str]] | None = None, recheck_seconds: float = RECHECK_SECONDS,
+                 label: str = "feed stream"):
         self.publisher = publisher
+        self.label = label  # for the operator's log: transport, client address, data sets
         self.data_sets = data_sets
         self.start = dict(start)
         self.sub = None
@@ -174,6 +191,9 @@ class _Stream:
         self._recheck = recheck_seconds
         self._checked = 0.0
         self.ended = False  # the server stops (Publisher.end_streams): the client resumes elsewhere
+        self.failure: FeedError | None = None  # SERVICE_UNAVAILABLE or INTERNAL_ERROR: the stream could not go on
+        self._retry = min(RECHECK_RETRY_SECONDS, recheck_seconds)
+        self._retried = False
         self._filled = False
 
     async def _fill_start(self) -> None:
@@ -199,12 +219,53 @@ class _Stream:
         if self._allowed is None or self._due_in() > 0:
             return not self.revoked
         self._checked = asyncio.get_running_loop().time()
-        allowed = set(await run_in_threadpool(self._allowed))
+        allowed = await self._check()
         if not set(self.data_sets) <= allowed:
             self.revoked = True
         return not self.revoked
 
+    async def _check(self) -> set[str]:
+        """The caller's data sets. A database failure (unavailable) is tried once more
+        ``RECHECK_RETRY_SECONDS`` later, nothing delivered meanwhile; a second one, or any
+        other failure, is raised (and ends the stream: :meth:`_fail`)."""
+        try:
+            return set(await run_in_threadpool(self._allowed))
+        except Exception as exc:
+            if not is_unavailable(exc):
+                raise
+            first = _reason(exc)
+        await asyncio.sleep(self._retry)
+        self._retried = True
+        allowed = set(await run_in_threadpool(self._allowed))
+        self._retried = False
+        log.info("%s: access re-check failed (database unavailable: %s) and passed when tried again %.1f s later",
+                 self.label, first, self._retry, extra={"feed_stream": self.label})
+        return allowed
+
+    def _fail(self, exc: Exception) -> None:
+        """The stream cannot go on: the subscriber is told (SERVICE_UNAVAILABLE or
+        INTERNAL_ERROR, no traceback) and the operator gets one log line."""
+        if is_unavailable(exc):
+            self.failure = SERVICE_UNAVAILABLE
+            what = "the access re-check failed twice" if self._retried else "the stream's read failed"
+            log.warning("%s ended with %s: %s, database unavailable: %s", self.label, UNAVAILABLE_CODE, what,
+                        _reason(exc), extra={"feed_stream": self.label})
+        else:
+            self.failure = INTERNAL_ERROR
+            log.error("%s ended with INTERNAL_ERROR: %s: %s", self.label, type(exc).__name__, _reason(exc),
+                      exc_info=exc, extra={"feed_stream": self.label})
+
     async def __aiter__(self):
+        try:
+            async with contextlib.aclosing(self._messages()) as messages:
+                async for m in messages:
+                    yield m
+        except Exception as exc:  # the database, or a bug: a clean end, never a traceback to the client
+            self._fail(exc)
+        finally:
+            self.close()
+
+    async def _messages(self):
         await self._fill_start()
         self._checked = asyncio.get_running_loop().time()  # the request was just checked
         positions = dict(self.start)
@@ -257,6 +318,25 @@ class _Stream:
 ACCESS_ENDED = FeedError("ACCESS_ENDED", "data_sets",
                          "access to this stream ended (signed out, session expired, user disabled or entitlement "
                          "ended): sign in and reconnect from your last position")
+SERVICE_UNAVAILABLE = FeedError(UNAVAILABLE_CODE, None,  # type: ignore[arg-type]
+                                "the database is unavailable: reconnect from your last position in a few seconds")
+INTERNAL_ERROR = FeedError("INTERNAL_ERROR", None,  # type: ignore[arg-type]
+                           "the server failed: reconnect from your last position")
+# WebSocket close codes of a stream that could not go on (RFC 6455 / IANA): try again later, internal error
+_CLOSE_CODES = {UNAVAILABLE_CODE: 1013, "INTERNAL_ERROR": 1011}
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of a database error, for one log line (SQLAlchemy's SQL and background
+    link left out)."""
+    orig = getattr(exc, "orig", None) or exc
+    return (str(orig).strip().splitlines() or [type(orig).__name__])[0][:200]
+
+
+def _label(transport: str, conn: HTTPConnection, data_sets: Iterable[str]) -> str:
+    client = f"{conn.client.host}:{conn.client.port}" if conn.client else "unknown client"
+    names = ",".join(data_sets)
+    return f"feed {transport} stream of {client}" + (f" ({names})" if names else "")
 
 
 def feed_routes(publisher: Publisher, *, entitled: Entitled | None = None, recheck: Entitled | None = None,
@@ -270,14 +350,22 @@ def feed_routes(publisher: Publisher, *, entitled: Entitled | None = None, reche
         today = market_date(publisher.clock()).isoformat()
         want.start = await run_in_threadpool(resolve_positions, publisher.db, want.start, "from", today)
 
-    def _stream(conn: HTTPConnection, want: _Request) -> _Stream:
+    def _stream(conn: HTTPConnection, want: _Request, transport: str) -> _Stream:
         return _Stream(publisher, want.data_sets, want.start, allowed=lambda: recheck(conn),
-                       recheck_seconds=recheck_seconds)
+                       recheck_seconds=recheck_seconds, label=_label(transport, conn, want.data_sets))
+
+    def _unavailable_at_opening(transport: str, conn: HTTPConnection, exc: Exception) -> None:
+        if not is_unavailable(exc):
+            raise exc
+        log.warning("%s refused with %s: database unavailable: %s", _label(transport, conn, ()), UNAVAILABLE_CODE,
+                    _reason(exc))
 
     async def ws(websocket: WebSocket) -> None:
         try:
             want = _Request(websocket, entitled)
             await _resolve(want)
+            stream = _stream(websocket, want, "websocket")
+            await stream._fill_start()  # "live from now" means from the accepted handshake
         except _NotEntitled as exc:  # accepted, then closed with a code the client can act on
             await websocket.accept()
             await websocket.close(code=4403, reason=f"{exc.error.code}: {exc.error.message}"[:120])
@@ -286,14 +374,21 @@ def feed_routes(publisher: Publisher, *, entitled: Entitled | None = None, reche
             await websocket.accept()
             await websocket.close(code=4400, reason=f"{exc.code}: {exc.message}"[:120])
             return
-        stream = _stream(websocket, want)
-        await stream._fill_start()  # "live from now" means from the accepted handshake
+        except Exception as exc:  # the database failed: try again later (1013), not HTTP 500 and a traceback
+            _unavailable_at_opening("websocket", websocket, exc)
+            await websocket.accept()
+            await websocket.close(code=_CLOSE_CODES[UNAVAILABLE_CODE],
+                                  reason=f"{UNAVAILABLE_CODE}: {SERVICE_UNAVAILABLE.message}"[:120])
+            return
         await websocket.accept()
 
         async def pump() -> None:
             async for m in stream:
                 await websocket.send_text(m.body)
-            if stream.revoked:
+            if stream.failure is not None:  # SERVICE_UNAVAILABLE (1013) or INTERNAL_ERROR (1011)
+                await websocket.close(code=_CLOSE_CODES[stream.failure.code],
+                                      reason=f"{stream.failure.code}: {stream.failure.message}"[:120])
+            elif stream.revoked:
                 await websocket.close(code=4403, reason=f"{ACCESS_ENDED.code}: signed out, expired or no longer entitled")
             elif stream.overflow:
                 await websocket.close(code=4008)  # the subscriber fell too far behind
@@ -320,12 +415,17 @@ def feed_routes(publisher: Publisher, *, entitled: Entitled | None = None, reche
         try:
             want = _Request(request, entitled, request.headers.get("last-event-id"))
             await _resolve(want)
+            stream = _stream(request, want, "SSE")
+            await stream._fill_start()
         except _NotEntitled as exc:
             return _error(exc.error, 403)
         except FeedError as exc:
             return _error(exc)
-        stream = _stream(request, want)
-        await stream._fill_start()
+        except Exception as exc:  # the database failed: 503, try again later
+            _unavailable_at_opening("SSE", request, exc)
+            response = _error(SERVICE_UNAVAILABLE, 503)
+            response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+            return response
 
         async def events():
             # the id names every subscribed data set: one not carried yet at the position
@@ -336,7 +436,9 @@ def feed_routes(publisher: Publisher, *, entitled: Entitled | None = None, reche
                 async for m in stream:
                     last[m.data_set] = m.position
                     yield f"id: {format_positions(last)}\nevent: {m.type}\ndata: {m.body}\n\n"
-                if stream.revoked:
+                if stream.failure is not None:  # SERVICE_UNAVAILABLE or INTERNAL_ERROR, then the end
+                    yield f"event: {stream.failure.code}\ndata: {json.dumps({'error': stream.failure.as_dict()})}\n\n"
+                elif stream.revoked:
                     yield f"event: ACCESS_ENDED\ndata: {json.dumps({'error': ACCESS_ENDED.as_dict()})}\n\n"
             finally:
                 stream.close()
