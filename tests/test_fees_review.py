@@ -82,3 +82,89 @@ def test_a_user_id_deactivated_at_the_first_instant_of_the_month_is_not_billed_f
         ("SYS_LEVEL_I", 1, ["omar"])]
     [march] = build_invoices(market, "2010-03")[0]
     assert lines(march)[("SYS_LEVEL_I", None)].quantity == 2  # olga and omar, both in service in March
+
+
+def test_the_operator_voids_a_mistaken_record_and_reruns_the_month(market, db_url, tmp_path):
+    """A record keyed wrong (the wrong organisation, product, start, terminals, CUSIPs) bills
+    until it is voided. Before there was no way to: ``unsubscribe`` cannot end a subscription
+    before its first day (so a mistaken one billed at least a month) and Historic orders
+    could not be corrected at all. ``bondtape fees void`` keeps the record, with when and
+    why, and leaves it out of every invoice; the corrected record is recorded anew."""
+    with market.begin() as conn:
+        vendor = add_org(conn, "Vendor V", "VENDOR")
+    runner = CliRunner()
+
+    def fees(*args):
+        r = runner.invoke(cli, ["fees", *args, "--db", db_url])
+        return r.exit_code, r.output
+
+    assert fees("subscribe", "--org", "Vendor V", "--product", "BTDS_UNLIMITED", "--data-set", "CORP",
+                "--start", "2010-04-01") == (0, "subscription 1 recorded\n")
+    assert fees("historic-order", "--org", "Vendor V", "--product", "SETUP", "--date", "2010-04-01")[0] == 0  # order 1
+    assert fees("historic-order", "--org", "Vendor V", "--product", "DATA", "--data-set", "CORP", "--year", "2007",
+                "--date", "2010-04-01")[0] == 0  # order 2
+    assert fees("historic-order", "--org", "Vendor V", "--product", "REDISTRIBUTION", "--data-set", "CORP",
+                "--year", "2007", "--recipient", "Client X", "--cusips", "9000", "--date", "2010-04-02")[0] == 0  # 3
+    out = tmp_path / "april"
+    assert fees("invoice", "--month", "2010-04", "--out", str(out))[0] == 0
+    assert json.loads((out / "summary.json").read_text())["total"] == "12500.00"  # 7,500 + 2,000 + 2,000 + 1,000
+
+    # the terminals were keyed as unlimited use, the 900 CUSIPs as 9000
+    code, text = fees("unsubscribe", "--subscription", "1", "--end", "2010-03-31")
+    assert code == 2 and "END_BEFORE_START" in text  # ending it cannot undo it
+    assert fees("void", "--subscription", "1", "--reason", "keyed as unlimited use; 4 terminals") == (
+        0, "subscription 1 voided\n")
+    assert fees("void", "--order", "3", "--reason", "900 CUSIPs, not 9000") == (0, "historic order 3 voided\n")
+    assert fees("subscribe", "--org", "Vendor V", "--product", "BTDS_TERMINAL", "--data-set", "CORP",
+                "--quantity", "4", "--start", "2010-04-01")[0] == 0
+    assert fees("historic-order", "--org", "Vendor V", "--product", "REDISTRIBUTION", "--data-set", "CORP",
+                "--year", "2007", "--recipient", "Client X", "--cusips", "900", "--date", "2010-04-02")[0] == 0
+    assert fees("invoice", "--month", "2010-04", "--out", str(out))[0] == 0
+    doc = json.loads((out / ("2010-04-%06d.json" % vendor)).read_text())
+    assert [(x["code"], x["amount"], x["sources"]) for x in doc["lines"]] == [
+        ("MD_BTDS_TERMINAL", "240.00", {"subscriptions": ["2"]}),
+        ("HIS_SETUP", "2000.00", {"historic_orders": ["1"]}),
+        ("HIS_DATA", "2000.00", {"historic_orders": ["2"]}),
+        ("HIS_REDISTRIBUTION", "900.00", {"historic_orders": ["4"]}),
+    ]
+    assert doc["total"] == "5140.00"
+    # a voided re-distribution does not count towards the recipient's cap in later months
+    record_historic_order(market, vendor, "REDISTRIBUTION", order_date="2010-05-03", data_set="CORP", year=2007,
+                          recipient="Client X", cusips=100, now_us=NOW)
+    [may] = build_invoices(market, "2010-05")[0]
+    assert [(x.code, x.amount) for x in may.lines] == [("MD_BTDS_TERMINAL", D("240.00")),
+                                                       ("HIS_REDISTRIBUTION", D("100.00"))]
+    # the records keep the voided ones, with when and why
+    recs = json.loads(fees("records", "--org", "Vendor V")[1])
+    assert recs["subscriptions"][0]["void_reason"] == "keyed as unlimited use; 4 terminals"
+    assert recs["subscriptions"][0]["voided_us"] > 0 and recs["subscriptions"][1]["voided_us"] is None
+    assert recs["historic_orders"][2]["void_reason"] == "900 CUSIPs, not 9000"
+
+    # refused, with a code, the field and what is accepted; nothing changed
+    for args, code, field in [
+        (["--subscription", "1", "--reason", "again"], "ALREADY_VOIDED", "subscription"),
+        (["--order", "3", "--reason", "again"], "ALREADY_VOIDED", "order"),
+        (["--subscription", "99", "--reason", "x"], "SUBSCRIPTION_UNKNOWN", "subscription"),
+        (["--order", "99", "--reason", "x"], "ORDER_UNKNOWN", "order"),
+        (["--order", "2", "--reason", " "], "REASON_REQUIRED", "reason"),
+        (["--order", "2"], "REASON_REQUIRED", "reason"),
+        (["--reason", "x"], "RECORD_REQUIRED", "record"),
+        (["--order", "2", "--subscription", "2", "--reason", "x"], "RECORD_REQUIRED", "record"),
+        (["--order", "2", "--reason", "x"], "ORDER_IN_USE", "order"),  # order 4 re-distributes it
+        (["--order", "1", "--reason", "x"], "ORDER_IN_USE", "order"),  # order 2 needs the set-up
+    ]:
+        got, text = fees("void", *args)
+        assert got == 2 and f"error {code} ({field}):" in text and "Traceback" not in text, (args, text)
+    code, text = fees("unsubscribe", "--subscription", "1", "--end", "2010-06-30")
+    assert code == 2 and "ALREADY_VOIDED (subscription)" in text
+    assert json.loads(fees("records", "--org", "Vendor V")[1]) == recs
+
+    # once nothing depends on them, the data and the set-up can be voided, and ordered again
+    for order in ("5", "4", "2", "1"):
+        assert fees("void", "--order", order, "--reason", "wrong organisation")[0] == 0
+    assert fees("historic-order", "--org", "Vendor V", "--product", "SETUP", "--date", "2010-04-01")[0] == 0
+    assert fees("historic-order", "--org", "Vendor V", "--product", "DATA", "--data-set", "CORP", "--year", "2007",
+                "--date", "2010-04-01")[0] == 0
+    [april] = build_invoices(market, "2010-04")[0]
+    assert [(x.code, x.sources) for x in april.lines if x.code.startswith("HIS_")] == [
+        ("HIS_SETUP", {"historic_orders": ["6"]}), ("HIS_DATA", {"historic_orders": ["7"]})]

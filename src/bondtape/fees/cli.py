@@ -115,6 +115,24 @@ def unsubscribe_cmd(subscription_id: int, end_date: str, db_url: str | None) -> 
     click.echo(f"subscription {subscription_id} ends {end_date}")
 
 
+@fees.command("void")
+@click.option("--subscription", "subscription_id", help="The id of the subscription to void.")
+@click.option("--order", "order_id", help="The id of the Historic order to void.")
+@click.option("--reason", help="Why it is void, e.g. \"keyed 9000 CUSIPs, not 900\" (required).")
+@db_option
+def void_cmd(subscription_id: str | None, order_id: str | None, reason: str | None, db_url: str | None) -> None:
+    """Void a subscription or Historic order keyed wrong: kept in the records, billed in no
+    month (run the month again). Record the correct one anew."""
+    from bondtape.fees.records import void_record
+
+    try:
+        void_record(open_db(db_url, must_exist=True), subscription_id=subscription_id, order_id=order_id,
+                    reason=reason, now_us=now_us())
+    except FeeError as exc:
+        _fail(exc)
+    click.echo(f"subscription {subscription_id} voided" if subscription_id else f"historic order {order_id} voided")
+
+
 @fees.command("historic-order")
 @click.option("--org", "organisation", required=True, help="Organisation id, MPID or name.")
 @click.option("--product", required=True, type=click.Choice(HISTORIC_PRODUCTS, case_sensitive=False))

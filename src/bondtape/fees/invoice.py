@@ -303,11 +303,13 @@ def collect(conn: Connection, month: str, schedule: Schedule,
         sets = {s.strip().upper() for s in (r.web_data_sets or "").split(",") if s.strip()}
         web_users.append(WebUser(r.id, r.org_id, r.username, r.web_access, max(1, len(sets)), r.activated_us))
 
+    # Subscriptions and Historic orders: never a voided one (keyed wrong, see void_record).
     s = fee_subscriptions.c
     subs = [Subscription(r.id, r.org_id, r.product, r.data_set, r.quantity, r.start_date, r.end_date)
             for r in conn.execute(
                 sa.select(fee_subscriptions).where(
-                    s.start_date <= last.isoformat(), *([s.org_id == org_id] if org_id is not None else []),
+                    s.start_date <= last.isoformat(), s.voided_us.is_(None),
+                    *([s.org_id == org_id] if org_id is not None else []),
                     sa.or_(s.end_date.is_(None), s.end_date >= first.isoformat()))
                 .order_by(s.org_id, s.id))]
 
@@ -315,14 +317,14 @@ def collect(conn: Connection, month: str, schedule: Schedule,
     orders = [HistoricOrder(r.id, r.org_id, r.product, r.data_set, r.year, r.recipient, r.cusips, r.media_cost_c,
                             r.delivery_cost_c, r.amount_c, r.description, r.order_date)
               for r in conn.execute(sa.select(historic_orders).where(
-                  h.order_date >= first.isoformat(), h.order_date <= last.isoformat(),
+                  h.order_date >= first.isoformat(), h.order_date <= last.isoformat(), h.voided_us.is_(None),
                   *([h.org_id == org_id] if org_id is not None else [])).order_by(h.org_id, h.id))]
     prior: dict[tuple[int, str, str, int], int] = {}
     keys = {(o.org_id, o.recipient, o.data_set, o.year) for o in orders if o.product == "REDISTRIBUTION"}
     if keys:
         for r in conn.execute(
             sa.select(h.org_id, h.recipient, h.data_set, h.year, sa.func.sum(h.cusips))
-            .where(h.product == "REDISTRIBUTION", h.order_date < first.isoformat(),
+            .where(h.product == "REDISTRIBUTION", h.order_date < first.isoformat(), h.voided_us.is_(None),
                    h.org_id.in_(sorted({k[0] for k in keys})))
             .group_by(h.org_id, h.recipient, h.data_set, h.year)
         ):

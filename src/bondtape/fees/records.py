@@ -22,7 +22,7 @@ from bondtape.rulebook import default_rulebook, historic_available_from
 
 __all__ = [
     "FEE_ERROR_CODES", "PRODUCT_KINDS", "end_subscription", "find_organisation", "list_records",
-    "parse_money_c", "record_historic_order", "record_subscription", "set_web_access",
+    "parse_money_c", "record_historic_order", "record_subscription", "set_web_access", "void_record",
 ]
 
 PROFESSIONAL_KINDS = ("FIRM", "VENDOR", "PROFESSIONAL", "TAX_EXEMPT")
@@ -50,6 +50,11 @@ FEE_ERROR_CODES: dict[str, str] = {
     "END_BEFORE_START": "the end date (last day of service) is before the start date",
     "QUANTITY_INVALID": "a quantity is a whole number from 1 to 1,000,000 (more than 1 only for BTDS_TERMINAL)",
     "SUBSCRIPTION_UNKNOWN": "no subscription with this id",
+    "ORDER_UNKNOWN": "no Historic order with this id",
+    "RECORD_REQUIRED": "void names exactly one record: a subscription or a Historic order",
+    "REASON_REQUIRED": "a void says why the record is void (at most 200 characters)",
+    "ALREADY_VOIDED": "the record is already void",
+    "ORDER_IN_USE": "a later order needs this one (a DATA order its SETUP, a REDISTRIBUTION its DATA): void that first",
     "USER_UNKNOWN": "no user ID with this username",
     "WEB_ACCESS_INVALID": "a web access level is LEVEL_I, LEVEL_II or NONE",
     "YEAR_REQUIRED": "DATA and REDISTRIBUTION orders name a calendar year of data",
@@ -201,6 +206,8 @@ def end_subscription(db: Engine | Connection, subscription_id: int, end_date: st
         row = conn.execute(sa.select(fee_subscriptions).where(fee_subscriptions.c.id == int(subscription_id))).first()
         if row is None:
             raise FeeError("SUBSCRIPTION_UNKNOWN", "subscription", f"no subscription {subscription_id}")
+        if row.voided_us is not None:
+            raise FeeError("ALREADY_VOIDED", "subscription", f"subscription {row.id} is void ({row.void_reason})")
         if end < dt.date.fromisoformat(row.start_date):
             raise FeeError("END_BEFORE_START", "end_date", f"{end} is before the start date {row.start_date}")
         conn.execute(fee_subscriptions.update().where(fee_subscriptions.c.id == row.id).values(end_date=end.isoformat()))
@@ -230,6 +237,7 @@ def record_historic_order(db: Engine | Connection, organisation: Any, product: s
         if value not in (None, "") and name not in allowed:
             raise FeeError("FIELD_NOT_ALLOWED", name, f"{name} does not apply to {product}")
     h = historic_orders.c
+    live = h.voided_us.is_(None)  # a voided order counts for nothing
     with _conn(db) as conn:
         org = find_organisation(conn, organisation)
         _check_kind(org, product)
@@ -260,16 +268,16 @@ def record_historic_order(db: Engine | Connection, organisation: Any, product: s
                                f"(aged {rules.aging_months} months)")
             values["year"] = y
             data_orders = sa.select(h.id, h.order_date).where(
-                h.org_id == org.id, h.product == "DATA", h.data_set == values["data_set"], h.year == y)
+                h.org_id == org.id, h.product == "DATA", h.data_set == values["data_set"], h.year == y, live)
             # bought on or before this order's date (a re-distribution needs it); any DATA
             # order at all, whatever its date, makes another one a duplicate
             bought = conn.execute(data_orders.where(h.order_date <= day.isoformat())).first()
             ordered = bought or conn.execute(data_orders.order_by(h.order_date, h.id)).first()
         if product == "SETUP":
-            if conn.execute(sa.select(h.id).where(h.org_id == org.id, h.product == "SETUP")).first():
+            if conn.execute(sa.select(h.id).where(h.org_id == org.id, h.product == "SETUP", live)).first():
                 raise FeeError("SETUP_ALREADY_RECORDED", "product", f"{org.name} already has a set-up order")
         elif product == "DATA":
-            if not conn.execute(sa.select(h.id).where(h.org_id == org.id, h.product == "SETUP",
+            if not conn.execute(sa.select(h.id).where(h.org_id == org.id, h.product == "SETUP", live,
                                                       h.order_date <= day.isoformat())).first():
                 raise FeeError("SETUP_REQUIRED", "product", f"{org.name} has no SETUP order on or before {day}")
             if ordered:
@@ -298,6 +306,44 @@ def record_historic_order(db: Engine | Connection, organisation: Any, product: s
                 raise FeeError("DESCRIPTION_REQUIRED", "description", "what data was supplied")
             values["amount_c"] = parse_money_c(amount if amount not in (None, "") else "", "amount")
         return int(conn.execute(historic_orders.insert().values(**values)).inserted_primary_key[0])
+
+
+def void_record(db: Engine | Connection, *, reason: Any, now_us: int, subscription_id: Any = None,
+                order_id: Any = None) -> None:
+    """Void a subscription or a Historic order keyed wrong: it stays in the records, with
+    when and why (``voided_us``, ``void_reason``), and is billed in no month, including a
+    month run again. Record the correct one anew. An order a later live order needs (the
+    SETUP of a DATA order, the DATA of a REDISTRIBUTION) is refused with ``ORDER_IN_USE``."""
+    given = [(k, v) for k, v in (("subscription", subscription_id), ("order", order_id)) if v not in (None, "")]
+    if len(given) != 1:
+        raise FeeError("RECORD_REQUIRED", "record", "give one subscription id or one Historic order id")
+    field, raw = given[0]
+    text = (reason or "").strip() if isinstance(reason, str) or reason is None else str(reason).strip()
+    if not text or len(text) > 200:
+        raise FeeError("REASON_REQUIRED", "reason", f"why the record is void, 1 to 200 characters; got {_echo(text)}")
+    table = fee_subscriptions if field == "subscription" else historic_orders
+    unknown = "SUBSCRIPTION_UNKNOWN" if field == "subscription" else "ORDER_UNKNOWN"
+    what = "subscription" if field == "subscription" else "Historic order"
+    key = str(raw).strip()
+    if not (key.isascii() and key.isdigit()) or not 1 <= int(key) <= MAX_ID:
+        raise FeeError(unknown, field, f"a {what} id is a whole number from 1; got {_echo(raw)}")
+    with _conn(db) as conn:
+        row = conn.execute(sa.select(table).where(table.c.id == int(key))).first()
+        if row is None:
+            raise FeeError(unknown, field, f"no {what} {key}")
+        if row.voided_us is not None:
+            raise FeeError("ALREADY_VOIDED", field, f"{what} {row.id} is already void ({row.void_reason})")
+        if table is historic_orders and row.product in ("SETUP", "DATA"):
+            h = historic_orders.c
+            needs = (sa.select(h.id).where(h.org_id == row.org_id, h.product == "DATA", h.voided_us.is_(None))
+                     if row.product == "SETUP" else
+                     sa.select(h.id).where(h.org_id == row.org_id, h.product == "REDISTRIBUTION",
+                                           h.data_set == row.data_set, h.year == row.year, h.voided_us.is_(None)))
+            users = [str(r.id) for r in conn.execute(needs.order_by(h.id))]
+            if users:
+                raise FeeError("ORDER_IN_USE", field,
+                               f"{row.product} order {row.id} is needed by order(s) {', '.join(users)}: void them first")
+        conn.execute(table.update().where(table.c.id == row.id).values(voided_us=now_us, void_reason=text))
 
 
 WEB_ACCESS_LEVELS = ("LEVEL_I", "LEVEL_II", "NONE")

@@ -5,7 +5,8 @@ id, product, data set, year, start and end. Web user IDs (Level I/II) are billed
 shared ``users`` table; reporting fees from ``trade_reports`` and the ``journal``.
 
 Dates are YYYY-MM-DD market dates; ``end_date`` is the last day of service (inclusive),
-NULL while open. Money is in cents.
+NULL while open. Money is in cents. A record keyed wrong is voided (``voided_us``,
+``void_reason``), never deleted or edited: it stays listed and is billed in no month.
 """
 from __future__ import annotations
 
@@ -44,6 +45,8 @@ fee_subscriptions = sa.Table(
     sa.Column("start_date", sa.String(10), nullable=False),
     sa.Column("end_date", sa.String(10)),  # last day of service, inclusive
     sa.Column("created_us", sa.BigInteger, nullable=False),
+    sa.Column("voided_us", sa.BigInteger),  # voided by the operator (keyed wrong): billed never
+    sa.Column("void_reason", sa.String(200)),
     sa.Index("ix_fee_subscriptions_org", "org_id", "product"),
 )
 
@@ -63,6 +66,8 @@ historic_orders = sa.Table(
     sa.Column("description", sa.String(200)),
     sa.Column("order_date", sa.String(10), nullable=False),  # billed in this date's month
     sa.Column("created_us", sa.BigInteger, nullable=False),
+    sa.Column("voided_us", sa.BigInteger),  # voided by the operator (keyed wrong): billed never
+    sa.Column("void_reason", sa.String(200)),
     sa.Index("ix_historic_orders_org", "org_id", "product"),
     sa.Index("ix_historic_orders_date", "order_date"),
 )
@@ -87,3 +92,14 @@ def _create(conn: sa.Connection) -> None:
     create_tables(conn, fee_subscriptions, historic_orders)
     fees_report_index.create(conn, checkfirst=True)
     fees_journal_index.create(conn, checkfirst=True)
+
+
+@migration("0051_fees_void")
+def _void_columns(conn: sa.Connection) -> None:
+    # databases made by 0050 before the columns were declared on the tables
+    for table in (fee_subscriptions, historic_orders):
+        columns = {c["name"] for c in sa.inspect(conn).get_columns(table.name)}
+        if "voided_us" not in columns:
+            conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN voided_us BIGINT")
+        if "void_reason" not in columns:
+            conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN void_reason VARCHAR(200)")
