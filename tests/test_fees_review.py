@@ -168,3 +168,13 @@ def test_the_operator_voids_a_mistaken_record_and_reruns_the_month(market, db_ur
     [april] = build_invoices(market, "2010-04")[0]
     assert [(x.code, x.sources) for x in april.lines if x.code.startswith("HIS_")] == [
         ("HIS_SETUP", {"historic_orders": ["6"]}), ("HIS_DATA", {"historic_orders": ["7"]})]
+
+
+def test_an_order_dated_before_the_fee_schedule_names_the_order_date(market, db_url):
+    """Historic TRACE Data and its fees begin 2010-03-31. An order dated before was refused
+    as ``NO_SCHEDULE (month)``, naming a --month the command does not have."""
+    with market.begin() as conn:
+        add_org(conn, "Vendor V", "VENDOR")
+    r = CliRunner().invoke(cli, ["fees", "historic-order", "--org", "Vendor V", "--product", "SETUP",
+                                 "--date", "2010-03-30", "--db", db_url])
+    assert r.exit_code == 2 and r.output.startswith("error NO_SCHEDULE (order_date): ") and "2010-03-31" in r.output

@@ -224,7 +224,10 @@ def record_historic_order(db: Engine | Connection, organisation: Any, product: s
     if product not in HISTORIC_PRODUCTS:
         raise FeeError("PRODUCT_INVALID", "product", f"one of {', '.join(HISTORIC_PRODUCTS)}")
     day = _date(order_date, "order_date")
-    schedule = schedules.at(day)
+    try:
+        schedule = schedules.at(day)
+    except FeeError as exc:  # before the first schedule: no Historic TRACE Data fees yet
+        raise FeeError(exc.code, "order_date", exc.message) from None
     values: dict[str, Any] = {"product": product, "order_date": day.isoformat(), "created_us": now_us,
                               "description": (description or "").strip() or None}
     allowed = {
