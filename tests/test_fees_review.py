@@ -178,3 +178,30 @@ def test_an_order_dated_before_the_fee_schedule_names_the_order_date(market, db_
     r = CliRunner().invoke(cli, ["fees", "historic-order", "--org", "Vendor V", "--product", "SETUP",
                                  "--date", "2010-03-30", "--db", db_url])
     assert r.exit_code == 2 and r.output.startswith("error NO_SCHEDULE (order_date): ") and "2010-03-31" in r.output
+
+
+def test_reports_of_an_mpid_go_to_the_organisation_holding_it_that_month(market):
+    """Access allows one open organisation per MPID: a firm that left (closed) and the firm
+    that took its MPID later. Before, every later month's reports of that MPID were unbilled
+    as MPID_AMBIGUOUS; they are billed to the organisation open in the month. A month in
+    which both were open (the hand-over) is still listed as ambiguous, for the operator."""
+    from bondtape.engine import Engine
+    from tests.conftest import et
+    from tests.helpers import new
+
+    with market.begin() as conn:
+        old = add_org(conn, "Dealer A", "FIRM", "DLRA")
+        conn.execute(sa.text("UPDATE organisations SET closed_us = :c WHERE id = :i"),
+                     {"c": et(2010, 4, 15, 17, 0), "i": old})
+        new_org = conn.execute(sa.text(
+            "INSERT INTO organisations (name, kind, mpid, created_us) VALUES ('Dealer A Successor', 'FIRM', 'DLRA', :c)"),
+            {"c": et(2010, 4, 20, 9, 0)}).lastrowid
+    engine = Engine(market)
+    for ref, day in (("apr", 21), ("may", None)):
+        when = et(2010, 4, day, 10, 0) if day else et(2010, 5, 4, 10, 0)
+        assert engine.submit([new(ref=ref, quantity=D("100000"), execution_us=when, report_us=when + 60_000_000)])[0].accepted
+    invoices, unbilled, _ = build_invoices(market, "2010-05")
+    assert unbilled == [] and [(i.organisation.name, i.total) for i in invoices] == [("Dealer A Successor", D("0.48"))]
+    assert by_org(invoices)["Dealer A Successor"].organisation.id == new_org
+    invoices, unbilled, _ = build_invoices(market, "2010-04")  # both held DLRA in April
+    assert invoices == [] and [(u.mpid, u.reason, u.reports) for u in unbilled] == [("DLRA", "MPID_AMBIGUOUS", 1)]

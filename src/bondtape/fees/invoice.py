@@ -43,6 +43,8 @@ class Organisation:
     kind: str
     mpid: str | None = None
     email: str | None = None
+    created_us: int | None = None
+    closed_us: int | None = None  # closed (left): its MPID may pass to another organisation
 
 
 @dataclass(frozen=True)
@@ -264,9 +266,9 @@ def collect(conn: Connection, month: str, schedule: Schedule,
     With ``org_id``, only what bills that organisation."""
     first, last = month_bounds(month)
     start_us, end_us = month_us(month)
-    orgs = {r.id: Organisation(r.id, r.name, r.kind, r.mpid, r.email) for r in conn.execute(
+    orgs = {r.id: Organisation(r.id, r.name, r.kind, r.mpid, r.email, r.created_us, r.closed_us) for r in conn.execute(
         sa.select(organisations.c.id, organisations.c.name, organisations.c.kind, organisations.c.mpid,
-                  organisations.c.email))}
+                  organisations.c.email, organisations.c.created_us, organisations.c.closed_us))}
 
     if org_id is not None:
         if org_id not in orgs:
@@ -557,11 +559,20 @@ def _historic_lines(out: _Lines, org: Organisation, orders: list[HistoricOrder],
 
 def price(inputs: MonthInputs, schedule: Schedule) -> tuple[list[Invoice], list[Unbilled]]:
     """Invoices for every organisation with something to bill in the month (pure)."""
-    first, last = month_bounds(inputs.month)
+    start_us, end_us = month_us(inputs.month)
     by_mpid: dict[str, list[Organisation]] = defaultdict(list)
     for org in inputs.organisations.values():
         if org.mpid:
             by_mpid[org.mpid].append(org)
+    for mpid, found in by_mpid.items():
+        # Access keeps one open organisation per MPID; one that closed may have passed it on.
+        # Where several hold it, the month's reports go to the one open in the month (if
+        # both were, the hand-over month, the MPID stays ambiguous).
+        if len(found) > 1:
+            open_then = [o for o in found if (o.closed_us is None or o.closed_us > start_us)
+                         and (o.created_us is None or o.created_us < end_us)]
+            if len(open_then) == 1:
+                by_mpid[mpid] = open_then
     groups_by_org: dict[int, list[ReportGroup]] = defaultdict(list)
     actions_by_org: dict[int, list[Action]] = defaultdict(list)
     unbilled: dict[str, Unbilled] = {}
