@@ -205,3 +205,38 @@ def test_reports_of_an_mpid_go_to_the_organisation_holding_it_that_month(market)
     assert by_org(invoices)["Dealer A Successor"].organisation.id == new_org
     invoices, unbilled, _ = build_invoices(market, "2010-04")  # both held DLRA in April
     assert invoices == [] and [(u.mpid, u.reason, u.reports) for u in unbilled] == [("DLRA", "MPID_AMBIGUOUS", 1)]
+
+
+@pytest.mark.parametrize("args, code, field", [
+    (["subscribe", "--org", "DLRA", "--product", "LUNCH", "--start", "2010-04-01"], "PRODUCT_INVALID", "product"),
+    (["subscribe", "--org", "DLRA", "--product", "BTDS_TERMINAL", "--data-set", "CORP", "--quantity", "0",
+      "--start", "2010-04-01"], "QUANTITY_INVALID", "quantity"),
+    (["subscribe", "--org", "DLRA", "--product", "BTDS_TERMINAL", "--data-set", "CORP", "--quantity", "many",
+      "--start", "2010-04-01"], "QUANTITY_INVALID", "quantity"),
+    (["unsubscribe", "--subscription", "0", "--end", "2010-04-30"], "SUBSCRIPTION_UNKNOWN", "subscription"),
+    (["unsubscribe", "--subscription", "one", "--end", "2010-04-30"], "SUBSCRIPTION_UNKNOWN", "subscription"),
+    (["historic-order", "--org", "DLRA", "--product", "LUNCH", "--date", "2010-04-01"], "PRODUCT_INVALID", "product"),
+    (["historic-order", "--org", "DLRA", "--product", "DATA", "--data-set", "CORP", "--year", "1800",
+      "--date", "2010-04-01"], "YEAR_INVALID", "year"),
+    (["historic-order", "--org", "DLRA", "--product", "REDISTRIBUTION", "--data-set", "CORP", "--year", "2007",
+      "--recipient", "X", "--cusips", "-1", "--date", "2010-04-01"], "CUSIPS_INVALID", "cusips"),
+    (["web-access", "--user", "alice", "--level", "LEVEL_III"], "WEB_ACCESS_INVALID", "level"),
+])
+def test_cli_bad_input_is_a_stable_code_not_a_usage_error(market, db_url, args, code, field):
+    """Before, click refused these itself ("Usage: ... Error: Invalid value for '--product'"),
+    without the documented code (PRODUCT_INVALID, QUANTITY_INVALID, WEB_ACCESS_INVALID...)."""
+    with market.begin() as conn:
+        org = add_org(conn, "Dealer A", "FIRM", "DLRA")
+        add_user(conn, org, "alice", "NONE", activated=NOW)
+    record_historic_order(market, org, "SETUP", order_date="2010-04-01", now_us=NOW)
+    record_historic_order(market, org, "DATA", order_date="2010-04-01", data_set="CORP", year=2007, now_us=NOW)
+    r = CliRunner().invoke(cli, ["fees", *args, "--db", db_url])
+    assert r.exit_code == 2 and r.output.startswith(f"error {code} ({field}): "), r.output
+    assert "Usage:" not in r.output and "Traceback" not in r.output
+
+
+def test_cli_out_that_is_a_file_is_out_not_empty(market, db_url, tmp_path):
+    (tmp_path / "april").write_text("not a folder")
+    r = CliRunner().invoke(cli, ["fees", "invoice", "--month", "2010-04", "--out", str(tmp_path / "april"),
+                                 "--db", db_url])
+    assert r.exit_code == 2 and r.output.startswith("error OUT_NOT_EMPTY (out): "), r.output

@@ -27,7 +27,7 @@ def fees() -> None:
 
 @fees.command("invoice")
 @click.option("--month", required=True, metavar="YYYY-MM", help="The billing month (market time).")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),  # a file: OUT_NOT_EMPTY
               help="Directory for the invoice files and summary.json: new, empty, or an earlier run of "
                    "MONTH (replaced whole).")
 @click.option("--format", "formats", default="json,csv,html", show_default=True,
@@ -79,16 +79,15 @@ def invoice_cmd(month: str, out_dir: Path, formats: str, db_url: str | None) -> 
 
 @fees.command("subscribe")
 @click.option("--org", "organisation", required=True, help="Organisation id, MPID or name.")
-@click.option("--product", required=True, type=click.Choice(SUBSCRIPTION_PRODUCTS, case_sensitive=False))
+@click.option("--product", required=True, help=f"One of {', '.join(SUBSCRIPTION_PRODUCTS)}.")
 @click.option("--data-set", help="CORP or AGCY (all products but CTCI).")
 @click.option("--start", "start_date", required=True, metavar="YYYY-MM-DD", help="First day of service.")
 @click.option("--end", "end_date", metavar="YYYY-MM-DD", help="Last day of service (inclusive).")
-@click.option("--quantity", type=click.IntRange(1, 10**6), default=1, show_default=True,
-              help="Terminals (BTDS_TERMINAL only).")
+@click.option("--quantity", default="1", show_default=True, help="Terminals, 1 to 1,000,000 (BTDS_TERMINAL only).")
 @click.option("--reference", help="Terminal ids, circuit id or contract number.")
 @db_option
 def subscribe_cmd(organisation: str, product: str, data_set: str | None, start_date: str, end_date: str | None,
-                  quantity: int, reference: str | None, db_url: str | None) -> None:
+                  quantity: str, reference: str | None, db_url: str | None) -> None:
     """Record a monthly service: CTCI, BTDS terminals or unlimited use, vendor feeds."""
     from bondtape.fees.records import record_subscription
 
@@ -101,10 +100,10 @@ def subscribe_cmd(organisation: str, product: str, data_set: str | None, start_d
 
 
 @fees.command("unsubscribe")
-@click.option("--subscription", "subscription_id", required=True, type=click.IntRange(1, 2**63 - 1))
+@click.option("--subscription", "subscription_id", required=True, help="The subscription id.")
 @click.option("--end", "end_date", required=True, metavar="YYYY-MM-DD", help="Last day of service (inclusive).")
 @db_option
-def unsubscribe_cmd(subscription_id: int, end_date: str, db_url: str | None) -> None:
+def unsubscribe_cmd(subscription_id: str, end_date: str, db_url: str | None) -> None:
     """End a subscription on its last day of service."""
     from bondtape.fees.records import end_subscription
 
@@ -135,12 +134,12 @@ def void_cmd(subscription_id: str | None, order_id: str | None, reason: str | No
 
 @fees.command("historic-order")
 @click.option("--org", "organisation", required=True, help="Organisation id, MPID or name.")
-@click.option("--product", required=True, type=click.Choice(HISTORIC_PRODUCTS, case_sensitive=False))
+@click.option("--product", required=True, help=f"One of {', '.join(HISTORIC_PRODUCTS)}.")
 @click.option("--date", "order_date", required=True, metavar="YYYY-MM-DD", help="Billed in this date's month.")
 @click.option("--data-set", help="CORP or AGCY (DATA, REDISTRIBUTION).")
-@click.option("--year", type=click.IntRange(1900, 9999), help="Calendar year of the data (DATA, REDISTRIBUTION).")
+@click.option("--year", help="Calendar year of the data (DATA, REDISTRIBUTION), from 2002.")
 @click.option("--recipient", help="REDISTRIBUTION: who receives the data.")
-@click.option("--cusips", type=click.IntRange(0, 10**9), help="REDISTRIBUTION: CUSIPs delivered to the recipient.")
+@click.option("--cusips", help="REDISTRIBUTION: CUSIPs delivered to the recipient, 1 to 1,000,000,000.")
 @click.option("--media-cost", help="AD_HOC: cost of the media, dollars in plain digits, e.g. 12.50 (a leading $ and 1,000 separators allowed).")
 @click.option("--delivery-cost", help="AD_HOC: cost of delivery, dollars in plain digits, e.g. 7.35 (a leading $ and 1,000 separators allowed).")
 @click.option("--amount", help="OTHER_REQUEST: the charge, dollars in plain digits, e.g. 150.00 (a leading $ and 1,000 separators allowed).")
@@ -159,7 +158,7 @@ def historic_order_cmd(organisation: str, product: str, order_date: str, db_url:
 
 @fees.command("web-access")
 @click.option("--user", "username", required=True, help="The user ID (username).")
-@click.option("--level", required=True, type=click.Choice(["LEVEL_I", "LEVEL_II", "NONE"], case_sensitive=False))
+@click.option("--level", required=True, help="LEVEL_I, LEVEL_II or NONE.")
 @click.option("--data-sets", help="Level II: CORP, AGCY or CORP,AGCY.")
 @db_option
 def web_access_cmd(username: str, level: str, data_sets: str | None, db_url: str | None) -> None:

@@ -199,11 +199,20 @@ def record_subscription(db: Engine | Connection, organisation: Any, product: str
         )).inserted_primary_key[0])
 
 
-def end_subscription(db: Engine | Connection, subscription_id: int, end_date: str) -> None:
+def _record_id(raw: Any, field: str, code: str, what: str) -> int:
+    """A record id as given (text from the command line): a whole number from 1; else ``code``."""
+    key = str(raw).strip()
+    if not (key.isascii() and key.isdigit()) or not 1 <= int(key) <= MAX_ID:
+        raise FeeError(code, field, f"a {what} id is a whole number from 1; got {_echo(raw)}")
+    return int(key)
+
+
+def end_subscription(db: Engine | Connection, subscription_id: Any, end_date: str) -> None:
     """Set the last day of service of a subscription."""
     end = _date(end_date, "end_date")
+    sid = _record_id(subscription_id, "subscription", "SUBSCRIPTION_UNKNOWN", "subscription")
     with _conn(db) as conn:
-        row = conn.execute(sa.select(fee_subscriptions).where(fee_subscriptions.c.id == int(subscription_id))).first()
+        row = conn.execute(sa.select(fee_subscriptions).where(fee_subscriptions.c.id == sid)).first()
         if row is None:
             raise FeeError("SUBSCRIPTION_UNKNOWN", "subscription", f"no subscription {subscription_id}")
         if row.voided_us is not None:
@@ -327,11 +336,9 @@ def void_record(db: Engine | Connection, *, reason: Any, now_us: int, subscripti
     table = fee_subscriptions if field == "subscription" else historic_orders
     unknown = "SUBSCRIPTION_UNKNOWN" if field == "subscription" else "ORDER_UNKNOWN"
     what = "subscription" if field == "subscription" else "Historic order"
-    key = str(raw).strip()
-    if not (key.isascii() and key.isdigit()) or not 1 <= int(key) <= MAX_ID:
-        raise FeeError(unknown, field, f"a {what} id is a whole number from 1; got {_echo(raw)}")
+    key = _record_id(raw, field, unknown, what)
     with _conn(db) as conn:
-        row = conn.execute(sa.select(table).where(table.c.id == int(key))).first()
+        row = conn.execute(sa.select(table).where(table.c.id == key)).first()
         if row is None:
             raise FeeError(unknown, field, f"no {what} {key}")
         if row.voided_us is not None:
