@@ -9,6 +9,7 @@ import contextlib
 import importlib
 import os
 import signal
+import sqlite3
 import sys
 import threading
 from pathlib import Path
@@ -39,17 +40,67 @@ def db_option(fn):
     return click.option("--db", "db_url", envvar=ENV_VAR, default=None, metavar="URL", help=DB_HELP)(fn)
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
+MARKET_TABLE = "journal"  # every bondtape database has it (migration 0002_journal, applied on first open)
+
+
+def _refuse(code: str, message: str) -> NoReturn:
+    raise click.ClickException(f"{code} (db): {message}: give the URL of an existing bondtape database with "
+                               f"--db or ${ENV_VAR} (sqlite:///PATH or postgresql://...)")
+
+
+def _check_sqlite_market(path: str) -> None:
+    """Refuse a SQLite path that holds no bondtape market, before anything opens it for
+    writing (which would create it, or write the schema into it): not there, a zero-byte
+    file or a database without tables (DATABASE_NOT_FOUND: there is no market there), a
+    file that is not a SQLite database, or a SQLite database that is not a bondtape one
+    (DATABASE_INVALID). Only reads: the file's first bytes, then its table names through
+    a read-only connection."""
+    p = Path(path)
+    if not p.exists():
+        _refuse("DATABASE_NOT_FOUND", f"there is no database at {path}")
+    if p.is_dir():
+        _refuse("DATABASE_INVALID", f"cannot open database {path}: it is a folder, not a database file")
+    try:
+        with open(p, "rb") as f:
+            header = f.read(len(SQLITE_HEADER))
+    except OSError as exc:
+        _refuse("DATABASE_INVALID", f"cannot open database {path}: {exc.strerror or exc}")
+    if not header:
+        _refuse("DATABASE_NOT_FOUND", f"{path} is an empty file (0 bytes), not a database: there is no market there")
+    if header != SQLITE_HEADER:
+        _refuse("DATABASE_INVALID", f"cannot open database {path}: it is not a SQLite database (it does not begin "
+                                    f"with the SQLite header)")
+    try:
+        con = sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+        try:
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            con.close()
+    except sqlite3.OperationalError as exc:  # locked, unreadable: not a verdict on the file
+        raise click.ClickException(f"cannot open database {path}: {exc}") from None
+    except sqlite3.DatabaseError as exc:  # "file is not a database", "malformed"
+        _refuse("DATABASE_INVALID", f"cannot open database {path}: it is not a readable SQLite database ({exc})")
+    if not tables:
+        _refuse("DATABASE_NOT_FOUND", f"{path} is an empty SQLite database (no tables): there is no market there")
+    if MARKET_TABLE not in tables:
+        shown = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
+        _refuse("DATABASE_INVALID", f"{path} is a SQLite database but not a bondtape one: it has no "
+                                    f"{MARKET_TABLE} table (its tables: {shown})")
+
+
 def open_db(db_url: str | None, *, must_exist: bool = False):
     """The database of ``--db`` (or the environment's). ``must_exist``: a command that only
-    reads refuses a SQLite file that is not there (DATABASE_NOT_FOUND) instead of creating
-    an empty database and reading nothing from it (a mistyped path)."""
+    reads a market refuses a SQLite path that holds none instead of creating an empty
+    database (or writing the schema into the file) and reading nothing from it: not there,
+    a zero-byte file or an empty database (DATABASE_NOT_FOUND), a file that is not a SQLite
+    database or a SQLite database without a journal table (DATABASE_INVALID). Nothing is
+    written to a refused file."""
     if must_exist:
         url = sa.engine.make_url(resolve_url(db_url))
         if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") \
-                and not url.database.startswith("file:") and not Path(url.database).exists():
-            raise click.ClickException(
-                f"DATABASE_NOT_FOUND (db): there is no database at {url.database}: give the URL of an existing "
-                f"database with --db or ${ENV_VAR} (sqlite:///PATH or postgresql://...)")
+                and not url.database.startswith("file:"):
+            _check_sqlite_market(url.database)
     try:
         return connect(db_url)
     except Exception as exc:  # a user sees what failed, not a traceback
