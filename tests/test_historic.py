@@ -542,7 +542,7 @@ def test_an_empty_text_value_stays_empty_and_a_mistyped_one_is_refused(market, t
         with pytest.raises(HistoricError) as err:
             build_data_set(market, "corporate", 2024, AS_OF_2024, tmp_path / "bad" / reader, reader=reader)
         assert (err.value.code, err.value.field) == ("JOURNAL_INCONSISTENT", "trade_reports"), err.value.message
-        assert "2024-03-04" in err.value.message
+        assert "(reports of 2024-03-04)" in err.value.message  # its own date, though days are derived together
 
 
 def test_data_dictionary_is_generated_and_documented(built):
