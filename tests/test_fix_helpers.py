@@ -88,8 +88,15 @@ class ServerThread:
 class RawClient:
     """A blocking socket speaking raw FIX, to send what no FIX engine would."""
 
-    def __init__(self, port: int, sender: str = "FIRMA", target: str = "BONDTAPE", tls: ssl_module.SSLContext | None = None):
-        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    def __init__(self, port: int, sender: str = "FIRMA", target: str = "BONDTAPE", tls: ssl_module.SSLContext | None = None,
+                 rcvbuf: int | None = None):
+        if rcvbuf is None:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        else:  # a fixed receive buffer (no autotuning), set before connecting: a slow link's window
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            sock.settimeout(10)
+            sock.connect(("127.0.0.1", port))
         self.sock = tls.wrap_socket(sock, server_hostname="localhost") if tls else sock
         self.sender, self.target = sender, target
         self.seq = 1
@@ -157,6 +164,64 @@ class RawClient:
             pass
 
 
+class SlowLink:
+    """A TCP relay on loopback standing for a firm's slow line: what the gateway sends goes
+    to the firm at most ``rate`` bytes a second (the other way at full speed). The relay's
+    side towards the gateway has a fixed receive buffer, as a line holds little."""
+
+    def __init__(self, upstream_port: int, rate: float):
+        self.rate = rate
+        self.upstream_port = upstream_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                down, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            up = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            up.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            try:
+                up.connect(("127.0.0.1", self.upstream_port))
+            except OSError:
+                down.close()
+                continue
+            self._sockets += [down, up]
+            threading.Thread(target=self._pipe, args=(down, up, None), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(up, down, self.rate), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket, rate: float | None) -> None:
+        start, moved = time.monotonic(), 0
+        try:
+            while data := src.recv(16384):
+                dst.sendall(data)
+                moved += len(data)
+                if rate:
+                    pause = start + moved / rate - time.monotonic()
+                    if pause > 0:
+                        time.sleep(pause)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.listener.close()
+        for sock in self._sockets:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+
 def report_body(ref: str, *, cusip: str = IG, side: str = "2", qty: str = "100000", price: str = "99.5",
                 reporting: str = "DLRA", contra: str = "C", trans: str = "0", extra=()):
     """An AE body in the standard FIX 4.4 shape: parties inside the one NoSides entry."""
@@ -164,6 +229,19 @@ def report_body(ref: str, *, cusip: str = IG, side: str = "2", qty: str = "10000
             (552, 1), (54, side), (453, 2), (448, reporting), (447, "C"), (452, 1),
             (448, contra), (447, "C"), (452, 17), (528, "P")]
     return body + list(extra)
+
+
+def stored_acks(c: RawClient, n: int, prefix: str = "LONG") -> tuple[list[str], int]:
+    """``n`` Acks stored for a resend (of rejected reports: quick, nothing journaled); their
+    TradeReportIDs, and the MsgSeqNum of the last."""
+    refs = [f"{prefix}{k:06d}" for k in range(n)]
+    for start in range(0, n, 2000):
+        part = refs[start:start + 2000]
+        c.raw(b"".join(c.message("AE", report_body(ref, extra=[(20004, "XX")])) for ref in part))
+        for ref in part:
+            ack = c.read_type("AR")
+            assert (ack.first(571), ack.first(20012)) == (ref, "FIELD_INVALID")
+    return refs, int(ack.first(34))
 
 
 def field(m: codec.RawMessage, tag: int) -> str | None:

@@ -23,7 +23,8 @@ from bondtape.journal.schema import trade_reports
 from bondtape.reporting.codes import Rejected
 from bondtape.reporting.commands import parse_command
 from tests.conftest import IG, et, make_cusip
-from tests.test_fix_helpers import PASSWORD, Clock, ServerThread, add_users, journal_count
+from tests.test_fix_helpers import (  # noqa: F401 - lite_market is a fixture
+    PASSWORD, Clock, RawClient, ServerThread, SlowLink, add_users, journal_count, lite_market, stored_acks)
 
 SOURCE = Path(__file__).with_name("test_fix_quickfix_client.cpp")
 EXEC = "20240304-15:00:00"
@@ -316,3 +317,55 @@ def test_many_sessions_at_once(gateway, clients, market):
             ack = c.expect_in("AR", f"|571={mpid}-{i}|")
             assert ack[939] == "0", ack
     assert journal_count(market) == 15
+
+
+def test_a_long_resend_over_a_slow_line_completes(quickfix_client, lite_market, tmp_path):
+    """A firm's QuickFIX engine that lost what it had received logs on asking for everything
+    again: 48,000 stored Acks (about 14 MB) over a line carrying 1.5 MB/s, more than 9 s of
+    reading with HeartBtInt 1. The gateway's send bound (2.4 x HeartBtInt: 5 s) took the
+    whole resend as one send and dropped the firm some 6 s in, as one that does not read;
+    now it counts only time without progress, and the resend completes. (QuickFIX sends its
+    Heartbeats all along, so the gateway's TestRequest never falls due.)"""
+    hb, rate, n = 1, 1_500_000, 48_000
+    add_users(lite_market, ("alice", "DLRA"))
+    server = ServerThread(lite_market)
+    link = SlowLink(server.port, rate)
+    c = None
+    try:
+        # The firm's earlier traffic (a raw client, for speed): n Acks stored on the session.
+        raw = RawClient(server.port)
+        assert raw.logon().msg_type == "A"
+        refs, last_out = stored_acks(raw, n, prefix="Q")
+        raw.send("5", [])
+        raw.read_type("5")
+        raw.close()
+        # QuickFIX takes the session over with its next MsgSeqNum right and the gateway's
+        # reset to 1: the gateway's Logon is a gap, and QuickFIX asks for all of it.
+        store = tmp_path / "FIRMA" / "store"
+        store.mkdir(parents=True)
+        (store / "FIX.4.4-FIRMA-BONDTAPE.seqnums").write_text(f"{raw.seq:010d} : {1:010d}")
+        c = QuickFixClient(quickfix_client, tmp_path / "FIRMA", link.port, "FIRMA", "alice", heartbeat=hb)
+        resent: list[str] = []
+        started = time.monotonic()
+
+        def done(line: str) -> bool:
+            assert not line.startswith("IN 5 ") and line != "LOGOUT", (
+                f"logged out {time.monotonic() - started:.1f} s into the resend, after {len(resent)} of {n} Acks: {line}")
+            if line.startswith("IN AR ") and "|43=Y|" in line:
+                resent.append(parse(line.split(" ", 2)[2])[571])
+            return bool(resent) and resent[-1] == refs[-1]
+
+        c.expect(done, timeout=120)
+        took = time.monotonic() - started
+        assert resent == refs  # every stored Ack once, in order
+        assert any(l.startswith("OUT 2 ") for l in c.seen)  # it was QuickFIX's ResendRequest
+        assert took > 1.4 * 5.0, took  # well over the old bound on a send
+        c.command("TESTREQ after-resend")
+        c.expect_in("0", "|112=after-resend|")
+        heartbeats = sum(1 for l in c.seen if l.startswith("OUT 0 "))
+        assert heartbeats >= took / hb - 3, heartbeats
+    finally:
+        if c is not None:
+            c.quit()
+        link.close()
+        server.stop()

@@ -16,7 +16,7 @@ from bondtape.fix import codec
 from bondtape.fix.schema import fix_messages, fix_sessions
 from tests.conftest import IG, make_cusip
 from tests.test_fix_helpers import (  # noqa: F401 - lite_market is a fixture
-    EXEC_UTC, RawClient, ServerThread, add_users, journal_count, lite_market, report_body)
+    EXEC_UTC, RawClient, ServerThread, add_users, journal_count, lite_market, report_body, stored_acks)
 
 
 @pytest.fixture
@@ -500,7 +500,7 @@ def test_a_test_request_that_found_the_queue_full_is_not_waited_on(lite_srv):
     # The firm reads again, answers each TestRequest, and sends nothing else.
     test_requests: list[float] = []
     resumed = time.monotonic()
-    while time.monotonic() - resumed < 3 * due:
+    while time.monotonic() - resumed < 2 * due:  # past when the old timer logged it out
         try:
             m = c.read(timeout=0.5)
         except socket.timeout:
@@ -530,6 +530,130 @@ def test_a_test_request_that_found_the_queue_full_is_not_waited_on(lite_srv):
     assert time.monotonic() - unanswered >= hb * 1.2
     assert c.closed()
     c.close()
+
+
+def _read_resend(c: RawClient, last_ref: str, rate: float, hb: float, stop_after: int | None = None) -> dict:
+    """Read what a ResendRequest brings as a firm on a slow link would: at most ``rate``
+    bytes a second, a Heartbeat every ``hb`` seconds as FIX asks of it; until the resent Ack
+    of ``last_ref`` (or ``stop_after`` bytes). What arrived, and when."""
+    start = time.monotonic()
+    seen = {"bytes": 0, "acks": [], "seqs": [], "closed": False, "last_at": None}
+    beat = start
+    c.sock.settimeout(2 * hb + 5)
+    while True:
+        try:
+            data = c.sock.recv(16384)
+        except (ConnectionResetError, socket.timeout):
+            data = b""
+        if not data:
+            seen["closed"] = True
+            return seen
+        seen["bytes"] += len(data)
+        messages = [m for m in c.framer.feed(data) if isinstance(m, codec.RawMessage)]
+        for i, m in enumerate(messages):
+            if m.first(43) != "Y":
+                continue  # (a Heartbeat before the resend)
+            seen["seqs"].append((int(m.first(34)), int(m.first(36)) if m.msg_type == "4" else None))
+            if m.msg_type == "AR":
+                seen["acks"].append(m.first(571))
+                if m.first(571) == last_ref:
+                    seen["last_at"] = time.monotonic()
+                    c.pending += messages[i + 1:]  # what came after it, for c.read()
+                    return seen
+        now = time.monotonic()
+        if now - beat >= hb:
+            c.send("0", [])
+            beat = now
+        if stop_after is not None and seen["bytes"] >= stop_after:
+            return seen
+        pause = start + seen["bytes"] / rate - now
+        if pause > 0:
+            time.sleep(pause)
+
+
+def _dropped_within(srv: ServerThread, c: RawClient, seconds: float, hb: float) -> float | None:
+    """Seconds until the gateway drops the session while the firm keeps sending Heartbeats
+    (and reads nothing), or None."""
+    start = time.monotonic()
+    while time.monotonic() - start < seconds:
+        try:
+            c.send("0", [])
+        except OSError:  # reset: the gateway has dropped it
+            pass
+        if not srv.call(_is_live(srv.server)):
+            return time.monotonic() - start
+        time.sleep(hb)
+    return None
+
+
+def test_a_long_resend_to_a_firm_that_reads_is_not_taken_for_a_stuck_reader(lite_srv):
+    """eb76d0a bounded every send by 2.4 x HeartBtInt (5 s here). A resend went out as one
+    send (the whole range in one write), so a firm reading it steadily over a link slower
+    than the burst was dropped as a firm that does not read ('took none of our messages for
+    5 s') about 6 s into it, and each new logon's ResendRequest would end the same way. The
+    bound is now on progress: the firm is dropped only after taking nothing for that long,
+    and a resend goes out piece by piece. One that stops reading mid-resend is still dropped."""
+    hb, rate, n = 1, 1_500_000, 48_000  # about 14 MB of resent Acks: over 9 s at 1.5 MB/s
+    send_timeout = 5.0  # 2.4 x HeartBtInt, at least 5 s
+    c = RawClient(lite_srv.port, rcvbuf=64 * 1024)
+    assert c.logon(heartbeat=hb).msg_type == "A"
+    refs, last_out = stored_acks(c, n)
+
+    c.send("2", [(7, 1), (16, 0)])
+    asked = time.monotonic()
+    seen = _read_resend(c, refs[-1], rate, hb)
+    assert not seen["closed"], (f"dropped {time.monotonic() - asked:.1f} s into the resend, "
+                                f"after {seen['bytes']} bytes and {len(seen['acks'])} of {n} Acks")
+    assert seen["acks"] == refs  # every stored Ack, once, in order (PossDupFlag=Y)
+    expect = 1
+    for seq, new_seq in seen["seqs"]:  # gap fills for the rest: 1..last_out without a hole
+        assert seq == expect, (seq, expect)
+        expect = new_seq if new_seq is not None else seq + 1
+    assert expect == last_out + 1
+    # The burst took the firm well over the send bound: the old bound would have dropped it.
+    assert seen["last_at"] - asked > 1.4 * send_timeout, seen["last_at"] - asked
+    c.send("1", [(112, "after the resend")])
+    while (beat := c.read_type("0")).first(112) is None:  # the gateway's own Heartbeats first
+        pass
+    assert beat.first(112) == "after the resend"
+
+    # The same resend, and the firm stops reading a little way into it (its Heartbeats go on).
+    c.send("2", [(7, 1), (16, 0)])
+    seen = _read_resend(c, refs[-1], rate, hb, stop_after=1_000_000)
+    assert not seen["closed"] and seen["bytes"] >= 1_000_000
+    dropped = _dropped_within(lite_srv, c, send_timeout + 10, hb)
+    c.close()
+    assert dropped is not None, "a firm that stopped reading in the middle of a resend was not dropped"
+
+
+def test_a_firm_that_stops_reading_in_a_resend_over_tls_is_dropped(lite_market, tmp_path):
+    """Under TLS the old resend's one big write went whole into the buffer beneath the TLS
+    layer, and the send returned at once: a firm that then stopped reading (still sending
+    Heartbeats) was never dropped, and its next logon was refused 'already logged on'. The
+    resend's pieces now wait for the firm, and the wait counts the bytes below TLS."""
+    from bondtape.fix import tls_context
+
+    hb, send_timeout = 1, 5.0
+    add_users(lite_market, ("alice", "DLRA"))
+    cert, key = _self_signed(tmp_path)
+    srv = ServerThread(lite_market, ssl=tls_context(str(cert), str(key)))
+    try:
+        tls = ssl.create_default_context(cafile=str(cert))
+        c = RawClient(srv.port, tls=tls, rcvbuf=64 * 1024)
+        assert c.logon(heartbeat=hb).msg_type == "A"
+        refs, _ = stored_acks(c, 28_000)  # about 8 MB: more than the socket buffers hold
+        c.send("2", [(7, 1), (16, 0)])
+        seen = _read_resend(c, refs[-1], 1_000_000, hb, stop_after=300_000)
+        assert not seen["closed"] and seen["bytes"] >= 300_000
+        dropped = _dropped_within(srv, c, send_timeout + 10, hb)
+        c.close()
+        assert dropped is not None, "a firm that stopped reading in the middle of a resend was not dropped"
+        again = RawClient(srv.port, tls=tls)  # the session is free again
+        again.seq = c.seq
+        assert again.logon(heartbeat=hb).msg_type == "A"
+        again.close()
+    finally:
+        srv.stop()
 
 
 def _self_signed(tmp_path):

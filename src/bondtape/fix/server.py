@@ -50,6 +50,8 @@ ADMIN_TYPES = {"0", "1", "2", "3", "4", "5", "A"}
 _SINGLE = "6789BCDEFGHJKLMNPQRSTVWXYZabcdefghijklmnopqrstuvwxyz"
 FIX44_APP_TYPES = set(_SINGLE) | {"A" + c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"} | {"B" + c for c in "ABCDEFGH"}
 HEADER_TAGS = {8, 9, 35, 49, 56, 34, 43, 52, 97, 122, 115, 128, 50, 57, 142, 143, 116, 144, 129, 145, 464, 10}
+RESEND_PAGE = 5000  # stored messages read at a time for a resend
+RESEND_CHUNK = 256 * 1024  # bytes of a resend written at a time
 
 
 @dataclass(frozen=True)
@@ -307,8 +309,8 @@ class Connection:
 
     @property
     def send_timeout(self) -> float:
-        """How long a send may wait for the firm to take our bytes before the session is
-        dropped: 2.4 x HeartBtInt (a TestRequest's two intervals), 5 to 60 seconds."""
+        """How long a send may wait with the firm taking none of our bytes before the session
+        is dropped: 2.4 x HeartBtInt (a TestRequest's two intervals), 5 to 60 seconds."""
         return min(max(2.4 * self.heartbeat, 5.0), 60.0)
 
     def _close_transport(self) -> None:
@@ -334,13 +336,45 @@ class Connection:
         except Exception:  # pragma: no cover
             pass
 
+    def _unsent(self) -> int:
+        """Bytes written and not yet taken by the kernel: the transport's buffer, and under
+        TLS also the buffer of the socket's transport beneath it (where a burst waits)."""
+        transport = self.writer.transport
+        size = transport.get_write_buffer_size()
+        inner = getattr(getattr(transport, "_ssl_protocol", None), "_transport", None)
+        if inner is not None:
+            try:
+                size += inner.get_write_buffer_size()
+            except Exception:  # pragma: no cover - closed meanwhile
+                pass
+        return size
+
     async def _drain(self) -> None:
-        """Wait until the firm takes what we wrote, at most :attr:`send_timeout` seconds."""
+        """Wait until the firm takes what we wrote. The firm is dropped when it takes none of
+        our bytes for :attr:`send_timeout` seconds: the bound is on a lack of progress, not on
+        the whole send, so a long burst (a resend of many messages) to a firm that reads,
+        however slowly, is not taken for a firm that does not read."""
+        drain = asyncio.ensure_future(self.writer.drain())
         try:
-            await asyncio.wait_for(self.writer.drain(), self.send_timeout)
-        except asyncio.TimeoutError:
-            raise ConnectionError(f"the firm took none of our messages for {self.send_timeout:.0f} s "
-                                  "(it does not read)") from None
+            loop = asyncio.get_running_loop()
+            limit = self.send_timeout
+            step = min(1.0, limit / 5)
+            unsent, moved = self._unsent(), loop.time()
+            while True:
+                done, _ = await asyncio.wait((drain,), timeout=step)
+                if done:
+                    drain.result()  # raises when the connection was lost
+                    return
+                now, left = loop.time(), self._unsent()
+                if left < unsent:  # the firm took some: the clock starts again
+                    moved = now
+                unsent = left
+                if now - moved >= limit:
+                    raise ConnectionError(f"the firm took none of our messages for {limit:.0f} s "
+                                          f"(it does not read; {left} bytes waiting)")
+        finally:
+            if not drain.done():
+                drain.cancel()
 
     def _queue_close(self) -> None:
         if not self._close_queued and not self._writer_failed:
@@ -538,13 +572,21 @@ class Connection:
             await asyncio.wrap_future(self.server.store.submit(
                 lambda c: store.write_state(c, sid, next_in, next_out, None, batch, now_us())))
             self.persisted_in = next_in
+        await self._write(b"".join(chunks))
+
+    async def _write(self, data: bytes) -> None:
+        """Send ``data`` and wait until the firm takes it (:meth:`_drain`)."""
         if self.writer.is_closing():
             raise ConnectionResetError("the connection is closed")
-        self.writer.write(b"".join(chunks))
+        self.writer.write(data)
         self.last_sent = time.monotonic()
         await self._drain()
 
     async def _resend(self, begin: int, end: int) -> None:
+        """The stored application messages of ``begin..end`` again, gap fills for the rest.
+        A long range is read page by page and sent piece by piece, each piece waiting for the
+        firm to take it: memory stays bounded, and a firm that reads is never dropped for the
+        length of the burst."""
         last = self.next_out - 1
         if end == 0 or end > last:
             end = last
@@ -552,30 +594,41 @@ class Connection:
             if self.session is not None and begin > last:
                 log.info("FIX %s: ResendRequest from %s beyond our last sequence number %s", self.peer, begin, last)
             return
-        stored = await asyncio.to_thread(store.stored_messages, self.server.db, self.session.id, begin, end)
         now_text = codec.utc_timestamp(now_us())
         out: list[bytes] = []
+        size = count = 0
         expect = begin
 
         def gap_fill(start: int, new_seq: int) -> bytes:
             return codec.encode("4", self.server.comp_id, self.sender, start, now_text,
                                 [(123, "Y"), (36, str(new_seq))], poss_dup=True, orig_sending_time=now_text)
 
-        for seq, msg_type, text in stored:
-            if seq > expect:
-                out.append(gap_fill(expect, seq))
-            fields, _ = codec.parse_fields(text.encode("latin-1").split(b"\x01", 2)[2])
-            orig = next((v for t, v in fields if t == 52), now_text)
-            body = [(t, v) for t, v in fields if t not in HEADER_TAGS]
-            out.append(codec.encode(msg_type, self.server.comp_id, self.sender, seq, now_text, body,
-                                    poss_dup=True, orig_sending_time=orig))
-            expect = seq + 1
+        while expect <= end:
+            page = await asyncio.to_thread(store.stored_messages, self.server.db, self.session.id, expect, end,
+                                           RESEND_PAGE)
+            for seq, msg_type, text in page:
+                if seq > expect:
+                    out.append(gap_fill(expect, seq))
+                fields, _ = codec.parse_fields(text.encode("latin-1").split(b"\x01", 2)[2])
+                orig = next((v for t, v in fields if t == 52), now_text)
+                body = [(t, v) for t, v in fields if t not in HEADER_TAGS]
+                data = codec.encode(msg_type, self.server.comp_id, self.sender, seq, now_text, body,
+                                    poss_dup=True, orig_sending_time=orig)
+                out.append(data)
+                size += len(data)
+                expect = seq + 1
+                if size >= RESEND_CHUNK:
+                    count += len(out)
+                    await self._write(b"".join(out))
+                    out, size = [], 0
+            if len(page) < RESEND_PAGE:
+                break
         if expect <= end:
             out.append(gap_fill(expect, end + 1))
-        log.info("FIX %s: resent %s..%s (%d messages)", self.peer, begin, end, len(out))
-        self.writer.write(b"".join(out))
-        self.last_sent = time.monotonic()
-        await self._drain()
+        count += len(out)
+        if out:
+            await self._write(b"".join(out))
+        log.info("FIX %s: resent %s..%s (%d messages)", self.peer, begin, end, count)
 
     # -- input ----------------------------------------------------------------------------
     async def _on_message(self, m: codec.RawMessage) -> None:

@@ -59,12 +59,17 @@ def open_session(db: Engine, sender: str, target: str, mpid: str, username: str,
     return found
 
 
-def stored_messages(db: Engine, session_id: int, begin: int, end: int) -> list[tuple[int, str, str]]:
-    """(seq, msg_type, message) of sent application messages with begin <= seq <= end."""
+def stored_messages(db: Engine, session_id: int, begin: int, end: int,
+                    limit: int | None = None) -> list[tuple[int, str, str]]:
+    """(seq, msg_type, message) of sent application messages with begin <= seq <= end, in
+    order; the first ``limit`` of them when given (a long resend reads them page by page)."""
+    query = sa.select(fix_messages.c.seq, fix_messages.c.msg_type, fix_messages.c.message).where(
+        fix_messages.c.session_id == session_id, fix_messages.c.seq >= begin,
+        fix_messages.c.seq <= end).order_by(fix_messages.c.seq)
+    if limit is not None:
+        query = query.limit(limit)
     with reading(db) as conn:
-        rows = conn.execute(sa.select(fix_messages.c.seq, fix_messages.c.msg_type, fix_messages.c.message).where(
-            fix_messages.c.session_id == session_id, fix_messages.c.seq >= begin,
-            fix_messages.c.seq <= end).order_by(fix_messages.c.seq)).all()
+        rows = conn.execute(query).all()
     return [(r.seq, r.msg_type, r.message) for r in rows]
 
 
