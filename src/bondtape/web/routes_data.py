@@ -6,7 +6,8 @@
 - ``/data/requests``: a Non-Professional names securities and dates; the operator fulfils
   the request from the aged data (``/operator/requests``); the requester downloads the
   extract; it is billed at the cost of media and delivery only (fees product ``AD_HOC``).
-- ``/invoices``: the organisation's Rule 7730 invoices for a month.
+- ``/invoices``: the organisation's Rule 7730 invoices for a month (by default the last
+  closed one; an open month is marked preliminary).
 """
 from __future__ import annotations
 
@@ -232,19 +233,44 @@ def operator_decide(ctx: Ctx):
 # --- invoices -------------------------------------------------------------------------------
 
 
-def invoices_page(ctx: Ctx):
-    from bondtape.fees.invoice import build_invoices
-    from bondtape.fees.schedule import FeeError, parse_month
+def last_closed_month(now_us: int) -> str:
+    """The latest month (YYYY-MM) that has ended in market time: the month before today's."""
+    first = market_date(now_us).replace(day=1)
+    return (first - dt.timedelta(days=1)).strftime("%Y-%m")
 
-    month = (ctx.request.query_params.get("month") or market_date(ctx.now_us).strftime("%Y-%m")).strip()
+
+def month_state(month: str, now_us: int) -> str:
+    """``closed`` (ended in market time: its invoice is a bill), ``open`` (under way: the
+    figures are preliminary, to date) or ``future`` (not begun)."""
+    from bondtape.fees.invoice import month_us
+
+    start_us, end_us = month_us(month)
+    return "closed" if end_us <= now_us else "open" if start_us <= now_us else "future"
+
+
+def invoices_page(ctx: Ctx):
+    """The Rule 7730 invoices of a month: the viewer's own organisation's (built alone, so
+    another organisation's data is neither read nor able to fail this page); the operator's,
+    every organisation's. Without ``month``, the last closed month; an open month is marked
+    preliminary."""
+    from bondtape.fees.invoice import build_invoices
+    from bondtape.fees.schedule import FeeError, month_bounds, parse_month
+
+    asked = (ctx.request.query_params.get("month") or "").strip()
+    month = asked or last_closed_month(ctx.now_us)
+    org_id = None if ctx.actor.is_operator else ctx.actor.org_id
     try:
         parse_month(month)  # the fees' own check: MONTH_INVALID, with the accepted range
-        invoices, _unbilled, schedule = build_invoices(ctx.conn, month)
+        invoices, _unbilled, schedule = build_invoices(ctx.conn, month, org_id=org_id)
     except FeeError as exc:
         raise AccessError(exc.code, exc.message, exc.field) from None
-    if not ctx.actor.is_operator:
-        invoices = [i for i in invoices if i.organisation.id == ctx.actor.org_id]
-    return ctx.render("invoices.html", invoices=invoices, month=month, schedule=schedule)
+    if org_id is not None:
+        # a month in which the organisation's MPID was another's (closed since) bills that
+        # other organisation: never shown here
+        invoices = [i for i in invoices if i.organisation.id == org_id]
+    return ctx.render("invoices.html", invoices=invoices, month=month, schedule=schedule,
+                      state=month_state(month, ctx.now_us), last_day=month_bounds(month)[1].isoformat(),
+                      defaulted=not asked, current=market_date(ctx.now_us).strftime("%Y-%m"))
 
 
 ROUTES = [
