@@ -17,6 +17,7 @@ import pytest
 import sqlalchemy as sa
 
 import bondtape.fees.invoice as fees_invoice
+from bondtape.fees import build_invoices
 from bondtape.access import accounts
 from bondtape.access.schema import users
 from bondtape.engine import Engine
@@ -174,6 +175,9 @@ def test_an_mpid_taken_over_never_shows_the_former_holders_invoice(world):
     fix_dealer_b(world)
     june_all = sections(signed_in(world, world.op).get("/invoices?month=2026-06").text)
     assert list(june_all) == ["Dealer A"]  # it is there, for the operator
+    # the fees package's own per-organisation build never hands back the other holder's invoice
+    assert build_invoices(world.db, "2026-06", org_id=a2)[0] == []
+    assert [i.organisation.id for i in build_invoices(world.db, "2026-06", org_id=world.a)[0]] == [world.a]
 
 
 # --- 2. the month shown: the last closed one; an open one is preliminary --------------------

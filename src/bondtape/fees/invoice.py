@@ -638,7 +638,9 @@ def build_invoices(db: Engine | Connection, month: str, schedules: ScheduleBook 
     Given an Engine, the month's reports are read by ``workers`` connections at once
     (default: up to 4, one per CPU), each over a run of days; bill a month once it has
     closed, so that every connection sees the same reports. With ``org_id``, only that
-    organisation's invoice is built (reading only its reports).
+    organisation's invoice is built (reading only its reports and those of its MPID's other
+    holder, to bill each month's reports to the organisation that held the MPID): a list of
+    one invoice, or none when it owes nothing that month.
     """
     schedule = (schedules or default_schedules()).for_month(month)
     if isinstance(db, Connection):
@@ -649,4 +651,6 @@ def build_invoices(db: Engine | Connection, month: str, schedules: ScheduleBook 
         with reading(db) as conn:
             inputs = collect(conn, month, schedule, groups, org_id=org_id)
     invoices, unbilled = price(inputs, schedule)
+    if org_id is not None:  # the other holder of its MPID was priced only to decide who held it
+        invoices = [invoice for invoice in invoices if invoice.organisation.id == org_id]
     return invoices, unbilled, schedule
