@@ -108,8 +108,10 @@ for sub, data_set in (("CORP", "corporate"), ("AGCY", "agency")):
                        (by_stretch, {"day": day.isoformat(), "low": stretch[0], "high": stretch[1]}))
             yield closed, {"lo_us": _midnight_us(day), "hi_us": _midnight_us(day + dt.timedelta(days=1))}
 
-    with open_source(db) as source, pq.ParquetWriter(f"{out}.{sub}.parquet", schema,
-                                                     **{**PARQUET_OPTIONS, "use_dictionary": True}) as writer:
+    # the plainest copy: every column dictionary-encoded where it repeats, nothing compressed
+    # (as it always was: the build's per-column compression names the build's columns, not these)
+    plain = {**PARQUET_OPTIONS, "use_dictionary": True, "compression": "none", "compression_level": None}
+    with open_source(db) as source, pq.ParquetWriter(f"{out}.{sub}.parquet", schema, **plain) as writer:
         for text in source.texts(statements(_plan(source, True, first, last))):
             if text:
                 table = parse(text, schema)
