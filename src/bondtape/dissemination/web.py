@@ -30,6 +30,12 @@ stream reads stored messages or opens: the WebSocket closes with 1013 (try again
 the opening: HTTP 503). Any other failure ends it with 1011 ``INTERNAL_ERROR`` (an SSE
 ``INTERNAL_ERROR`` event). The subscriber gets no traceback; the server logs one line
 (``bondtape.feed``; the traceback only for an internal error).
+
+Nothing here reads the database on the event loop: the access checks (``entitled`` at a
+stream's opening and for status, time and sales, snapshots and stored messages; the
+re-checks) and every query run in a worker thread (``run_in_threadpool``), so a request
+waiting for a locked or slow database holds up no other stream or request. Each check
+uses a connection of its own (``entitled`` must not share one between calls).
 """
 from __future__ import annotations
 
@@ -131,12 +137,22 @@ def _all(_: HTTPConnection) -> Iterable[str]:
     return DATA_SETS
 
 
-class _Request:
-    """What a subscription asks for, checked against the caller's entitlements."""
+async def _entitled(entitled: Entitled, conn: HTTPConnection) -> set[str]:
+    """The caller's data sets, decided in a worker thread: the check reads the database
+    (the website's touches the session), which may wait for a lock or a slow server, and
+    must not hold up the event loop (every other stream and request) meanwhile. Each call
+    uses a connection of its own (the website's callable: ``with db.begin()``), never one shared
+    with the loop or another thread; the result is collected there too, so an iterable
+    that reads lazily reads in the thread."""
+    return await run_in_threadpool(lambda: set(entitled(conn)))
 
-    def __init__(self, conn: HTTPConnection, entitled: Entitled, last_event_id: str | None = None):
+
+class _Request:
+    """What a subscription asks for, checked against the caller's entitlements (``allowed``:
+    the data sets :func:`_entitled` returned)."""
+
+    def __init__(self, conn: HTTPConnection, allowed: set[str], last_event_id: str | None = None):
         q = conn.query_params
-        allowed = set(entitled(conn))
         wanted_text = q.get("data_sets") or q.get("data_set")
         if wanted_text:
             wanted = [w.strip().upper() for w in wanted_text.split(",") if w.strip()]
@@ -351,7 +367,7 @@ def feed_routes(publisher: Publisher, *, entitled: Entitled | None = None, reche
         want.start = await run_in_threadpool(resolve_positions, publisher.db, want.start, "from", today)
 
     def _stream(conn: HTTPConnection, want: _Request, transport: str) -> _Stream:
-        return _Stream(publisher, want.data_sets, want.start, allowed=lambda: recheck(conn),
+        return _Stream(publisher, want.data_sets, want.start, allowed=lambda: set(recheck(conn)),
                        recheck_seconds=recheck_seconds, label=_label(transport, conn, want.data_sets))
 
     def _unavailable_at_opening(transport: str, conn: HTTPConnection, exc: Exception) -> None:
@@ -362,7 +378,7 @@ def feed_routes(publisher: Publisher, *, entitled: Entitled | None = None, reche
 
     async def ws(websocket: WebSocket) -> None:
         try:
-            want = _Request(websocket, entitled)
+            want = _Request(websocket, await _entitled(entitled, websocket))
             await _resolve(want)
             stream = _stream(websocket, want, "websocket")
             await stream._fill_start()  # "live from now" means from the accepted handshake
@@ -413,7 +429,7 @@ def feed_routes(publisher: Publisher, *, entitled: Entitled | None = None, reche
 
     async def sse(request: Request) -> Response:
         try:
-            want = _Request(request, entitled, request.headers.get("last-event-id"))
+            want = _Request(request, await _entitled(entitled, request), request.headers.get("last-event-id"))
             await _resolve(want)
             stream = _stream(request, want, "SSE")
             await stream._fill_start()
@@ -450,7 +466,7 @@ def feed_routes(publisher: Publisher, *, entitled: Entitled | None = None, reche
         """Retransmission: stored messages of one data set from (date, from_seq), as JSON lines."""
         q = request.query_params
         try:
-            want = _Request(request, entitled)
+            want = _Request(request, await _entitled(entitled, request))
             if len(want.data_sets) != 1:
                 raise FeedError("DATA_SET_REQUIRED", "data_set", f"name one data set: {', '.join(DATA_SETS)}")
             ds = want.data_sets[0]
@@ -471,7 +487,7 @@ def feed_routes(publisher: Publisher, *, entitled: Entitled | None = None, reche
         return Response("".join(m.body + "\n" for m in rows), media_type="application/x-ndjson")
 
     async def status(request: Request) -> Response:
-        allowed = set(entitled(request))
+        allowed = await _entitled(entitled, request)
         data = await run_in_threadpool(feed_status, publisher.db)
         return JSONResponse({"data_sets": {ds: v for ds, v in data.items() if ds in allowed}})
 
@@ -483,7 +499,7 @@ def feed_routes(publisher: Publisher, *, entitled: Entitled | None = None, reche
                                              int(q["limit"]) if q.get("limit", "").isdigit() else 500)
         except FeedError as exc:
             return _error(exc, 404 if exc.code == "SECURITY_UNKNOWN" else 400)
-        if result["data_set"] not in set(entitled(request)):
+        if result["data_set"] not in await _entitled(entitled, request):
             return _error(FeedError("NOT_ENTITLED", "cusip", f"this subscriber is not entitled to the {result['data_set']} data set"), 403)
         return JSONResponse(result)
 
@@ -492,7 +508,7 @@ def feed_routes(publisher: Publisher, *, entitled: Entitled | None = None, reche
         date = request.path_params["date"]
         if ds not in DATA_SETS:
             return _error(FeedError("DATA_SET_INVALID", "data_set", f"data set is one of {', '.join(DATA_SETS)}"), 404)
-        if ds not in set(entitled(request)):
+        if ds not in await _entitled(entitled, request):
             return _error(FeedError("NOT_ENTITLED", "data_set", f"this subscriber is not entitled to the {ds} data set"), 403)
         try:
             lines = await run_in_threadpool(snapshot_lines, publisher.db, ds, date)
