@@ -194,8 +194,8 @@ def test_reports_of_an_mpid_go_to_the_organisation_holding_it_that_month(market)
         conn.execute(sa.text("UPDATE organisations SET closed_us = :c WHERE id = :i"),
                      {"c": et(2010, 4, 15, 17, 0), "i": old})
         new_org = conn.execute(sa.text(
-            "INSERT INTO organisations (name, kind, mpid, created_us) VALUES ('Dealer A Successor', 'FIRM', 'DLRA', :c)"),
-            {"c": et(2010, 4, 20, 9, 0)}).lastrowid
+            "INSERT INTO organisations (name, kind, mpid, created_us) VALUES ('Dealer A Successor', 'FIRM', 'DLRA', :c) "
+            "RETURNING id"), {"c": et(2010, 4, 20, 9, 0)}).scalar_one()
     engine = Engine(market)
     for ref, day in (("apr", 21), ("may", None)):
         when = et(2010, 4, day, 10, 0) if day else et(2010, 5, 4, 10, 0)
