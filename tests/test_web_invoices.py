@@ -238,3 +238,29 @@ def test_a_bad_month_is_refused_with_its_code_field_and_range(world):
         assert "0001-01 to 9999-11" in page.text and "Traceback" not in page.text
     early = admin.get("/invoices?month=2001-01")
     assert early.status_code == 400 and "NO_SCHEDULE" in early.text and "(month)" in early.text
+
+
+def unbilled_rows(text: str) -> list[list[str]]:
+    section = re.search(r'<section class="card wide" id="unbilled">(.*?)</section>', text, re.S)
+    if section is None:
+        return []
+    return [re.findall(r"<td[^>]*>(.*?)</td>", row) for row in re.findall(r"<tr>(<td.*?)</tr>", section.group(1))]
+
+
+def test_reports_that_bill_nobody_are_listed_not_dropped(world):
+    """July: Dealer A closed on 10 July and Dealer A2 took DLRA on 20 July, so both held it in
+    the month and its two July reports bill nobody (MPID_AMBIGUOUS). Before, the page showed
+    neither invoice nor the reports: they were missed silently. Now the operator's page and the
+    new holder's list them with the reason; Dealer B's administrator sees none (not its MPID)."""
+    fix_dealer_b(world)
+    with world.db.begin() as conn:
+        conn.execute(sa.text("UPDATE organisations SET created_us = :o, closed_us = :c WHERE id = :i"),
+                     {"o": et(2020, 1, 2, 9, 0), "c": et(2026, 7, 10, 17, 0), "i": world.a})
+        a2 = accounts.create_organisation(conn, "Dealer A2", "FIRM", mpid="DLRA", at_us=et(2026, 7, 20, 9, 0))
+    a2_admin = world.user("a2-admin", a2, "org_admin")
+    for who in (world.op, a2_admin):
+        page = signed_in(world, who).get("/invoices?month=2026-07")
+        assert page.status_code == 200
+        assert unbilled_rows(page.text) == [["DLRA", "MPID_AMBIGUOUS", "2", "0"]], who.username
+    page = signed_in(world, world.b_admin).get("/invoices?month=2026-07")
+    assert page.status_code == 200 and unbilled_rows(page.text) == [] and 'id="unbilled"' not in page.text

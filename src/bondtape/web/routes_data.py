@@ -251,8 +251,9 @@ def month_state(month: str, now_us: int) -> str:
 def invoices_page(ctx: Ctx):
     """The Rule 7730 invoices of a month: the viewer's own organisation's (built alone, so
     another organisation's data is neither read nor able to fail this page); the operator's,
-    every organisation's. Without ``month``, the last closed month; an open month is marked
-    preliminary."""
+    every organisation's; and the month's reports that bill no organisation (by MPID, with the
+    reason), so that none is missed silently. Without ``month``, the last closed month; an
+    open month is marked preliminary."""
     from bondtape.fees.invoice import build_invoices
     from bondtape.fees.schedule import FeeError, month_bounds, parse_month
 
@@ -261,14 +262,12 @@ def invoices_page(ctx: Ctx):
     org_id = None if ctx.actor.is_operator else ctx.actor.org_id
     try:
         parse_month(month)  # the fees' own check: MONTH_INVALID, with the accepted range
-        invoices, _unbilled, schedule = build_invoices(ctx.conn, month, org_id=org_id)
+        invoices, unbilled, schedule = build_invoices(ctx.conn, month, org_id=org_id)
     except FeeError as exc:
         raise AccessError(exc.code, exc.message, exc.field) from None
-    if org_id is not None:
-        # a month in which the organisation's MPID was another's (closed since) bills that
-        # other organisation: never shown here
-        invoices = [i for i in invoices if i.organisation.id == org_id]
-    return ctx.render("invoices.html", invoices=invoices, month=month, schedule=schedule,
+    # build_invoices(org_id=...) returns that organisation's invoice only, and the reports of
+    # its MPID (no other's) that bill nobody: e.g. a month in which the MPID changed hands
+    return ctx.render("invoices.html", invoices=invoices, unbilled=unbilled, month=month, schedule=schedule,
                       state=month_state(month, ctx.now_us), last_day=month_bounds(month)[1].isoformat(),
                       defaulted=not asked, current=market_date(ctx.now_us).strftime("%Y-%m"))
 
