@@ -76,6 +76,10 @@ def _decode(ctype: str, raw: bytes, *, required: bool) -> Any:
     except _RepeatedKey as exc:
         raise ApiError(400, "FIELD_REPEATED", f"field {exc.key[:64]!r} appears twice in one object; send it once",
                        exc.key[:64]) from None
+    except _LoneSurrogate as exc:
+        where = "a field name" if exc.key is None else f"field {exc.key[:64]!r}"
+        raise ApiError(400, "JSON_INVALID", f"{where} holds a \\u escape of half a UTF-16 surrogate pair, which is not "
+                       "a Unicode character: the body is not valid JSON (UTF-8) text", exc.key and exc.key[:64]) from None
     except (ValueError, RecursionError):  # UnicodeDecodeError too: not UTF-8
         raise ApiError(400, "JSON_INVALID", "the body is not valid JSON (UTF-8)") from None
 
@@ -86,8 +90,33 @@ class _RepeatedKey(ValueError):
         self.key = key
 
 
+class _LoneSurrogate(ValueError):
+    def __init__(self, key: str | None):
+        super().__init__(key)
+        self.key = key
+
+
+def _unicode_text(value: Any) -> bool:
+    """False for a string holding a lone surrogate (json.loads makes one of "\\ud800"): it
+    cannot be written as UTF-8, so echoing it in an answer failed with a server error."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+    elif isinstance(value, list):
+        return all(_unicode_text(v) for v in value)
+    return True
+
+
 def _no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """json.loads keeps the last of repeated keys without a word: refuse them instead."""
+    """json.loads keeps the last of repeated keys without a word: refuse them instead; and
+    refuse a lone surrogate in a key or a value (not Unicode text)."""
+    for key, value in pairs:
+        if not _unicode_text(key):
+            raise _LoneSurrogate(None)
+        if not _unicode_text(value):
+            raise _LoneSurrogate(key)
     out = dict(pairs)
     if len(out) != len(pairs):
         seen: set[str] = set()
