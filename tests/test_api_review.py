@@ -55,3 +55,31 @@ def test_a_lone_surrogate_escape_is_json_invalid_not_a_server_error(world):
     # a whole surrogate pair is one character (an emoji), read as any other
     r = c.post("/api/v1/reports", content=b'{"client_ref": "\\ud83d\\ude00", "cusip": "nope"}', headers=JSON)
     assert r.status_code == 422 and r.json()["client_ref"] == "\U0001F600"
+
+
+def test_acting_on_a_report_never_silently_swaps_the_report_acted_on(world):
+    """The path names the report: an original_control_number in the body naming another one
+    was dropped without a word and the path's report was corrected or cancelled."""
+    c = api_client(world, world.trader)
+    first = c.post("/api/v1/reports", json=trade(client_ref="A-1")).json()["control_number"]
+    second = c.post("/api/v1/reports", json=trade(client_ref="A-2", quantity="5000")).json()["control_number"]
+    for call, body in (("correct", trade(price="99", original_control_number=second)),
+                       ("cancel", {"original_control_number": second}),
+                       ("reverse", {"original_control_number": "1"})):
+        r = c.post(f"/api/v1/reports/{first}/{call}", json=body)
+        assert r.status_code == 400, (call, r.text)
+        assert (r.json()["code"], r.json()["field"]) == ("FIELD_INVALID", "original_control_number"), r.text
+        assert first in r.json()["message"]
+    assert c.get(f"/api/v1/reports/{first}").json()["report"]["status"] == "ACTIVE"
+    r = c.post(f"/api/v1/reports/{first}/cancel", json={"original_control_number": first, "action": "cancel"})
+    assert r.status_code == 200 and r.json()["control_number"] == first  # the same report: as if left out
+
+
+def test_report_time_is_refused_not_silently_ignored(world):
+    """The time of receipt is the service's: a report_time in a JSON report was accepted and
+    dropped (the report was timed on receipt while the caller believed it back-dated)."""
+    c = api_client(world, world.trader)
+    r = c.post("/api/v1/reports", json=trade(report_time="2026-06-01T09:59:00-04:00"))
+    assert r.status_code == 400 and (r.json()["code"], r.json()["field"]) == ("FIELD_UNKNOWN", "report_time"), r.text
+    r = c.post("/api/v1/reports", json={"colour": "red"})
+    assert r.json()["code"] == "FIELD_UNKNOWN" and "report_time" not in r.json()["message"]

@@ -32,6 +32,9 @@ from bondtape.web.routes_trading import AfterCommit, check_date_range, report_mp
 from bondtape.web.routing import Ctx, route
 
 MAX_BATCH = 500
+# the report fields a request may carry: report_time (the time of receipt) is the service's own
+# over the API (bulk files take it only for an operator's back-filling, --use-report-time)
+API_FIELDS = tuple(f for f in FIELDS if f != "report_time")
 _CUSIP_CHARS = frozenset("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ*@#")
 STATUSES = ("ACTIVE", "CANCELLED", "CORRECTED", "REVERSED")
 
@@ -141,9 +144,12 @@ def _text_fields(item: Any, where: str) -> dict[str, str]:
         raise ApiError(400, "JSON_INVALID", f"{where} must be a JSON object of report fields")
     out: dict[str, str] = {}
     for key, value in item.items():
-        if key not in FIELDS:
-            raise ApiError(400, "FIELD_UNKNOWN", f"{where}: unknown field {str(key)[:64]!r}; the fields are: {', '.join(FIELDS)}",
-                           str(key)[:64])
+        if key == "report_time":
+            raise ApiError(400, "FIELD_UNKNOWN", f"{where}: report_time is the time of receipt, which the service "
+                           "sets; leave it out", key)
+        if key not in API_FIELDS:
+            raise ApiError(400, "FIELD_UNKNOWN", f"{where}: unknown field {str(key)[:64]!r}; the fields are: "
+                           f"{', '.join(API_FIELDS)}", str(key)[:64])
         if value is None:
             continue
         if isinstance(value, bool):
@@ -232,9 +238,14 @@ def post_reports(ctx: Ctx):
 def _act(ctx: Ctx, action: str):
     body = _json(ctx, required=action == "CORRECT")
     fields = _text_fields(body, "the body")
-    if fields.get("action", action).upper() != action:
+    if fields.get("action", action).strip().upper() != action:
         raise ApiError(400, "FIELD_INVALID", f"this call is a {action}; leave action out", "action")
-    fields.update(action=action, original_control_number=str(ctx.report.control_number))
+    cn = str(ctx.report.control_number)
+    given = fields.get("original_control_number", cn).strip()
+    if not (_digits(given) and given.lstrip("0") == cn):  # not silently replaced by the path's
+        raise ApiError(400, "FIELD_INVALID", f"this call acts on report {cn} (the path); leave "
+                       "original_control_number out", "original_control_number")
+    fields.update(action=action, original_control_number=cn)
     return _run(ctx, lambda: [_command_or_reject(ctx, fields)], single=True)
 
 
