@@ -83,3 +83,62 @@ def test_report_time_is_refused_not_silently_ignored(world):
     assert r.status_code == 400 and (r.json()["code"], r.json()["field"]) == ("FIELD_UNKNOWN", "report_time"), r.text
     r = c.post("/api/v1/reports", json={"colour": "red"})
     assert r.json()["code"] == "FIELD_UNKNOWN" and "report_time" not in r.json()["message"]
+
+
+def _validator(schema):
+    jsonschema_rs = pytest.importorskip("jsonschema_rs", reason="jsonschema_rs comes with schemathesis (dev extras)")
+    return jsonschema_rs.Draft202012Validator(schema, validate_formats=True)
+
+
+def test_openapi_describes_what_the_server_answers(world):
+    """/openapi.json against real answers: the answers' shapes (before: {"type": "object"}
+    and nothing more, so a generated client knew no field), the statuses every firm's call
+    can give (429 THROTTLED and 503 ENGINE_UNAVAILABLE were missing), the certificate AND
+    password requirement (described as HTTP Basic alone), the CUSIP query parameters'
+    pattern (any string was schema-valid, and refused 400), and the act bodies' fields."""
+    c = api_client(world, world.trader)
+    spec = c.get("/openapi.json").json()
+    paths = spec["paths"]
+    schemes = spec["components"]["securitySchemes"]
+    for path, ops in paths.items():
+        for method, op in ops.items():
+            if path == "/api/v1/time-and-sales":
+                continue
+            [requirement] = op["security"]
+            assert {schemes[name]["type"] for name in requirement} == {"mutualTLS", "http"}, (path, method)
+            assert {"400", "401", "403", "413", "415", "429", "503"} <= set(op["responses"]), (path, method)
+
+    def answer(path, method, status, response):
+        schema = paths[path][method]["responses"][str(status)]["content"]["application/json"]["schema"]
+        assert response.status_code == status, response.text
+        errors = [e.message for e in _validator(schema).iter_errors(response.json())]
+        assert not errors, (path, errors)
+        return response.json()
+
+    body = answer("/api/v1/reports", "post", 200, c.post("/api/v1/reports", json=trade(client_ref="A-1", commission="12.5")))
+    cn = body["control_number"]
+    answer("/api/v1/reports", "post", 422, c.post("/api/v1/reports", json=trade(cusip="nope")))
+    listed = answer("/api/v1/reports", "get", 200, c.get("/api/v1/reports", params={"limit": 1}))
+    assert listed["reports"][0]["control_number"] == cn and listed["next"] == cn
+    one = answer("/api/v1/reports/{control_number}", "get", 200, c.get(f"/api/v1/reports/{cn}"))
+    assert one["report"]["commission"] == "12.5"
+    answer("/api/v1/securities", "get", 200, c.get("/api/v1/securities", params={"cusip": IG.lower()}))
+    answer("/api/v1/reports", "get", 400, c.get("/api/v1/reports", params={"cusip": "Ö"}))
+    required = {p: paths[p]["post"]["responses"]["200"]["content"]["application/json"]["schema"].get("required")
+                for p in ("/api/v1/reports/{control_number}/cancel",)}
+    assert "reject" in required["/api/v1/reports/{control_number}/cancel"]
+
+    cusip_schema = next(p["schema"] for p in paths["/api/v1/reports"]["get"]["parameters"] if p["name"] == "cusip")
+    assert _validator(cusip_schema).is_valid(IG.lower()) and not _validator(cusip_schema).is_valid("Ö")
+    assert _validator(cusip_schema).is_valid("") and c.get("/api/v1/reports", params={"cusip": ""}).status_code == 200
+    tas_cusip = next(p["schema"] for p in paths["/api/v1/time-and-sales"]["get"]["parameters"] if p["name"] == "cusip")
+    assert not _validator(tas_cusip).is_valid("") and c.get("/api/v1/time-and-sales?cusip=").status_code == 400
+    date_schema = next(p["schema"] for p in paths["/api/v1/reports"]["get"]["parameters"] if p["name"] == "date_to")
+    assert _validator(date_schema).is_valid("") and not _validator(date_schema).is_valid("2024-1-2")
+    assert c.get("/api/v1/reports", params={"date_to": ""}).status_code == 200  # empty: as if not given
+    cancel_body = paths["/api/v1/reports/{control_number}/cancel"]["post"]["requestBody"]["content"][
+        "application/json"]["schema"]
+    assert _validator(cancel_body).is_valid({"action": "CANCEL", "original_control_number": cn, "client_ref": "C-1"})
+    assert _validator(cancel_body).is_valid({"when_issued": 1}) and not _validator(cancel_body).is_valid({"test": 0.5})
+    bulk = paths["/api/v1/bulk"]["post"]["requestBody"]["content"]["text/csv"]["schema"]
+    assert not _validator(bulk).is_valid("")  # refused 400 FILE_INVALID

@@ -466,6 +466,10 @@ def openapi(ctx: Ctx):
 # --- the OpenAPI description --------------------------------------------------------------
 
 _STR = {"type": "string"}
+_NSTR = {"type": ["string", "null"]}
+_FLAG = {"anyOf": [{"type": "string"}, {"type": "boolean"}, {"enum": [0, 1]}],
+         "description": "Y/N, true/false or 1/0 (blank or null: N)"}
+_CUSIP_PATTERN = "^[0-9A-Za-z*@#]{9}$"
 _REPORT_FIELDS = {
     "action": {"type": "string", "enum": ["NEW", "CANCEL", "CORRECT", "REVERSE"], "default": "NEW"},
     "client_ref": {"type": "string", "maxLength": 64, "description": "your reference; a repeat returns the first answer"},
@@ -480,50 +484,92 @@ _REPORT_FIELDS = {
     "execution_time": {"type": "string", "description": "ISO 8601; without an offset, New York time"},
     "settlement_date": {"type": "string", "description": "YYYY-MM-DD"},
     "commission": {"type": ["string", "number"]},
-    **{name: {"type": ["string", "boolean"], "description": "Y/N or true/false"} for name in INDICATORS},
+    **{name: _FLAG for name in INDICATORS},
     "trading_market": {"type": "string", "enum": ["S1", "P1"]},
     "remuneration": {"type": "string", "enum": ["C", "M", "N", ""]},
-    "test": {"type": ["string", "boolean"]},
-    "allow_duplicate": {"type": ["string", "boolean"]},
+    "test": _FLAG,
+    "allow_duplicate": _FLAG,
     "original_control_number": {"type": "string", "description": "CANCEL, CORRECT, REVERSE: the report acted on"},
 }
 _ERROR = {"type": "object", "properties": {"code": _STR, "field": {"type": ["string", "null"]}, "message": _STR},
-          "required": ["code", "message"]}
+          "required": ["code", "field", "message"]}
 _RESULT = {"type": "object", "properties": {
     "action": _STR, "client_ref": {"type": ["string", "null"]}, "status": {"type": "string", "enum": ["ACCEPTED", "REJECTED"]},
-    "control_number": {"type": ["string", "null"]}, "seq": {"type": ["integer", "null"]},
+    "control_number": {"type": ["string", "null"], "pattern": "^[0-9]+$"}, "seq": {"type": ["integer", "null"]},
     "timeliness": {"type": ["string", "null"]}, "modifier3": {"type": ["string", "null"]},
     "warning": {"type": ["string", "null"]}, "repeated": {"type": "boolean"},
     "reject": {"oneOf": [{"type": "null"}, {"type": "object", "properties": {
-        "code": {"type": "string", "enum": sorted(REJECT_CODES)}, "field": _STR, "message": _STR}}]}},
-    "required": ["action", "status"]}
+        "code": {"type": "string", "enum": sorted(REJECT_CODES)}, "field": _STR, "message": _STR},
+        "required": ["code", "field", "message"]}]}},
+    "required": ["action", "client_ref", "status", "control_number", "seq", "timeliness", "modifier3", "warning",
+                 "repeated", "reject"]}
+_CN_TEXT = {"type": "string", "pattern": "^[0-9]+$", "description": "a control number (a string: it passes 2^53)"}
+_DECIMAL = {"type": "string", "pattern": "^-?[0-9]+(\\.[0-9]+)?$", "description": "a decimal number, exactly"}
+_TIME = {"type": "string", "format": "date-time", "description": "ISO 8601 with New York's offset"}
+_DATE = {"type": "string", "format": "date"}
+_REPORT = {"type": "object", "properties": {
+    "control_number": _CN_TEXT, "status": {"type": "string", "enum": list(STATUSES)}, "reporting_mpid": _STR,
+    "cusip": _STR, "symbol": _NSTR, "data_set": _NSTR, "side": {"type": "string", "enum": ["B", "S"]},
+    "capacity": {"type": "string", "enum": ["P", "A"]}, "contra": _STR, "quantity": _DECIMAL, "price": _DECIMAL,
+    "yield": {"oneOf": [{"type": "null"}, _DECIMAL]}, "execution_time": _TIME, "report_time": _TIME,
+    "settlement_date": {"oneOf": [{"type": "null"}, _DATE]}, "commission": {"oneOf": [{"type": "null"}, _DECIMAL]},
+    "trading_market": _NSTR, "remuneration": _NSTR, "late": {"type": "boolean"}, "as_of": {"type": "boolean"},
+    "modifier3": _NSTR, "test": {"type": "boolean"}, "disseminated": {"type": "boolean"}, "channel": _NSTR,
+    "client_ref": _NSTR, "first_control_number": _CN_TEXT,
+    "prior_control_number": {"oneOf": [{"type": "null"}, _CN_TEXT]},
+    "successor_control_number": {"oneOf": [{"type": "null"}, _CN_TEXT]},
+    "closed_time": {"oneOf": [{"type": "null"}, _TIME]},
+    **{name: {"type": "boolean"} for name in INDICATORS}},
+    "required": ["control_number", "status", "reporting_mpid", "cusip", "side", "quantity", "price", "execution_time",
+                 "report_time", "first_control_number"]}
+_TRADE = {"type": "object", "description": "a trade as disseminated (docs/dissemination.md): quantity capped "
+          "(e.g. 5MM+), no firm identities", "properties": {
+              "cusip": _STR, "execution_time": _TIME, "price": _STR, "quantity": _STR, "side": _NSTR,
+              "message": {"type": "object", "properties": {"date": _DATE, "seq": {"type": "integer"}}}},
+          "required": ["cusip", "execution_time", "price", "quantity"]}
+_SECURITY = {"type": "object", "properties": {
+    "cusip": _STR, "symbol": _NSTR, "issuer": _NSTR, "coupon": _NSTR,
+    "maturity": {"oneOf": [{"type": "null"}, _DATE]}, "data_set": _STR, "grade": _NSTR, "rule_144a": {"type": "boolean"}},
+    "required": ["cusip", "data_set", "rule_144a"]}
 
 
-def _resp(description: str, schema: dict | None = None, media: str = "application/json") -> dict:
+def _resp(description: str, schema: dict | None = None, media: str = "application/json", headers=None) -> dict:
     out: dict[str, Any] = {"description": description}
     if schema is not None:
         out["content"] = {media: {"schema": schema}}
+    if headers:
+        out["headers"] = headers
     return out
 
 
 _AUTH_ERRORS = {
-    "401": _resp("login and password missing or not accepted", _ERROR),
-    "403": _resp("no client certificate, or not allowed", _ERROR),
+    "401": _resp("login and password missing or not accepted (LOGIN_REQUIRED, LOGIN_FAILED, LOCKED)", _ERROR),
+    "403": _resp("no usable client certificate (CERT_*), or not allowed (FORBIDDEN_*)", _ERROR),
     "404": _resp("no such record (or another firm's)", _ERROR),
     "400": _resp("malformed request", _ERROR),
-    "413": _resp("the body is larger than 64 KiB", _ERROR),
-    "415": _resp("wrong content type", _ERROR),
+    "413": _resp("the body is larger than 64 KiB (BODY_TOO_LARGE)", _ERROR),
+    "415": _resp("wrong content type (CONTENT_TYPE)", _ERROR),
+    "429": _resp("too many failed logins from your address (THROTTLED)", _ERROR),
+    "503": _resp("the database is unavailable (ENGINE_UNAVAILABLE): nothing was journaled, send again", _ERROR),
 }
 _CN = {"name": "control_number", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1}}
+_SECURED = [{"client_certificate": [], "password": []}]  # both: the certificate AND the password
+_DATE_QUERY = {"anyOf": [_DATE, {"type": "string", "maxLength": 0}], "description": "YYYY-MM-DD (empty: not given)"}
+_CUSIP_QUERY = {"type": "string", "pattern": _CUSIP_PATTERN, "description": "9 CUSIP characters (any case)"}
+_CUSIP_FILTER = {"anyOf": [_CUSIP_QUERY, {"type": "string", "maxLength": 0}],
+                 "description": "9 CUSIP characters, any case (empty: not given)"}
 
 
 def _act_op(action: str, body_required: bool) -> dict:
+    fields = {k: v for k, v in _REPORT_FIELDS.items() if k not in ("action", "original_control_number")}
+    fields["action"] = {"type": "string", "enum": [action], "description": "may be left out: the call says it"}
+    fields["original_control_number"] = {"type": "string", "pattern": "^[0-9]+$",
+                                         "description": "may be left out: the path's control number if given"}
     return {"post": {
         "summary": f"{action.capitalize()} one of your firm's reports", "operationId": action.lower(),
-        "security": [{"certificate_and_password": []}], "parameters": [_CN],
+        "security": _SECURED, "parameters": [_CN],
         "requestBody": {"required": body_required, "content": {"application/json": {"schema": {
-            "type": "object", "properties": {k: v for k, v in _REPORT_FIELDS.items() if k not in (
-                "action", "original_control_number")}, "additionalProperties": False}}}},
+            "type": "object", "properties": fields, "additionalProperties": False}}}},
         "responses": {"200": _resp("accepted", _RESULT), "422": _resp("rejected: see reject.code", _RESULT),
                       **_AUTH_ERRORS}}}
 
@@ -533,71 +579,90 @@ OPENAPI: dict[str, Any] = {
     "info": {"title": "bondtape REST API", "version": "1",
              "description": "Trade reporting and public time and sales. Firms' calls need TLS with the user's client "
                             "certificate and the login and password (HTTP Basic). Reject codes: docs/reject-codes.md."},
-    "components": {"securitySchemes": {"certificate_and_password": {
-        "type": "http", "scheme": "basic", "description": "with the user's TLS client certificate"}}},
+    "components": {"securitySchemes": {
+        "client_certificate": {"type": "mutualTLS", "description": "the user's TLS client certificate (bondtape certs "
+                               "issue); an expired one, or one of another CA, fails the TLS handshake"},
+        "password": {"type": "http", "scheme": "basic", "description": "the login and password of the certificate's user"},
+    }},
     "paths": {
         "/api/v1/reports": {
             "post": {
                 "summary": "Report trades (or cancel/correct/reverse by action)", "operationId": "report",
-                "security": [{"certificate_and_password": []}],
+                "security": _SECURED,
                 "requestBody": {"required": True, "content": {"application/json": {"schema": {"oneOf": [
                     {"type": "object", "properties": _REPORT_FIELDS, "additionalProperties": False},
                     {"type": "object", "properties": {"reports": {"type": "array", "minItems": 1, "maxItems": MAX_BATCH,
                                                                   "items": {"type": "object", "properties": _REPORT_FIELDS,
                                                                             "additionalProperties": False}}},
                      "required": ["reports"], "additionalProperties": False}]}}}},
-                "responses": {"200": _resp("accepted (one report), or the results of a batch", {"oneOf": [
-                    _RESULT, {"type": "object", "properties": {"accepted": {"type": "integer"},
-                                                               "rejected": {"type": "integer"},
-                                                               "results": {"type": "array", "items": _RESULT}}}]}),
+                "responses": {"200": _resp("accepted (one report), or the results of a batch (200 whatever each "
+                                           "report's outcome)", {"oneOf": [
+                                               _RESULT, {"type": "object", "properties": {
+                                                   "accepted": {"type": "integer"}, "rejected": {"type": "integer"},
+                                                   "results": {"type": "array", "items": _RESULT}},
+                                                   "required": ["accepted", "rejected", "results"]}]}),
                               "422": _resp("rejected (one report): see reject.code", _RESULT), **_AUTH_ERRORS},
             },
             "get": {
                 "summary": "Your firm's reports, newest first", "operationId": "list_reports",
-                "security": [{"certificate_and_password": []}],
+                "security": _SECURED,
                 "parameters": [
-                    {"name": "date_from", "in": "query", "schema": {"type": "string", "format": "date"}},
-                    {"name": "date_to", "in": "query", "schema": {"type": "string", "format": "date"}},
-                    {"name": "cusip", "in": "query", "schema": _STR},
-                    {"name": "client_ref", "in": "query", "schema": _STR},
+                    {"name": "date_from", "in": "query", "schema": _DATE_QUERY},
+                    {"name": "date_to", "in": "query", "schema": _DATE_QUERY},
+                    {"name": "cusip", "in": "query", "schema": _CUSIP_FILTER},
+                    {"name": "client_ref", "in": "query", "schema": {
+                        "type": "string", "maxLength": 64, "pattern": "^[^\\u0000-\\u001f\\u007f-\\u009f]*$",
+                        "description": "printable characters, as client_ref itself"}},
                     {"name": "status", "in": "query", "schema": {"type": "string", "enum": list(STATUSES)}},
                     {"name": "late", "in": "query", "schema": {"type": "string", "enum": ["true", "false"]}},
                     {"name": "as_of", "in": "query", "schema": {"type": "string", "enum": ["true", "false"]}},
                     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
-                    {"name": "after", "in": "query", "schema": {"type": "string"}},
+                    {"name": "after", "in": "query", "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"},
+                     "description": "next from the previous page"},
                 ],
-                "responses": {"200": _resp("reports", {"type": "object"}), **_AUTH_ERRORS},
+                "responses": {"200": _resp("reports, newest first; next is null on the last page", {
+                    "type": "object", "properties": {"reports": {"type": "array", "items": _REPORT},
+                                                     "next": {"oneOf": [{"type": "null"}, _CN_TEXT]}},
+                    "required": ["reports", "next"]}), **_AUTH_ERRORS},
             },
         },
         "/api/v1/reports/{control_number}": {"get": {
             "summary": "One of your firm's reports, with its history", "operationId": "get_report",
-            "security": [{"certificate_and_password": []}], "parameters": [_CN],
-            "responses": {"200": _resp("the report and its history", {"type": "object"}), **_AUTH_ERRORS}}},
+            "security": _SECURED, "parameters": [_CN],
+            "responses": {"200": _resp("the report and its history (the first report and each correction)", {
+                "type": "object", "properties": {"report": _REPORT, "history": {"type": "array", "items": _REPORT}},
+                "required": ["report", "history"]}), **_AUTH_ERRORS}}},
         "/api/v1/reports/{control_number}/cancel": _act_op("CANCEL", False),
         "/api/v1/reports/{control_number}/reverse": _act_op("REVERSE", False),
         "/api/v1/reports/{control_number}/correct": _act_op("CORRECT", True),
         "/api/v1/bulk": {"post": {
             "summary": "A bulk file in, its results file out", "operationId": "bulk",
-            "security": [{"certificate_and_password": []}],
-            "requestBody": {"required": True, "content": {"text/csv": {"schema": {"type": "string"}}}},
+            "security": _SECURED,
+            "requestBody": {"required": True, "content": {"text/csv": {"schema": {"type": "string", "minLength": 1}}}},
             "responses": {"200": _resp("the results file: each line's control number or reject", {"type": "string"},
                                        "text/csv"), **_AUTH_ERRORS}}},
         "/api/v1/time-and-sales": {"get": {
             "summary": "Public time and sales of a security (capped as disseminated)", "operationId": "time_and_sales",
+            "security": [{}],
             "parameters": [
-                {"name": "cusip", "in": "query", "required": True, "schema": _STR},
-                {"name": "date_from", "in": "query", "schema": {"type": "string", "format": "date"}},
-                {"name": "date_to", "in": "query", "schema": {"type": "string", "format": "date"}},
+                {"name": "cusip", "in": "query", "required": True, "schema": _CUSIP_QUERY},
+                {"name": "date_from", "in": "query", "schema": _DATE_QUERY},
+                {"name": "date_to", "in": "query", "schema": _DATE_QUERY},
                 {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
             ],
-            "responses": {"200": _resp("trades, newest first", {"type": "object"}),
-                          "400": _resp("malformed request", _ERROR), "404": _resp("unknown security", _ERROR)}}},
+            "responses": {"200": _resp("trades, newest first", {
+                "type": "object", "properties": {"cusip": _STR, "symbol": _NSTR, "issuer": _NSTR, "data_set": _STR,
+                                                 "trades": {"type": "array", "items": _TRADE}},
+                "required": ["cusip", "data_set", "trades"]}),
+                "400": _resp("malformed request", _ERROR), "404": _resp("unknown security", _ERROR)}}},
         "/api/v1/securities": {"get": {
             "summary": "Reference data: TRACE-eligible securities on a date", "operationId": "securities",
-            "security": [{"certificate_and_password": []}],
-            "parameters": [{"name": "date", "in": "query", "schema": {"type": "string", "format": "date"}},
-                           {"name": "cusip", "in": "query", "schema": _STR}],
-            "responses": {"200": _resp("securities", {"type": "object"}), **_AUTH_ERRORS}}},
+            "security": _SECURED,
+            "parameters": [{"name": "date", "in": "query", "schema": _DATE_QUERY},
+                           {"name": "cusip", "in": "query", "schema": _CUSIP_FILTER}],
+            "responses": {"200": _resp("securities", {
+                "type": "object", "properties": {"date": _DATE, "securities": {"type": "array", "items": _SECURITY}},
+                "required": ["date", "securities"]}), **_AUTH_ERRORS}}},
     },
 }
 
