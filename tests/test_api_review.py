@@ -142,3 +142,22 @@ def test_openapi_describes_what_the_server_answers(world):
     assert _validator(cancel_body).is_valid({"when_issued": 1}) and not _validator(cancel_body).is_valid({"test": 0.5})
     bulk = paths["/api/v1/bulk"]["post"]["requestBody"]["content"]["text/csv"]["schema"]
     assert not _validator(bulk).is_valid("")  # refused 400 FILE_INVALID
+
+
+@pytest.mark.xfail(strict=True, reason="routing._certificate_actor looks up the login sent with another user's "
+                   "certificate: LOCKED tells a certificate holder that a login exists, and their failures lock that "
+                   "user out; fix proposed in the API review (answer CERT_USER_MISMATCH without looking it up)")
+def test_a_certificate_holder_learns_nothing_of_other_logins(world):
+    """With its own certificate, a caller sends other logins and wrong passwords: an existing
+    user of another firm and a name no one has must get the same answers, and the existing
+    user must not be locked out by someone else's certificate."""
+    b = world.org("Dealer B", "FIRM", mpid="DLRB")
+    other = world.user("b-trader", b, "trader")
+    with_certificate(world, other)
+    answers = {}
+    for login in ("b-trader", "no-such-user"):
+        c = api_client(world, world.trader)
+        c.auth = (login, "not the password")
+        answers[login] = [(r.status_code, r.json()["code"]) for r in (c.get("/api/v1/reports") for _ in range(7))]
+    assert answers["b-trader"] == answers["no-such-user"], answers
+    assert api_client(world, other).get("/api/v1/reports").status_code == 200  # not locked out by another's certificate
