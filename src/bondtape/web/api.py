@@ -365,9 +365,11 @@ def get_reports(ctx: Ctx):
         if not _digits(after) or len(after) > 18:
             raise ApiError(400, "FILTER_INVALID", "after is a control number (digits), the next of the previous page", "after")
         stmt = stmt.where(t.control_number < int(after))
-    rows = ctx.conn.execute(stmt.order_by(t.control_number.desc()).limit(limit)).all()
+    rows = ctx.conn.execute(stmt.order_by(t.control_number.desc()).limit(limit + 1)).all()
+    more = len(rows) > limit  # one row past the page: next only when there is another page
+    rows = rows[:limit]
     return JSONResponse({"reports": [report_json(r) for r in rows],
-                         "next": str(rows[-1].control_number) if len(rows) == limit else None})
+                         "next": str(rows[-1].control_number) if more else None})
 
 
 @_guarded
