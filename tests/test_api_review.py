@@ -180,3 +180,18 @@ def test_paging_back_ends_on_the_last_page(world):
     assert c.get("/api/v1/reports", params={"limit": 5}).json()["next"] is None
     three = c.get("/api/v1/reports", params={"limit": 3}).json()
     assert three["next"] == made[1] and len(three["reports"]) == 3
+
+
+def test_a_misspelt_or_repeated_query_parameter_is_refused(world):
+    """A filter the call does not take was ignored: GET /api/v1/reports?stauts=CANCELLED listed
+    every report, as if they were all cancelled; a repeated one silently took the last value."""
+    c = api_client(world, world.trader)
+    c.post("/api/v1/reports", json=trade(client_ref="A-1"))
+    for path, params, field in (("/api/v1/reports", "stauts=CANCELLED", "stauts"),
+                                ("/api/v1/reports", "limit=1&limit=1000", "limit"),
+                                ("/api/v1/securities", "day=2026-06-01", "day"),
+                                ("/api/v1/time-and-sales", f"cusip={IG}&from=2026-06-01", "from")):
+        r = c.get(f"{path}?{params}")
+        assert r.status_code == 400, (path, params, r.text)
+        assert (r.json()["code"], r.json()["field"]) == ("FILTER_INVALID", field), r.text
+    assert c.get("/api/v1/reports?status=CANCELLED").json()["reports"] == []

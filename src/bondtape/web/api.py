@@ -327,9 +327,26 @@ def _cusip_param(ctx: Ctx, *, required: bool) -> str:
     return cusip
 
 
+def _params(ctx: Ctx, names: tuple[str, ...]) -> None:
+    """Refuse a query parameter the call does not take, or one given twice: a misspelt filter
+    (``stauts=ACTIVE``) would otherwise be dropped and every report listed."""
+    seen: set[str] = set()
+    for name, _ in ctx.request.query_params.multi_items():
+        if name not in names:
+            raise ApiError(400, "FILTER_INVALID", f"unknown query parameter {name[:64]!r}; this call takes: "
+                           f"{', '.join(names)}", name[:64])
+        if name in seen:
+            raise ApiError(400, "FILTER_INVALID", f"query parameter {name!r} is given twice; give it once", name)
+        seen.add(name)
+
+
+REPORT_PARAMS = ("date_from", "date_to", "cusip", "client_ref", "status", "late", "as_of", "limit", "after")
+
+
 @_guarded
 def get_reports(ctx: Ctx):
     """The caller's firm's reports, newest first; ``after`` pages back by control number."""
+    _params(ctx, REPORT_PARAMS)
     q = ctx.request.query_params
     t = trade_reports.c
     stmt = sa.select(trade_reports)
@@ -426,6 +443,7 @@ def get_time_and_sales(ctx: Ctx):
     from bondtape.dissemination.publisher import FeedError
     from bondtape.dissemination.query import time_and_sales
 
+    _params(ctx, ("cusip", "date_from", "date_to", "limit"))
     cusip = _cusip_param(ctx, required=True)
     limit = _limit(ctx)
     d0, d1 = _date_range(ctx)
@@ -447,6 +465,7 @@ def get_securities(ctx: Ctx):
     """Reference data: the TRACE-eligible securities on a date (default today)."""
     from bondtape.reference.store import load_securities
 
+    _params(ctx, ("date", "cusip"))
     day = _date_param(ctx, "date") or market_date(ctx.now_us).isoformat()
     cusip = _cusip_param(ctx, required=False)
     day_d = dt.date.fromisoformat(day)
