@@ -195,3 +195,16 @@ def test_a_misspelt_or_repeated_query_parameter_is_refused(world):
         assert r.status_code == 400, (path, params, r.text)
         assert (r.json()["code"], r.json()["field"]) == ("FILTER_INVALID", field), r.text
     assert c.get("/api/v1/reports?status=CANCELLED").json()["reports"] == []
+
+
+def test_a_query_parameter_on_a_post_is_refused(world):
+    """POST /api/v1/reports?test=Y journaled a production report: the query was not read."""
+    c = api_client(world, world.trader)
+    r = c.post("/api/v1/reports?test=Y", json=trade(client_ref="A-1"))
+    assert r.status_code == 400 and (r.json()["code"], r.json()["field"]) == ("FILTER_INVALID", "test"), r.text
+    assert "body" in r.json()["message"] and c.get("/api/v1/reports").json()["reports"] == []
+    cn = c.post("/api/v1/reports", json=trade(client_ref="A-1")).json()["control_number"]
+    r = c.post(f"/api/v1/reports/{cn}/cancel?client_ref=C-1")
+    assert r.status_code == 400 and r.json()["field"] == "client_ref", r.text
+    r = c.post("/api/v1/bulk?test=Y", content=b"client_ref\n", headers={"content-type": "text/csv"})
+    assert r.status_code == 400 and r.json()["field"] == "test", r.text

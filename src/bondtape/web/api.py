@@ -221,6 +221,7 @@ def _guarded(fn):
 @_guarded
 def post_reports(ctx: Ctx):
     """One report (an object of fields) or many (``{"reports": [...]}``, at most 500)."""
+    _params(ctx, ())
     ctype, raw = _raw_json(ctx)
 
     def prepare():
@@ -236,6 +237,7 @@ def post_reports(ctx: Ctx):
 
 
 def _act(ctx: Ctx, action: str):
+    _params(ctx, ())
     body = _json(ctx, required=action == "CORRECT")
     fields = _text_fields(body, "the body")
     if fields.get("action", action).strip().upper() != action:
@@ -333,8 +335,8 @@ def _params(ctx: Ctx, names: tuple[str, ...]) -> None:
     seen: set[str] = set()
     for name, _ in ctx.request.query_params.multi_items():
         if name not in names:
-            raise ApiError(400, "FILTER_INVALID", f"unknown query parameter {name[:64]!r}; this call takes: "
-                           f"{', '.join(names)}", name[:64])
+            takes = f"this call takes: {', '.join(names)}" if names else "this call takes none: report fields go in the body"
+            raise ApiError(400, "FILTER_INVALID", f"unknown query parameter {name[:64]!r}; {takes}", name[:64])
         if name in seen:
             raise ApiError(400, "FILTER_INVALID", f"query parameter {name!r} is given twice; give it once", name)
         seen.add(name)
@@ -408,6 +410,7 @@ def post_bulk(ctx: Ctx):
     from bondtape.intake.bulk import BulkFileError, check_file, run_bulk
     from bondtape.serve import services
 
+    _params(ctx, ())
     ctype = ctx.request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype not in ("text/csv", "text/plain"):
         raise ApiError(415, "CONTENT_TYPE", "send the bulk file as text/csv")
