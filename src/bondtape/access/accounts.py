@@ -19,9 +19,10 @@ from bondtape.access.crypto import (
 )
 from bondtape.access.model import AccessError, AuthenticatedUser
 from bondtape.access.schema import (
-    ORG_KINDS, ROLES, invitations, login_state, order_forms, organisations, recovery_codes, users,
+    ORG_KINDS, ROLES, invitations, login_state, order_forms, organisations, recovery_codes, user_service_breaks, users,
 )
 from bondtape.access.settings import MINUTE_US, LockoutPolicy
+from bondtape.clock import iso_market
 
 USERNAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{2,63}$")
 EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
@@ -175,17 +176,67 @@ def create_active_user(
     return user_id, secret
 
 
+# --- a user ID's service history (what the monthly fees bill) ------------------------------
+
+
+@dataclass(frozen=True)
+class ServicePeriod:
+    start_us: int
+    end_us: int | None  # exclusive; None while the user is in service
+
+
+def service_history(conn: Connection, user_id: int) -> list[ServicePeriod]:
+    """The user's periods of service, oldest first: from its first activation to its
+    deactivation, less its breaks (see schema.user_service_breaks). None before activation."""
+    row = conn.execute(sa.select(users.c.activated_us, users.c.deactivated_us).where(users.c.id == user_id)).first()
+    if row is None or row.activated_us is None:
+        return []
+    b = user_service_breaks.c
+    periods, start = [], row.activated_us
+    for r in conn.execute(sa.select(b.disabled_us, b.enabled_us).where(b.user_id == user_id).order_by(b.disabled_us)):
+        periods.append(ServicePeriod(start, r.disabled_us))
+        start = r.enabled_us
+    return periods + [ServicePeriod(start, row.deactivated_us)]
+
+
 def set_user_status(conn: Connection, user_id: int, status: str, *, actor: AuthenticatedUser | None, at_us: int,
                     source: str | None = None) -> None:
+    """Disable a user (it is out of service from ``at_us``; its sessions end) or enable a
+    disabled one (in service again from ``at_us``). Enabling records the break, so the months
+    the user was disabled stay unbilled however often an invoice is re-run."""
     if status not in ("ACTIVE", "DISABLED"):
         raise AccessError("USER_STATUS", "status may be set to ACTIVE or DISABLED", "status")
-    row = user_by_id(conn, user_id)
+    # the row is locked (PostgreSQL; SQLite writers hold the database's lock) so that two
+    # operators acting at once cannot both record a break
+    row = conn.execute(sa.select(users).where(users.c.id == user_id).with_for_update()).first()
     if row is None:
         raise AccessError("USER_UNKNOWN", f"no user with id {user_id}", "user_id")
     if status == "ACTIVE" and row.password_hash is None:
         raise AccessError("USER_NOT_ENROLLED", "the user has not enrolled: send an invitation instead", "status")
-    conn.execute(users.update().where(users.c.id == user_id).values(
-        status=status, deactivated_us=at_us if status == "DISABLED" else None))
+    b = user_service_breaks.c
+    last_enable = conn.execute(sa.select(sa.func.max(b.enabled_us)).where(b.user_id == user_id)).scalar()
+    if row.status == status:
+        when = row.deactivated_us if status == "DISABLED" else (last_enable or row.activated_us)
+        since = f" since {iso_market(when)}" if when is not None else ""
+        raise AccessError(f"USER_ALREADY_{status}", f"{row.username} is already {status}{since}; accepted: "
+                          f"{'enable' if status == 'DISABLED' else 'disable'} it", "status")
+    if status == "DISABLED":
+        if last_enable is not None and at_us <= last_enable:
+            raise AccessError("USER_STATUS_TIME", f"{row.username} was enabled at {iso_market(last_enable)}; "
+                              "accepted: a time after that", "at")
+        values = dict(status="DISABLED", deactivated_us=at_us)
+    else:
+        if row.status != "DISABLED":
+            raise AccessError("USER_STATUS", f"only a DISABLED user can be enabled; {row.username} is {row.status} "
+                              "(an invited user becomes ACTIVE by completing enrollment)", "status")
+        if row.deactivated_us is not None and at_us < row.deactivated_us:
+            raise AccessError("USER_STATUS_TIME", f"{row.username} was disabled at {iso_market(row.deactivated_us)}; "
+                              "accepted: a time at or after that", "at")
+        if row.activated_us is not None and row.deactivated_us is not None:  # it served, then stopped: a break
+            conn.execute(user_service_breaks.insert().values(
+                user_id=user_id, disabled_us=row.deactivated_us, enabled_us=at_us))
+        values = dict(status="ACTIVE", deactivated_us=None, activated_us=row.activated_us or at_us)
+    conn.execute(users.update().where(users.c.id == user_id).values(**values))
     if status == "DISABLED":  # end the user's web sessions
         from bondtape.access.schema import web_sessions
 

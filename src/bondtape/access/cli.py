@@ -232,7 +232,10 @@ def _user_id(conn, username: str) -> int:
 
     row = accounts.user_by_name(conn, username)
     if row is None:
-        _fail(f"no user {username!r}")
+        from bondtape.access.model import AccessError
+
+        _fail(AccessError("USER_UNKNOWN", f"no user {username[:64]!r}; accepted: a user name (bondtape users list)",
+                          "username"))
     return row.id
 
 
@@ -240,11 +243,16 @@ def _user_id(conn, username: str) -> int:
 @click.argument("username")
 @db_option
 def users_disable(username, db_url) -> None:
-    """Disable a user and end their sessions."""
+    """Disable a user and end their sessions (their period of service ends now)."""
     from bondtape.access import accounts
+    from bondtape.access.model import AccessError
 
-    with open_db(db_url).begin() as conn:
-        accounts.set_user_status(conn, _user_id(conn, username), "DISABLED", actor=None, at_us=now_us(), source="cli")
+    try:
+        with open_db(db_url).begin() as conn:
+            accounts.set_user_status(conn, _user_id(conn, username), "DISABLED", actor=None, at_us=now_us(),
+                                     source="cli")
+    except AccessError as exc:
+        _fail(exc)
     click.echo(f"{username} disabled")
 
 
@@ -252,7 +260,7 @@ def users_disable(username, db_url) -> None:
 @click.argument("username")
 @db_option
 def users_enable(username, db_url) -> None:
-    """Enable a disabled user."""
+    """Enable a disabled user (a new period of service starts now; earlier ones are kept)."""
     from bondtape.access import accounts
     from bondtape.access.model import AccessError
 
@@ -262,6 +270,21 @@ def users_enable(username, db_url) -> None:
     except AccessError as exc:
         _fail(exc)
     click.echo(f"{username} enabled")
+
+
+@users.command("history")
+@click.argument("username")
+@fmt_option
+@db_option
+def users_history(username, fmt, db_url) -> None:
+    """A user's periods of service (what the monthly fees bill), oldest first; an open one has no end."""
+    from bondtape.access import accounts
+
+    with reading(open_db(db_url)) as conn:
+        periods = accounts.service_history(conn, _user_id(conn, username))
+    rows = [(username, n, iso_market(p.start_us), iso_market(p.end_us) if p.end_us is not None else None)
+            for n, p in enumerate(periods, 1)]
+    _table(["user", "period", "start", "end"], rows, fmt)
 
 
 @users.command("unlock")

@@ -228,3 +228,50 @@ def _pending_secret(conn: sa.Connection) -> None:
     columns = {c["name"] for c in sa.inspect(conn).get_columns("invitations")}
     if "pending_totp_secret" not in columns:
         conn.exec_driver_sql("ALTER TABLE invitations ADD COLUMN pending_totp_secret VARCHAR(64)")
+
+
+# --- a user ID's service history -----------------------------------------------------------
+# A user ID is in service from users.activated_us (its first activation) up to, not
+# including, users.deactivated_us (NULL while in service), except in its breaks: one row
+# here for each time it was disabled and later enabled again, [disabled_us, enabled_us).
+# Enabling a user writes its break (from the deactivated_us it clears to the enable) in the
+# same transaction; rows are only added, never changed or deleted (database triggers refuse
+# both). So its periods of service are [activated, 1st break's disabled), [1st break's
+# enabled, 2nd break's disabled), ..., [last break's enabled, deactivated): what the monthly
+# fees bill (fees/invoice.py) and `bondtape users history` lists. The audit trail says who:
+# each break's disabled_us is an admin.user.disabled row's at_us, its enabled_us an
+# admin.user.active row's, for target user:ID.
+user_service_breaks = sa.Table(
+    "user_service_breaks",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id"), nullable=False),
+    sa.Column("disabled_us", sa.BigInteger, nullable=False),
+    sa.Column("enabled_us", sa.BigInteger, nullable=False),  # exclusive: in service again from here
+    sa.Index("ix_user_service_breaks_user", "user_id", "disabled_us", unique=True),
+)
+
+_SQLITE_BREAK_GUARDS = [
+    "CREATE TRIGGER IF NOT EXISTS user_service_breaks_no_update BEFORE UPDATE ON user_service_breaks "
+    "BEGIN SELECT RAISE(ABORT, 'user_service_breaks is append-only'); END",
+    "CREATE TRIGGER IF NOT EXISTS user_service_breaks_no_delete BEFORE DELETE ON user_service_breaks "
+    "BEGIN SELECT RAISE(ABORT, 'user_service_breaks is append-only'); END",
+]
+_POSTGRES_BREAK_GUARDS = [
+    "CREATE OR REPLACE FUNCTION user_service_breaks_append_only() RETURNS trigger AS $$ "
+    "BEGIN RAISE EXCEPTION 'user_service_breaks is append-only'; END; $$ LANGUAGE plpgsql",
+    "DROP TRIGGER IF EXISTS user_service_breaks_no_change ON user_service_breaks",
+    "CREATE TRIGGER user_service_breaks_no_change BEFORE UPDATE OR DELETE ON user_service_breaks "
+    "FOR EACH ROW EXECUTE FUNCTION user_service_breaks_append_only()",
+]
+
+
+@migration("0014_user_service_breaks")
+def _service_breaks(conn: sa.Connection) -> None:
+    # Nothing to copy: each existing user's activated_us and deactivated_us stay its first
+    # period of service, with no break (enabling used to clear deactivated_us, so a user
+    # disabled and enabled before this has served, as billed, from its first activation).
+    create_tables(conn, user_service_breaks)
+    guards = _SQLITE_BREAK_GUARDS if conn.dialect.name == "sqlite" else _POSTGRES_BREAK_GUARDS
+    for statement in guards:
+        conn.exec_driver_sql(statement)

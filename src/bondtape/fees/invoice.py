@@ -22,7 +22,7 @@ from typing import Any, Iterable
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from bondtape.access.schema import organisations, users
+from bondtape.access.schema import organisations, user_service_breaks, users
 from bondtape.clock import MARKET_TZ, to_us
 from bondtape.db import reading
 from bondtape.fees.schedule import FeeError, Schedule, ScheduleBook, default_schedules, exact, month_bounds, round_money
@@ -292,14 +292,23 @@ def collect(conn: Connection, month: str, schedule: Schedule,
     )]
 
     # Web user IDs in service at some time in the month: activated before its end, not
-    # deactivated at or before its first instant.
-    u = users.c
+    # deactivated at or before its first instant (a user ID serves [activated, deactivated)),
+    # and not out of service all of that time in one break (access's user_service_breaks,
+    # [disabled, enabled): a user disabled and enabled again). Breaks are apart (a disable
+    # comes after the enable before it), so an uncovered moment is in service. Billed once a
+    # month however many periods fall in it.
+    u, b = users.c, user_service_breaks.c
+    out_all_month = sa.exists().where(
+        b.user_id == u.id,
+        sa.or_(b.disabled_us <= start_us, b.disabled_us <= u.activated_us),  # from max(month start, activation)
+        sa.or_(b.enabled_us >= end_us, b.enabled_us >= u.deactivated_us))  # to min(month end, deactivation)
     web_users = []
     for r in conn.execute(
         sa.select(u.id, u.org_id, u.username, u.web_access, u.web_data_sets, u.activated_us)
         .where(u.web_access.in_(("LEVEL_I", "LEVEL_II")), u.activated_us.isnot(None), u.activated_us < end_us,
                *([u.org_id == org_id] if org_id is not None else []),
-               sa.or_(u.deactivated_us.is_(None), u.deactivated_us > start_us))  # in service [activated, deactivated)
+               sa.or_(u.deactivated_us.is_(None), u.deactivated_us > start_us),  # in service [activated, deactivated)
+               ~out_all_month)
         .order_by(u.org_id, u.activated_us, u.id)
     ):
         sets = {s.strip().upper() for s in (r.web_data_sets or "").split(",") if s.strip()}
