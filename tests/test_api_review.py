@@ -208,3 +208,21 @@ def test_a_query_parameter_on_a_post_is_refused(world):
     assert r.status_code == 400 and r.json()["field"] == "client_ref", r.text
     r = c.post("/api/v1/bulk?test=Y", content=b"client_ref\n", headers={"content-type": "text/csv"})
     assert r.status_code == 400 and r.json()["field"] == "test", r.text
+
+
+def test_a_field_of_the_wrong_json_type_is_refused_naming_it(world):
+    """true was read as "Y" in any field: {"client_ref": true} journaled a report under the
+    reference "Y", {"quantity": true} was rejected as quantity 'Y'. Text fields given as JSON
+    numbers were taken as their digits. Now each field takes the JSON types the OpenAPI names."""
+    c = api_client(world, world.trader)
+    for fields in ({"client_ref": True}, {"quantity": True}, {"cusip": False}, {"side": 1}, {"client_ref": 12345}):
+        r = c.post("/api/v1/reports", json=trade(**fields))
+        [key] = fields
+        assert r.status_code == 400 and (r.json()["code"], r.json()["field"]) == ("FIELD_INVALID", key), (fields, r.text)
+    assert c.get("/api/v1/reports").json()["reports"] == []
+    ok = c.post("/api/v1/reports", json=trade(client_ref="A-1", quantity=250000, price=101.25, when_issued=False,
+                                              test=1, allow_duplicate=True))
+    assert ok.status_code == 200, ok.text
+    cn = ok.json()["control_number"]
+    r = c.post(f"/api/v1/reports/{cn}/cancel", json={"original_control_number": int(cn), "client_ref": "C-1", "test": "Y"})
+    assert r.status_code == 200 and r.json()["control_number"] == cn, r.text

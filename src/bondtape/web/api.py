@@ -35,6 +35,13 @@ MAX_BATCH = 500
 # the report fields a request may carry: report_time (the time of receipt) is the service's own
 # over the API (bulk files take it only for an operator's back-filling, --use-report-time)
 API_FIELDS = tuple(f for f in FIELDS if f != "report_time")
+# the JSON types each field is given as: Y/N fields also as true/false (and 1/0), amounts also as
+# JSON numbers (read exactly), a control number also as a JSON integer; the rest as strings
+FLAG_FIELDS = (*INDICATORS, "test", "allow_duplicate")
+NUMBER_FIELDS = ("quantity", "price", "yield", "commission", "original_control_number")
+TEXT_FIELDS = tuple(f for f in API_FIELDS if f not in FLAG_FIELDS + NUMBER_FIELDS)
+_JSON_TYPES = {**{f: "Y/N, true/false or 1/0" for f in FLAG_FIELDS}, **{f: "a string or a number" for f in NUMBER_FIELDS},
+               **{f: "a string" for f in TEXT_FIELDS}}
 _CUSIP_CHARS = frozenset("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ*@#")
 STATUSES = ("ACTIVE", "CANCELLED", "CORRECTED", "REVERSED")
 
@@ -153,9 +160,14 @@ def _text_fields(item: Any, where: str) -> dict[str, str]:
         if value is None:
             continue
         if isinstance(value, bool):
+            if key not in FLAG_FIELDS:  # true was read as "Y": a client_ref "Y", a quantity 'Y'
+                raise ApiError(400, "FIELD_INVALID", f"{where}: {key} must be {_JSON_TYPES[key]}, not "
+                               f"{'true' if value else 'false'}", key)
             value = "Y" if value else "N"
+        elif isinstance(value, Decimal) and key in TEXT_FIELDS:
+            raise ApiError(400, "FIELD_INVALID", f"{where}: {key} must be a string (in quotes), not a number", key)
         if isinstance(value, (dict, list)):
-            raise ApiError(400, "FIELD_INVALID", f"{where}: {key} must be a string or a number", key)
+            raise ApiError(400, "FIELD_INVALID", f"{where}: {key} must be {_JSON_TYPES[key]}", key)
         out[key] = _number_text(value) if isinstance(value, Decimal) else str(value)
     return out
 
@@ -513,7 +525,7 @@ _REPORT_FIELDS = {
     "remuneration": {"type": "string", "enum": ["C", "M", "N", ""]},
     "test": _FLAG,
     "allow_duplicate": _FLAG,
-    "original_control_number": {"type": "string", "description": "CANCEL, CORRECT, REVERSE: the report acted on"},
+    "original_control_number": {"type": ["string", "integer"], "description": "CANCEL, CORRECT, REVERSE: the report acted on"},
 }
 _ERROR = {"type": "object", "properties": {"code": _STR, "field": {"type": ["string", "null"]}, "message": _STR},
           "required": ["code", "field", "message"]}
@@ -587,7 +599,7 @@ _CUSIP_FILTER = {"anyOf": [_CUSIP_QUERY, {"type": "string", "maxLength": 0}],
 def _act_op(action: str, body_required: bool) -> dict:
     fields = {k: v for k, v in _REPORT_FIELDS.items() if k not in ("action", "original_control_number")}
     fields["action"] = {"type": "string", "enum": [action], "description": "may be left out: the call says it"}
-    fields["original_control_number"] = {"type": "string", "pattern": "^[0-9]+$",
+    fields["original_control_number"] = {"type": ["string", "integer"], "pattern": "^[0-9]+$",
                                          "description": "may be left out: the path's control number if given"}
     return {"post": {
         "summary": f"{action.capitalize()} one of your firm's reports", "operationId": action.lower(),
