@@ -590,6 +590,13 @@ _AUTH_ERRORS = {
 }
 _CN = {"name": "control_number", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1}}
 _SECURED = [{"client_certificate": [], "password": []}]  # both: the certificate AND the password
+
+
+def _or_empty(schema: dict) -> dict:
+    """A query parameter's schema: an optional filter given empty is as if not given."""
+    return {"anyOf": [schema, {"type": "string", "maxLength": 0}], "description": "empty: not given"}
+
+
 _DATE_QUERY = {"anyOf": [_DATE, {"type": "string", "maxLength": 0}], "description": "YYYY-MM-DD (empty: not given)"}
 _CUSIP_QUERY = {"type": "string", "pattern": _CUSIP_PATTERN, "description": "9 CUSIP characters (any case)"}
 _CUSIP_FILTER = {"anyOf": [_CUSIP_QUERY, {"type": "string", "maxLength": 0}],
@@ -648,12 +655,12 @@ OPENAPI: dict[str, Any] = {
                     {"name": "cusip", "in": "query", "schema": _CUSIP_FILTER},
                     {"name": "client_ref", "in": "query", "schema": {
                         "type": "string", "maxLength": 64, "pattern": "^[^\\u0000-\\u001f\\u007f-\\u009f]*$",
-                        "description": "printable characters, as client_ref itself"}},
-                    {"name": "status", "in": "query", "schema": {"type": "string", "enum": list(STATUSES)}},
-                    {"name": "late", "in": "query", "schema": {"type": "string", "enum": ["true", "false"]}},
-                    {"name": "as_of", "in": "query", "schema": {"type": "string", "enum": ["true", "false"]}},
+                        "description": "printable characters, as client_ref itself (empty: not given)"}},
+                    {"name": "status", "in": "query", "schema": _or_empty({"type": "string", "enum": list(STATUSES)})},
+                    {"name": "late", "in": "query", "schema": _or_empty({"type": "string", "enum": ["true", "false"]})},
+                    {"name": "as_of", "in": "query", "schema": _or_empty({"type": "string", "enum": ["true", "false"]})},
                     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
-                    {"name": "after", "in": "query", "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"},
+                    {"name": "after", "in": "query", "schema": _or_empty({"type": "string", "pattern": "^[0-9]{1,18}$"}),
                      "description": "next from the previous page"},
                 ],
                 "responses": {"200": _resp("reports, newest first; next is null on the last page", {
