@@ -24,9 +24,7 @@ def world(market, tmp_path):
     for u in (w.trader, w.other, w.sub):
         with_certificate(w, u)
     yield w
-    svc = getattr(w.app.state, "services", None)
-    if svc is not None:
-        svc.close()
+    w.close()
 
 
 def trade(**kw):

@@ -38,9 +38,7 @@ def api_schema(market, tmp_path):
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     schema.auth_header = "Basic " + base64.b64encode(f"{trader.username}:{trader.password}".encode()).decode()
     yield schema
-    svc = getattr(w.app.state, "services", None)
-    if svc is not None:
-        svc.close()
+    w.close()
 
 
 def test_no_server_error_for_generated_input(api_schema):

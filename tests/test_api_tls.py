@@ -47,6 +47,4 @@ def test_report_over_https_with_a_client_certificate(market, tmp_path):
                 r = c.post("/api/v1/reports", json=body)
                 assert r.status_code == 403 and r.json()["code"] == "CERT_NO_CERTIFICATE"
     finally:
-        svc = getattr(w.app.state, "services", None)
-        if svc is not None:
-            svc.close()
+        w.close()

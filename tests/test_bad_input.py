@@ -265,9 +265,7 @@ def api(market, tmp_path):
     w.trader = w.user("a-trader", a, "trader")
     with_certificate(w, w.trader)
     yield w
-    svc = getattr(w.app.state, "services", None)
-    if svc is not None:
-        svc.close()
+    w.close()
 
 
 API_EXEC = "2026-06-01T09:58:00-04:00"

@@ -69,9 +69,7 @@ def site(market, tmp_path):
             finally:
                 context.close()
                 browser.close()
-    svc = getattr(w.app.state, "services", None)
-    if svc is not None:
-        svc.close()
+    w.close()
 
 
 def fill_trade(page, **fields):

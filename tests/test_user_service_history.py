@@ -379,6 +379,4 @@ def test_operator_page_disable_and_enable_keep_history(market, tmp_path):
                 .order_by(audit_log.c.id))]
         assert who == [("admin.user.disabled", "op-admin", march_10), ("admin.user.active", "op-admin", june_15)]
     finally:
-        svc = getattr(w.app.state, "services", None)
-        if svc is not None:
-            svc.close()
+        w.close()

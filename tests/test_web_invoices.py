@@ -62,16 +62,7 @@ def make_world(market, folder, now_us: int, *, august_report: bool = True) -> Wo
 def world(market, tmp_path):
     w = make_world(market, tmp_path, NOW)
     yield w
-    svc = getattr(w.app.state, "services", None)
-    if svc is not None:
-        svc.close()
-
-
-def signed_in(world, user):
-    c = world.client()
-    assert c.login(user).status_code == 303
-    world.clock.advance(30)
-    return c
+    w.close()
 
 
 def fix_dealer_b(world):
@@ -99,7 +90,7 @@ def test_another_firms_refused_data_does_not_break_a_firm_admins_page(world):
     """Before: the admin's page built every organisation's invoice, so Dealer B's Level II
     user ID with three data sets made Dealer A's page '400 DATA_SETS_NOT_PRICED
     (web_data_sets): ... (user IDs [..])', naming another firm's user IDs."""
-    admin = signed_in(world, world.admin)
+    admin = world.signed_in(world.admin)
     page = admin.get("/invoices?month=2026-07")
     assert page.status_code == 200, page.text
     assert "DATA_SETS_NOT_PRICED" not in page.text and "Dealer B" not in page.text
@@ -110,14 +101,14 @@ def test_another_firms_refused_data_does_not_break_a_firm_admins_page(world):
     assert re.search(r"Total</th><th class=\"num\">20.95<", mine["Dealer A"])
 
     # Dealer B's administrator gets Dealer B's own refusal: code, field, what is accepted
-    refused = signed_in(world, world.b_admin).get("/invoices?month=2026-07")
+    refused = world.signed_in(world.b_admin).get("/invoices?month=2026-07")
     assert refused.status_code == 400
     assert "DATA_SETS_NOT_PRICED" in refused.text and "(web_data_sets)" in refused.text
     assert "Level II is priced for [1, 2] data sets, not 3" in refused.text
     assert "Traceback" not in refused.text
 
     # the operator sees every organisation, as before: the market's bad data is its to fix
-    op = signed_in(world, world.op)
+    op = world.signed_in(world.op)
     refused = op.get("/invoices?month=2026-07")
     assert refused.status_code == 400 and "DATA_SETS_NOT_PRICED" in refused.text
     assert "(web_data_sets)" in refused.text and "Traceback" not in refused.text
@@ -148,7 +139,7 @@ def test_a_firm_admins_page_reads_only_its_own_organisation(world, monkeypatch):
 
     monkeypatch.setattr(fees_invoice, "collect", collect)
     monkeypatch.setattr(fees_invoice, "_report_rows", report_rows)
-    admin, op = signed_in(world, world.admin), signed_in(world, world.op)
+    admin, op = world.signed_in(world.admin), world.signed_in(world.op)
     assert admin.get("/invoices?month=2026-07").status_code == 200
     assert seen == [("collect", world.a), ("reports", "DLRA")]
     seen.clear()
@@ -169,11 +160,11 @@ def test_an_mpid_taken_over_never_shows_the_former_holders_invoice(world):
                      {"o": et(2020, 1, 2, 9, 0), "c": et(2026, 7, 10, 17, 0), "i": world.a})
         a2 = accounts.create_organisation(conn, "Dealer A2", "FIRM", mpid="DLRA", at_us=et(2026, 7, 20, 9, 0))
     a2_admin = world.user("a2-admin", a2, "org_admin")
-    page = signed_in(world, a2_admin).get("/invoices?month=2026-06")
+    page = world.signed_in(a2_admin).get("/invoices?month=2026-06")
     assert page.status_code == 200 and sections(page.text) == {}
     assert "Dealer A" not in page.text.replace("Dealer A2", "") and "No invoice for 2026-06" in page.text
     fix_dealer_b(world)
-    june_all = sections(signed_in(world, world.op).get("/invoices?month=2026-06").text)
+    june_all = sections(world.signed_in(world.op).get("/invoices?month=2026-06").text)
     assert list(june_all) == ["Dealer A"]  # it is there, for the operator
     # the fees package's own per-organisation build never hands back the other holder's invoice
     assert build_invoices(world.db, "2026-06", org_id=a2)[0] == []
@@ -188,7 +179,7 @@ def test_default_is_the_last_closed_month_and_an_open_month_is_preliminary(world
     """Before: /invoices showed the current month (August, open: $20.48 so far) headed
     'Invoice 2026-08-...' with its 'Total', like a bill, and nothing said it would change."""
     fix_dealer_b(world)
-    c = signed_in(world, getattr(world, who))
+    c = world.signed_in(getattr(world, who))
     page = c.get("/invoices")
     assert page.status_code == 200 and month_field(page.text) == "2026-07"
     assert 'id="preliminary"' not in page.text and "the last month that has ended" in page.text
@@ -220,7 +211,7 @@ def test_the_month_closes_at_midnight_market_time(market, tmp_path):
     preliminary. At 00:00 on 1 August, July is the default and a bill."""
     w = make_world(market, tmp_path, et(2026, 7, 31, 23, 59, 0), august_report=False)
     fix_dealer_b(w)
-    admin = signed_in(w, w.admin)  # the clock is now 23:59:30
+    admin = w.signed_in(w.admin)  # the clock is now 23:59:30
     assert month_field(admin.get("/invoices").text) == "2026-06"
     july = admin.get("/invoices?month=2026-07").text
     assert 'id="preliminary"' in july and "Total to date (preliminary)" in july
@@ -231,7 +222,7 @@ def test_the_month_closes_at_midnight_market_time(market, tmp_path):
 
 
 def test_a_bad_month_is_refused_with_its_code_field_and_range(world):
-    admin = signed_in(world, world.admin)
+    admin = world.signed_in(world.admin)
     for month in ("2026-13", "July", "9999-12"):
         page = admin.get(f"/invoices?month={month}")
         assert page.status_code == 400 and "MONTH_INVALID" in page.text and "(month)" in page.text, month
@@ -259,8 +250,8 @@ def test_reports_that_bill_nobody_are_listed_not_dropped(world):
         a2 = accounts.create_organisation(conn, "Dealer A2", "FIRM", mpid="DLRA", at_us=et(2026, 7, 20, 9, 0))
     a2_admin = world.user("a2-admin", a2, "org_admin")
     for who in (world.op, a2_admin):
-        page = signed_in(world, who).get("/invoices?month=2026-07")
+        page = world.signed_in(who).get("/invoices?month=2026-07")
         assert page.status_code == 200
         assert unbilled_rows(page.text) == [["DLRA", "MPID_AMBIGUOUS", "2", "0"]], who.username
-    page = signed_in(world, world.b_admin).get("/invoices?month=2026-07")
+    page = world.signed_in(world.b_admin).get("/invoices?month=2026-07")
     assert page.status_code == 200 and unbilled_rows(page.text) == [] and 'id="unbilled"' not in page.text

@@ -32,20 +32,11 @@ def world(market, tmp_path):
     w.old = [engine.submit([new(ref=f"o{i}", cusip=IG, quantity=Decimal((i + 1) * 1000))])[0] for i in range(3)]
     engine.submit([new(ref="hy", cusip=HY)])
     yield w
-    svc = getattr(w.app.state, "services", None)
-    if svc is not None:
-        svc.close()
-
-
-def signed_in(world, user):
-    c = world.client()
-    assert c.login(user).status_code == 303
-    world.clock.advance(30)
-    return c
+    w.close()
 
 
 def test_operator_pages_and_user_actions(world):
-    op = signed_in(world, world.op)
+    op = world.signed_in(world.op)
     for path, text in (("/operator", "Trading halts"), ("/operator/firms", "Dealer A"),
                        ("/operator/users", "a-trader"), ("/operator/securities", "ACME4012345")):
         page = op.get(path)
@@ -62,7 +53,7 @@ def test_operator_pages_and_user_actions(world):
 
 
 def test_halt_and_resume_are_published_and_shown(world):
-    op = signed_in(world, world.op)
+    op = world.signed_in(world.op)
     r = op.post("/operator/halts/halt", {"cusip": IG, "reason": "T1"}, csrf_from="/operator/halts")
     assert r.status_code == 303, r.text
     assert IG in op.get("/operator/halts").text
@@ -75,7 +66,7 @@ def test_halt_and_resume_are_published_and_shown(world):
 
 
 def test_non_professional_ad_hoc_request_end_to_end(world):
-    pat = signed_in(world, world.pat)
+    pat = world.signed_in(world.pat)
     assert "attest" in pat.get("/data/requests").text
     refused = pat.post("/data/requests", {"cusips": IG, "date_from": "2024-03-01", "date_to": "2024-03-31"},
                        csrf_from="/data/requests")
@@ -95,7 +86,7 @@ def test_non_professional_ad_hoc_request_end_to_end(world):
     assert ok.status_code == 303
     assert "REQUESTED" in pat.get("/data/requests").text
 
-    op = signed_in(world, world.op)
+    op = world.signed_in(world.op)
     assert "Pat Person" in op.get("/operator/requests").text
     done = op.post("/operator/requests/fulfil", {"id": "1", "media_cost": "5.00", "delivery_cost": "12.50"},
                    csrf_from="/operator/requests")
@@ -109,7 +100,7 @@ def test_non_professional_ad_hoc_request_end_to_end(world):
     rows = list(csv.DictReader(io.StringIO(extract.text)))
     assert sorted(r["quantity"] for r in rows) == ["1000", "2000", "3000"]  # uncapped, standing trades, no MPID
     assert all(r["cusip"] == IG for r in rows) and "DLRA" not in extract.text
-    trader = signed_in(world, world.trader)
+    trader = world.signed_in(world.trader)
     assert trader.get("/data/requests/extract.csv?id=1").status_code == 404  # another organisation's
 
     invoices = op.get("/invoices?month=2026-08").text
@@ -124,7 +115,7 @@ def test_ad_hoc_request_dates_and_fulfil_costs_are_refused_with_a_code(world):
 
     from bondtape.web.schema import historic_requests
 
-    pat = signed_in(world, world.pat)
+    pat = world.signed_in(world.pat)
     with world.db.begin() as conn:
         actor = accounts.authenticated(conn, world.pat.id, "mfa")
         entitlements.attest_non_professional(conn, actor, {k: True for k in entitlements.NON_PROFESSIONAL_STATEMENTS},
@@ -144,7 +135,7 @@ def test_ad_hoc_request_dates_and_fulfil_costs_are_refused_with_a_code(world):
             org_id=world.pat.org_id, user_id=world.pat.id, cusips=IG, date_from="2001-01-01", date_to="2024-03-31",
             status="REQUESTED", requested_us=NOW))
 
-    op = signed_in(world, world.op)
+    op = world.signed_in(world.op)
     fulfil = lambda id_, media: op.post("/operator/requests/fulfil",  # noqa: E731
                                         {"id": id_, "media_cost": media, "delivery_cost": "0"},
                                         csrf_from="/operator/requests")
@@ -162,7 +153,7 @@ def test_ad_hoc_request_dates_and_fulfil_costs_are_refused_with_a_code(world):
 
 
 def test_invoices_for_the_firm_administrator_only_its_own(world):
-    admin = signed_in(world, world.admin)
+    admin = world.signed_in(world.admin)
     page = admin.get("/invoices?month=2024-03")
     assert page.status_code == 200 and "Dealer A" in page.text and "Pat Person" not in page.text
     assert admin.get("/invoices?month=2024-13").status_code == 400
@@ -170,16 +161,16 @@ def test_invoices_for_the_firm_administrator_only_its_own(world):
         page = admin.get(f"/invoices?month={month}")
         assert page.status_code == 400 and "MONTH_INVALID" in page.text and "9999-11" in page.text, month
     assert admin.get("/invoices?month=9999-11").status_code == 200
-    op = signed_in(world, world.op)
+    op = world.signed_in(world.op)
     assert op.get("/invoices?month=9999-12").status_code == 400
-    assert signed_in(world, world.trader).get("/invoices").status_code == 403
+    assert world.signed_in(world.trader).get("/invoices").status_code == 403
 
 
 def test_historic_page_lists_data_sets_and_entitlement(world):
     folder = world.settings.historic_dir / "corporate" / "2023"
     folder.mkdir(parents=True)
     (folder / "manifest.json").write_text("{}")
-    op = signed_in(world, world.op).get("/data").text
+    op = world.signed_in(world.op).get("/data").text
     assert "manifest.json" in op and "2023" in op
-    pat = signed_in(world, world.pat).get("/data").text
+    pat = world.signed_in(world.pat).get("/data").text
     assert "not entitled" in pat and "/2023/manifest.json" not in pat

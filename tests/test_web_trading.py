@@ -23,16 +23,7 @@ def world(market, tmp_path):
     w.viewer = w.user("a-viewer", a, "viewer")
     w.other = w.user("b-trader", b, "trader")
     yield w
-    svc = getattr(w.app.state, "services", None)
-    if svc is not None:
-        svc.close()
-
-
-def signed_in(world, user):
-    c = world.client()
-    assert c.login(user).status_code == 303
-    world.clock.advance(30)  # the next sign-in needs a fresh TOTP step
-    return c
+    w.close()
 
 
 def report(client, **fields):
@@ -47,7 +38,7 @@ def control_number(page) -> int:
 
 
 def test_trade_entry_accepts_and_confirms_with_control_number(world):
-    c = signed_in(world, world.trader)
+    c = world.signed_in(world.trader)
     form = c.get("/trade/new")
     assert form.status_code == 200 and 'name="cusip"' in form.text and 'name="when_issued"' in form.text
     page = report(c, client_ref="T-1")
@@ -68,7 +59,7 @@ REJECTS = [
 
 
 def test_rejects_are_shown_beside_the_field(world):
-    c = signed_in(world, world.trader)
+    c = world.signed_in(world.trader)
     for field, value, code in REJECTS:
         page = report(c, **{field: value})
         assert page.status_code == 400
@@ -77,7 +68,7 @@ def test_rejects_are_shown_beside_the_field(world):
 
 
 def test_journal_filters_history_and_actions(world):
-    c = signed_in(world, world.trader)
+    c = world.signed_in(world.trader)
     first = control_number(report(c))
     second = control_number(report(c, cusip=HY, price="98.5"))
     page = c.get("/journal")
@@ -105,7 +96,7 @@ def test_journal_filters_history_and_actions(world):
 
 def test_journal_refuses_date_to_before_date_from_as_rest_does(world):
     """It showed an empty journal (200); REST refuses the same search with FILTER_INVALID."""
-    c = signed_in(world, world.trader)
+    c = world.signed_in(world.trader)
     report(c)
     for path in ("/journal", "/journal.csv"):
         r = c.get(f"{path}?date_from=2026-11-30&date_to=2026-11-01")
@@ -117,21 +108,21 @@ def test_journal_refuses_date_to_before_date_from_as_rest_does(world):
 
 
 def test_viewer_sees_but_cannot_act_and_other_firm_gets_404(world):
-    t = signed_in(world, world.trader)
+    t = world.signed_in(world.trader)
     cn = control_number(report(t))
-    v = signed_in(world, world.viewer)
+    v = world.signed_in(world.viewer)
     page = v.get(f"/reports/{cn}/history")
     assert page.status_code == 200 and "/cancel" not in page.text
     assert v.post(f"/reports/{cn}/cancel", csrf_from="/journal").status_code == 403
     assert v.get("/trade/new").status_code == 403
-    o = signed_in(world, world.other)
+    o = world.signed_in(world.other)
     assert o.get(f"/reports/{cn}/history").status_code == 404
     assert o.post(f"/reports/{cn}/cancel", csrf_from="/journal").status_code == 404
     assert f">{cn}<" not in o.get("/journal").text
 
 
 def test_market_pages_show_the_feed_capped(world):
-    c = signed_in(world, world.trader)
+    c = world.signed_in(world.trader)
     cn = control_number(report(c, quantity="7500000"))  # investment grade: disseminated as 5MM+
     report(c, cusip=HY, quantity="1500000", price="98.5")  # high yield: 1MM+
     svc = world.app.state.services
@@ -160,7 +151,7 @@ def test_market_page_par_comes_from_the_public_tape_only(world):
     """A capped trade's exact size and a 144A trade's size are not on the tape: the public
     /market page must not give them back (per security, nor by grade or in total)."""
     from tests.conftest import R144A
-    c = signed_in(world, world.trader)
+    c = world.signed_in(world.trader)
     report(c, quantity="12345678")  # investment grade: disseminated as 5MM+
     report(c, quantity="250000", execution_time="2026-06-01T09:59:00")
     svc = world.app.state.services
@@ -185,6 +176,6 @@ def test_market_page_par_comes_from_the_public_tape_only(world):
 
 
 def test_a_control_number_beyond_any_stored_one_is_not_found(world):
-    c = signed_in(world, world.trader)
+    c = world.signed_in(world.trader)
     for path in (f"/reports/{2**63}", f"/reports/{2**63}/history", f"/reports/{10**30}"):
         assert c.get(path).status_code == 404, path
