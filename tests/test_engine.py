@@ -171,10 +171,13 @@ def test_window_boundary_day_20(market):
 
 
 def test_firm_acts_only_on_its_own_reports(market):
+    """Another firm's report is answered as an unknown one (it used to be NOT_OWN_REPORT,
+    which told the firm the control number exists); tests/test_times_and_ownership.py."""
     engine = Engine(market)
     [a] = engine.submit([new()])
     [r] = engine.submit([act("CANCEL", a.control_number, mpid="DLRB")])
-    assert r.reject.code == "NOT_OWN_REPORT"
+    assert r.reject.code == "REPORT_UNKNOWN"
+    assert state(market, a.control_number).status == "ACTIVE"
     [u] = engine.submit([act("CANCEL", 1234567)])
     assert u.reject.code == "REPORT_UNKNOWN"
 

@@ -850,10 +850,12 @@ class Engine:
         original: _State | None = None
         if action != "NEW":
             original = states.get(cmd.original_control_number)  # type: ignore[arg-type]
-            if original is None:
-                raise Rejected("REPORT_UNKNOWN", "original_control_number", f"no report with control number {cmd.original_control_number}")
-            if original.mpid != cmd.reporting_mpid:
-                raise Rejected("NOT_OWN_REPORT", "original_control_number", f"report {original.control_number} belongs to another firm")
+            # Another firm's report is answered as one that does not exist, in the same words,
+            # before anything else of it is looked at (its status, test flag, window): a firm
+            # must not learn that a control number exists and belongs to someone else.
+            if original is None or original.mpid != cmd.reporting_mpid:
+                raise Rejected("REPORT_UNKNOWN", "original_control_number",
+                               f"{cmd.reporting_mpid} has no report with control number {cmd.original_control_number}")
             if original.status != "ACTIVE":
                 raise Rejected("REPORT_NOT_ACTIVE", "original_control_number", f"report {original.control_number} is {original.status.lower()}")
             if original.is_test != is_test:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Mapping
 
-from bondtape.clock import parse_timestamp, to_us
+from bondtape.clock import MARKET_TZ, to_us
 from bondtape.reporting.codes import Rejected
 
 ACTIONS = ("NEW", "CANCEL", "CORRECT", "REVERSE")
@@ -183,12 +183,60 @@ def _time(fields: Mapping[str, object], name: str, required: bool = True) -> int
             raise Rejected("TIME_INVALID", name, f"{name} {_echo(text)} has no time of day: ISO 8601 date and time, "
                                                  "e.g. 2024-03-01T10:15:00-05:00")
         try:
-            us = to_us(parse_timestamp(text))
+            value = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
         except (ValueError, OverflowError):
             raise Rejected("TIME_INVALID", name, f"{name} {_echo(text)} is not ISO 8601 (e.g. 2024-03-01T10:15:00-05:00)") from None
+        if ("." in text or "," in text) and _finer_than_us(text):
+            raise Rejected("TIME_INVALID", name, f"{name} {_echo(text)} is finer than a microsecond: times are stored to the "
+                                                 "microsecond, so give at most 6 decimals of a second (more only as zeros)")
+        if value.tzinfo is None:
+            value = _market_time(value, name, text)
+        try:
+            us = to_us(value)
+        except OverflowError:  # e.g. 0001-01-01T00:00+01:00 is in the year 0 in UTC
+            raise Rejected("TIME_INVALID", name, f"{name} is outside the years 1900 to 9999") from None
     if not _MIN_US <= us <= _MAX_US:
         raise Rejected("TIME_INVALID", name, f"{name} is outside the years 1900 to 9999")
     return us
+
+
+_FRACTION_RE = re.compile(r"[.,]([0-9]+)")
+
+
+def _finer_than_us(text: str) -> bool:
+    """True when a decimal fraction of the text has a non-zero digit after the 6th: Python
+    reads a time to the microsecond and drops the rest without a word (10:00:00.1234567 would
+    be stored as 10:00:00.123456)."""
+    return any(len(digits) > 6 and digits[6:].strip("0") for digits in _FRACTION_RE.findall(text))
+
+
+def _offset(value: dt.datetime) -> str:
+    off = value.utcoffset()
+    assert off is not None
+    minutes = int(off.total_seconds()) // 60
+    sign = "-" if minutes < 0 else "+"
+    return f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+
+
+def _market_time(naive: dt.datetime, name: str, text: str) -> dt.datetime:
+    """A time without an offset, read as market time (America/New_York). A trade time is
+    never moved or guessed: a wall-clock time the clocks skipped (the hour daylight saving
+    time begins) or showed twice (the hour it ends) is refused, naming the offsets to give."""
+    first = naive.replace(tzinfo=MARKET_TZ)  # fold=0: the offset in force before a change
+    second = naive.replace(tzinfo=MARKET_TZ, fold=1)  # fold=1: the offset after it
+    if first.utcoffset() == second.utcoffset():  # the usual case: no change of offset at this time
+        return first
+    before, after = _offset(first), _offset(second)
+    wall = naive.isoformat()
+    if first.astimezone(dt.timezone.utc).astimezone(MARKET_TZ).replace(tzinfo=None) != naive:
+        raise Rejected("TIME_INVALID", name,
+                       f"{name} {_echo(text)} does not exist in market time (America/New_York): the clocks moved "
+                       f"forward from {before} to {after} that night and skipped it; give the time with the offset "
+                       f"of the clock that showed it ({wall}{before} or {wall}{after}) or in UTC (Z)")
+    raise Rejected("TIME_AMBIGUOUS", name,
+                   f"{name} {_echo(text)} is ambiguous in market time (America/New_York): the clocks moved back "
+                   f"from {before} to {after} that night, so it happened twice; give the time with its offset, "
+                   f"{wall}{before} (the first) or {wall}{after} (the second), or in UTC (Z)")
 
 
 def _date(fields: Mapping[str, object], name: str) -> dt.date | None:
