@@ -3,6 +3,7 @@ FIX client (used for hostile input; the independent client is QuickFIX, test_fix
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import socket
 import ssl as ssl_module
 import threading
@@ -266,6 +267,8 @@ def _reference_utc_timestamp(text: str):
     if frac:
         if frac[0] != "." or not frac[1:].isdigit() or len(frac) - 1 not in (3, 6, 9):
             raise ValueError(text)
+        if frac[7:].strip("0"):  # nanoseconds: taken only as zeros, never cut to microseconds
+            raise ValueError(text)
         micro = int(frac[1:7].ljust(6, "0"))
     return dt.datetime(int(digits[:4]), int(digits[4:6]), int(digits[6:8]), int(digits[8:10]), int(digits[10:12]),
                        int(digits[12:14]), micro, tzinfo=dt.timezone.utc)
@@ -279,7 +282,8 @@ def test_utc_timestamp_in_microseconds_agrees_with_the_datetime_parser():
     rng = random.Random(11)
     cases = ["20240304-15:00:00", "20240304-15:00:00.123", "20240304-15:00:00.123456", "20240229-23:59:59.999",
              "20230229-10:00:00", "20240304-24:00:00", "20240304-15:60:00", "20240304-15:00:60",
-             "2024030X-15:00:00", "20240304-15:00:00.12", "20240304 15:00:00", "20240304-15:00:00.1234567891"]
+             "2024030X-15:00:00", "20240304-15:00:00.12", "20240304 15:00:00", "20240304-15:00:00.1234567891",
+             "20240304-15:00:00.123456789", "20240304-15:00:00.123456000"]
     cases += [f"{rng.randint(1900, 2100):04d}{rng.randint(0, 13):02d}{rng.randint(0, 32):02d}-{rng.randint(0, 25):02d}:"
               f"{rng.randint(0, 61):02d}:{rng.randint(0, 61):02d}{rng.choice(['', '.5', '.123', '.123456', '.123456789'])}"
               for _ in range(3000)]
@@ -293,3 +297,9 @@ def test_utc_timestamp_in_microseconds_agrees_with_the_datetime_parser():
         except ValueError:
             got = None
         assert got == expected, text
+    assert codec.parse_utc_timestamp_us("20240304-15:00:00.123456000") == to_us(
+        dt.datetime(2024, 3, 4, 15, 0, 0, 123456, tzinfo=dt.timezone.utc))
+    with pytest.raises(ValueError):  # before: cut to .123456 without a word
+        codec.parse_utc_timestamp_us("20240304-15:00:00.123456789")
+    assert codec.parse_utc_timestamp_us("20240304-15:00:00.123456789", exact=False) == to_us(
+        dt.datetime(2024, 3, 4, 15, 0, 0, 123456, tzinfo=dt.timezone.utc))  # a header's SendingTime

@@ -280,3 +280,31 @@ def test_fix_answers_another_firms_report_as_unknown(tmp_path):
     finally:
         server.stop()
         db.dispose()
+
+
+def test_fix_refuses_a_transact_time_finer_than_a_microsecond(tmp_path):
+    """TransactTime (60) with nine decimals: before, .123456789 was cut to .123456 and the report
+    accepted; now it is TIME_INVALID, and nine decimals ending in zeros are the same instant."""
+    from tests.test_fix_helpers import EXEC_UTC, RawClient, ServerThread, add_users, report_body, standard_sqlite
+
+    db = standard_sqlite(tmp_path / "fix.db")
+    add_users(db, ("alice", "DLRA"))
+    server = ServerThread(db)
+    try:
+        alice = RawClient(server.port)
+        assert alice.logon().msg_type == "A"
+        whole = EXEC_UTC.split(".")[0]
+        finer = [(k, v) if k != 60 else (60, whole + ".123456789") for k, v in report_body("N1")]
+        alice.send("AE", finer)
+        ack = alice.read_type("AR")
+        assert (ack.first(939), ack.first(20012), ack.first(20013)) == ("1", "TIME_INVALID", "execution_time")
+        zeros = [(k, v) if k != 60 else (60, whole + ".123456000") for k, v in report_body("N2")]
+        alice.send("AE", zeros)
+        assert alice.read_type("AR").first(939) == "0"
+        with db.connect() as conn:
+            stored = conn.execute(sa.select(trade_reports.c.execution_us)).scalars().all()
+        assert [us % 1_000_000 for us in stored] == [123456]
+        alice.close()
+    finally:
+        server.stop()
+        db.dispose()

@@ -195,9 +195,11 @@ def utc_timestamp(us: int) -> str:
 _last_second: tuple = (None, "")  # the last second formatted, replaced as a whole
 
 
-def parse_utc_timestamp_us(text: str) -> int:
+def parse_utc_timestamp_us(text: str, *, exact: bool = True) -> int:
     """A UTCTimestamp, YYYYMMDD-HH:MM:SS[.sss[sss[sss]]], as UTC microseconds since the
-    epoch (dates cached); raises ValueError."""
+    epoch (dates cached); raises ValueError. With ``exact`` (a trade's time), also for
+    nanoseconds that are not zeros: a time is kept to the microsecond, never cut; without
+    (a message header's SendingTime, only checked), they are dropped."""
     if len(text) < 17 or text[8] != "-" or text[11] != ":" or text[14] != ":" or not text.isascii():
         raise ValueError(text)
     day_us = _DAY_US.get(text[:8])
@@ -217,8 +219,9 @@ def parse_utc_timestamp_us(text: str) -> int:
         raise ValueError(text)
     micro = 0
     if frac:
-        if frac[0] != "." or not frac[1:].isdigit() or len(frac) - 1 not in (3, 6, 9):
-            raise ValueError(text)
+        if frac[0] != "." or not frac[1:].isdigit() or len(frac) - 1 not in (3, 6, 9) \
+                or (exact and frac[7:].strip("0")):
+            raise ValueError(text)  # nanoseconds are taken only as zeros: a time is never cut to microseconds
         micro = int(frac[1:7].ljust(6, "0"))
     return day_us + ((hour * 60 + minute) * 60 + second) * 1_000_000 + micro
 

@@ -234,7 +234,8 @@ def read_trade_report(msg: RawMessage) -> TradeReport:
         try:
             f["execution_time"] = parse_utc_timestamp_us(values[60])
         except ValueError:
-            return reject("TIME_INVALID", "execution_time", f"TransactTime (60) {values[60]!r} is not a UTCTimestamp (YYYYMMDD-HH:MM:SS[.sss])")
+            return reject("TIME_INVALID", "execution_time", f"TransactTime (60) {values[60]!r} is not a UTCTimestamp (YYYYMMDD-HH:MM:SS[.sss[sss]], "
+                          "to the microsecond at most)")
     if 64 in values:
         text = values[64]
         if len(text) != 8 or not ascii_digits(text):

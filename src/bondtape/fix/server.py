@@ -685,7 +685,7 @@ class Connection:
             return
         try:
             if first[52] != self._last_sending_time:  # many messages share one millisecond
-                codec.parse_utc_timestamp_us(first[52])
+                codec.parse_utc_timestamp_us(first[52], exact=False)
                 self._last_sending_time = first[52]
         except ValueError:
             await self._reject(seq, msg_type, 6, 52, "SendingTime (52) is not a UTCTimestamp")
