@@ -2,6 +2,7 @@
 and CSV, one report's history, and cancel / correct / reverse through the shared engine."""
 from __future__ import annotations
 
+import datetime as dt
 import re
 
 import pytest
@@ -179,3 +180,36 @@ def test_a_control_number_beyond_any_stored_one_is_not_found(world):
     c = world.signed_in(world.trader)
     for path in (f"/reports/{2**63}", f"/reports/{2**63}/history", f"/reports/{10**30}"):
         assert c.get(path).status_code == 404, path
+
+
+def test_a_trade_in_the_repeated_hour_is_corrected_at_its_own_instant(market, tmp_path):
+    """2025-11-02 01:30 happened twice in New York. The correction form used to show the
+    stored time cut to 19 characters, without its offset (and without its microseconds): sent
+    back, it named the first 01:30, an hour off, or since 19f50d4 was refused TIME_AMBIGUOUS.
+    Now the form carries the offset there (and microseconds when there are any), and a
+    correction that keeps it keeps the trade's instant."""
+    from bondtape.clock import to_us
+    from bondtape.engine import Engine
+    from tests.helpers import new
+
+    second_0130 = to_us(dt.datetime(2025, 11, 2, 6, 30, 0, 250000, tzinfo=dt.timezone.utc))  # 01:30:00.25 EST
+    w = World(market, tmp_path, second_0130 + 10 * 60_000_000)
+    trader = w.user("a-trader", w.org("Dealer A", "FIRM", mpid="DLRA"), "trader")
+    try:
+        result = Engine(market).submit([new(ref="night", execution_us=second_0130, report_us=second_0130 + 60_000_000)])[0]
+        assert result.accepted, result
+        c = w.signed_in(trader)
+        form = c.get(f"/reports/{result.control_number}/correct").text
+        shown = re.search(r'name="execution_time" type="text" value="([^"]*)"', form).group(1)
+        assert shown == "2025-11-02T01:30:00.250000-05:00"
+        entry = c.get("/trade/new").text  # a new trade's default: now, to the second, with its offset here too
+        assert re.search(r'name="execution_time" type="text" value="2025-11-02T01:40:\d\d-05:00"', entry)
+        corrected = c.post(f"/reports/{result.control_number}/correct", {
+            "cusip": IG, "side": "S", "capacity": "P", "contra": "C", "quantity": "300000", "price": "101.5",
+            "execution_time": shown}, csrf_from=f"/reports/{result.control_number}/correct")
+        assert corrected.status_code == 200, corrected.text
+        with market.connect() as conn:
+            times = conn.execute(sa.select(trade_reports.c.execution_us).order_by(trade_reports.c.control_number)).scalars().all()
+        assert times == [second_0130, second_0130]
+    finally:
+        w.close()

@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from bondtape.access.model import AccessError
-from bondtape.clock import iso_market, market_date
+from bondtape.clock import MARKET_TZ, iso_market, market_date, market_time
 from bondtape.engine import EngineUnavailable, Result
 from bondtape.journal.schema import trade_reports
 from bondtape.reporting.codes import Rejected
@@ -80,12 +80,24 @@ def form_fields(form: dict[str, str]) -> dict[str, str]:
     return fields
 
 
+def form_time(us: int) -> str:
+    """An instant as the form shows it: market time (New York) without an offset, with its
+    microseconds only when there are any, and with its offset only in the hour the clocks
+    repeat in November, where the wall time alone names two instants (the form refuses it
+    as TIME_AMBIGUOUS): sent back unchanged, it names the same instant."""
+    local = market_time(us)
+    wall = local.replace(tzinfo=None)
+    if wall.replace(tzinfo=MARKET_TZ, fold=0).utcoffset() != wall.replace(tzinfo=MARKET_TZ, fold=1).utcoffset():
+        return local.isoformat()
+    return wall.isoformat()
+
+
 def report_fields(row: Any) -> dict[str, str]:
     """A stored report as the form's fields (to correct it)."""
     out = {
         "cusip": row.cusip, "side": row.side, "capacity": row.capacity, "contra": row.contra,
         "quantity": scaled(row.quantity_c, 2), "price": scaled(row.price_u, 6), "yield": scaled(row.yield_u, 6),
-        "execution_time": iso_market(row.execution_us)[:19], "settlement_date": row.settlement_date or "",
+        "execution_time": form_time(row.execution_us), "settlement_date": row.settlement_date or "",
         "commission": scaled(row.commission_c, 2), "trading_market": row.trading_market or "S1",
         "remuneration": row.remuneration or "", "client_ref": "",
     }
@@ -105,7 +117,7 @@ def _form_context(**extra) -> dict:
 
 
 def entry_page(ctx: Ctx):
-    now = iso_market(ctx.now_us)[:19]
+    now = form_time(ctx.now_us - ctx.now_us % 1_000_000)  # to the second
     values = {"execution_time": now, "trading_market": "S1", "side": "B", "capacity": "P"}
     return ctx.render("trade_entry.html", **_form_context(values=values, reject=None, mode="new", report=None))
 
