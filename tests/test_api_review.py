@@ -229,3 +229,18 @@ def test_a_field_of_the_wrong_json_type_is_refused_naming_it(world):
     cn = ok.json()["control_number"]
     r = c.post(f"/api/v1/reports/{cn}/cancel", json={"original_control_number": int(cn), "client_ref": "C-1", "test": "Y"})
     assert r.status_code == 200 and r.json()["control_number"] == cn, r.text
+
+
+def test_a_method_not_allowed_names_every_method_of_the_path(world):
+    """GET and POST /api/v1/reports are two routes: OPTIONS or PUT answered 405 "allowed: POST"
+    (Allow: POST), from the first route only, though GET works too."""
+    c = api_client(world, world.trader)
+    for method in ("OPTIONS", "PUT", "DELETE", "PATCH"):
+        r = c.request(method, "/api/v1/reports")
+        assert r.status_code == 405 and r.json()["code"] == "METHOD_NOT_ALLOWED", (method, r.text)
+        assert r.headers["allow"] == "GET, HEAD, POST", (method, r.headers)
+        assert "(allowed: GET, HEAD, POST)" in r.json()["message"], r.text
+    r = c.get("/api/v1/bulk")
+    assert r.status_code == 405 and r.headers["allow"] == "POST" and "(allowed: POST)" in r.json()["message"]
+    r = c.put("/api/v1/reports/12")
+    assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD", r.headers

@@ -58,23 +58,43 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
+def allowed_methods(request) -> list[str]:
+    """Every method of every route whose path matches the request's (several routes may
+    share a path, one per method: GET and POST /api/v1/reports)."""
+    from starlette.routing import Match
+
+    methods: set[str] = set()
+    scope = {**request.scope, "type": "http"}
+    for r in request.app.routes:
+        if getattr(r, "methods", None) and r.matches(scope)[0] != Match.NONE:
+            methods |= set(r.methods)
+    return sorted(methods)
+
+
 async def _api_http_error(request, exc):
     """A path or method the REST API does not have answers JSON with a stable code, like
-    every other API refusal (the website keeps Starlette's plain pages)."""
+    every other API refusal (the website keeps Starlette's plain pages). A 405's Allow
+    header names the methods of every route on the path (Starlette's names only those of
+    the first route it met)."""
     from starlette.responses import JSONResponse, PlainTextResponse
 
     status = exc.status_code
+    headers = dict(exc.headers or {})
+    if status == 405:
+        allowed = allowed_methods(request)
+        if allowed:
+            headers["Allow"] = ", ".join(allowed)
     if not request.url.path.startswith("/api/"):  # Starlette's own answer
-        return PlainTextResponse(str(exc.detail), status_code=status, headers=exc.headers)
+        return PlainTextResponse(str(exc.detail), status_code=status, headers=headers or None)
     if status == 404:
         body = {"code": "NOT_FOUND", "field": None, "message": "no such API path; a report is "
                 "/api/v1/reports/{control_number} with a control number of digits (docs/api.md)"}
     elif status == 405:
         body = {"code": "METHOD_NOT_ALLOWED", "field": None, "message": f"{request.method} is not accepted here "
-                f"(allowed: {(exc.headers or {}).get('Allow', 'see docs/api.md')})"}
+                f"(allowed: {headers.get('Allow', 'see docs/api.md')})"}
     else:
         body = {"code": f"HTTP_{status}", "field": None, "message": str(exc.detail)}
-    return JSONResponse(body, status_code=status, headers=exc.headers)
+    return JSONResponse(body, status_code=status, headers=headers or None)
 
 
 def route_modules() -> list[str]:
