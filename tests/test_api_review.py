@@ -231,6 +231,57 @@ def test_a_field_of_the_wrong_json_type_is_refused_naming_it(world):
     assert r.status_code == 200 and r.json()["control_number"] == cn, r.text
 
 
+def _request_rows(world):
+    from bondtape.access import audit
+
+    with world.db.connect() as conn:
+        rows = audit.search(conn, action="request", limit=50)
+    return [(e.target, e.detail["method"], e.detail["status"]) for e in reversed(rows) if e.action == "request"]
+
+
+def test_the_audit_trail_records_the_status_the_client_got(world):
+    """The API's POST calls answer after the commit (AfterCommit): their "request" row was
+    written before the answer was made and said 200 for every one, a 400 and a 422 too."""
+    c = api_client(world, world.trader)
+    got = [c.post("/api/v1/reports", json={"colour": "red"}).status_code,              # 400 FIELD_UNKNOWN
+           c.post("/api/v1/reports", json=trade(cusip="nope")).status_code,              # 422 rejected
+           c.post("/api/v1/reports", json=trade(client_ref="A-1")).status_code,          # 200 accepted
+           c.post("/api/v1/reports", content=b"{", headers=JSON).status_code,            # 400 JSON_INVALID
+           c.post("/api/v1/bulk", content=b"x", headers={"content-type": "text/csv"}).status_code]  # 400, not after
+    assert got == [400, 422, 200, 400, 400], got
+    recorded = _request_rows(world)
+    assert [status for _t, _m, status in recorded] == got, recorded
+    assert {(t, m) for t, m, _s in recorded} == {("/api/v1/reports", "POST"), ("/api/v1/bulk", "POST")}
+
+
+def test_a_request_whose_work_fails_is_recorded_500_and_an_unwritable_row_keeps_the_answer(world, monkeypatch):
+    from bondtape.access import audit
+    from bondtape.web import api
+
+    from starlette.testclient import TestClient
+
+    from tests.api_support import WithCertificate
+
+    c = TestClient(WithCertificate(world.app, world.pems[world.trader.username]), base_url="https://testserver",
+                   raise_server_exceptions=False)
+    c.auth = (world.trader.username, world.trader.password)
+
+    def broken(*_a, **_k):
+        raise RuntimeError("engine fell over")
+
+    monkeypatch.setattr(api, "submit", broken)
+    assert c.post("/api/v1/reports", json=trade(client_ref="A-1")).status_code == 500
+    assert [s for _t, _m, s in _request_rows(world)] == [500]
+    monkeypatch.undo()
+
+    def no_audit(*_a, **_k):
+        raise RuntimeError("audit database gone")
+
+    monkeypatch.setattr(audit, "record_now", no_audit)
+    r = c.post("/api/v1/reports", json=trade(client_ref="A-2"))
+    assert r.status_code == 200 and r.json()["control_number"], r.text  # journaled: said so, not a 5xx
+
+
 def test_a_method_not_allowed_names_every_method_of_the_path(world):
     """GET and POST /api/v1/reports are two routes: OPTIONS or PUT answered 405 "allowed: POST"
     (Allow: POST), from the first route only, though GET works too."""

@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -47,6 +48,7 @@ from bondtape.web import sessions
 from bondtape.web.tls import client_certificate_der
 
 AUTH_MODES = ("session", "certificate")
+log = logging.getLogger("bondtape.web")
 
 # Paths that carry a secret (a one-time enrollment link token): the audit trail records
 # them with the secret replaced. Every audited path goes through :func:`audited_path`.
@@ -237,6 +239,31 @@ def _certificate_actor(ctx: Ctx, r: GuardedRoute) -> tuple[AuthenticatedUser | N
     return actor, None
 
 
+def _audited_after_commit(work: Callable[[], Response], ctx: Ctx, target: str, detail: dict) -> Callable[[], Response]:
+    """``work`` of an AfterCommit, followed by the request's audit row with the status of the
+    answer it made (500 when it raised), in a transaction of its own: the route's has
+    committed by then. A failure to write that row is logged and does not change the
+    answer: the work is done (a report journaled), and a 5xx would invite sending it again."""
+    actor = ctx.actor
+
+    def audited() -> Response:
+        status: int = 500
+        try:
+            final = work()
+            status = final.status_code
+            return final
+        finally:
+            try:
+                audit.record_now(ctx.state.db, "request", at_us=ctx.now_us, actor_user_id=actor.user_id,
+                                 actor=actor.username, org_id=actor.org_id, target=target, source=ctx.source,
+                                 detail={**detail, "status": status})
+            except Exception:  # noqa: BLE001 - logged; the answer stands
+                log.exception("the audit row of %s %s (status %s) could not be written", detail.get("method"),
+                              target, status)
+
+    return audited
+
+
 def _handle_sync(request: Request, r: GuardedRoute, form: dict[str, str]) -> Response:
     state = request.app.state
     now = state.clock()
@@ -279,9 +306,15 @@ def _handle_sync(request: Request, r: GuardedRoute, form: dict[str, str]) -> Res
                                        f"not allowed: {decision.reason.replace('_', ' ')}")
             response = r.handler(ctx)
             if request.method != "GET" and ctx.actor is not None and r.rule != "public":
-                # every state-changing request of a signed-in user: who, what, when, from where
-                ctx.audit("request", target=audited_path(request.url.path),
-                          detail={"method": request.method, "route": r.path, "status": response.status_code})
+                # every state-changing request of a signed-in user: who, what, when, from where,
+                # and the status the client got
+                detail = {"method": request.method, "route": r.path}
+                work = getattr(response, "work", None)
+                if callable(work):  # an AfterCommit: its status is known once its work has run
+                    response.work = _audited_after_commit(work, ctx, audited_path(request.url.path), detail)
+                else:
+                    ctx.audit("request", target=audited_path(request.url.path),
+                              detail={**detail, "status": response.status_code})
         except NotFound as exc:
             return _error_response(r, 404, "NOT_FOUND", str(exc) or "no such record")
         except AccessError as exc:
