@@ -147,9 +147,6 @@ def test_openapi_describes_what_the_server_answers(world):
     assert not _validator(bulk).is_valid("")  # refused 400 FILE_INVALID
 
 
-@pytest.mark.xfail(strict=True, reason="routing._certificate_actor looks up the login sent with another user's "
-                   "certificate: LOCKED tells a certificate holder that a login exists, and their failures lock that "
-                   "user out; fix proposed in the API review (answer CERT_USER_MISMATCH without looking it up)")
 def test_a_certificate_holder_learns_nothing_of_other_logins(world):
     """With its own certificate, a caller sends other logins and wrong passwords: an existing
     user of another firm and a name no one has must get the same answers, and the existing
@@ -164,6 +161,42 @@ def test_a_certificate_holder_learns_nothing_of_other_logins(world):
         answers[login] = [(r.status_code, r.json()["code"]) for r in (c.get("/api/v1/reports") for _ in range(7))]
     assert answers["b-trader"] == answers["no-such-user"], answers
     assert api_client(world, other).get("/api/v1/reports").status_code == 200  # not locked out by another's certificate
+
+
+def test_another_login_is_refused_alike_whatever_its_password_or_lock(world):
+    """Another user's right password gave CERT_USER_MISMATCH where a wrong one gave
+    LOGIN_FAILED (a password oracle), a locked user LOCKED: now every other login, existing
+    or not, locked or not, right password or wrong, is CERT_USER_MISMATCH, nothing is counted
+    against that user, and the failures count against the certificate's own user."""
+    from bondtape.access import accounts
+
+    b = world.org("Dealer B", "FIRM", mpid="DLRB")
+    other = world.user("b-trader", b, "trader")
+    locked = world.user("b-locked", b, "trader")
+    with_certificate(world, other)
+    with world.db.begin() as conn:  # b-locked: locked by its own wrong passwords
+        row = accounts.user_by_id(conn, locked.id)
+        for _ in range(world.settings.lockout.max_failures):
+            accounts.register_failure(conn, row, now_us=world.clock.t, lockout=world.settings.lockout,
+                                      source="elsewhere", action="api.login.failed", reason="bad_password")
+    c = api_client(world, world.trader)
+    seen = set()
+    for login, password in (("b-trader", other.password), ("b-trader", "wrong"), (" B-Trader ", other.password),
+                            ("b-locked", locked.password), ("no-such-user", "wrong"), ("", "")):
+        c.auth = (login, password)
+        r = c.get("/api/v1/reports")
+        seen.add((r.status_code, r.json()["code"], r.json()["message"]))
+    assert seen == {(403, "CERT_USER_MISMATCH", "the client certificate belongs to another user")}, seen
+    with world.db.connect() as conn:
+        assert not accounts.is_locked(conn, other.id, world.clock.t)
+        failed = {row.user_id: row.failed_count for row in conn.execute(accounts.login_state.select())}
+    assert failed.get(other.id, 0) == 0
+    # six mismatches from a-trader's certificate: a-trader is locked (five), b-trader never was
+    with world.db.connect() as conn:
+        assert accounts.is_locked(conn, world.trader.id, world.clock.t)
+    assert api_client(world, other).get("/api/v1/reports").status_code == 200
+    c.auth = (world.trader.username, world.trader.password)
+    assert c.get("/api/v1/reports").json()["code"] == "LOCKED"
 
 
 def test_paging_back_ends_on_the_last_page(world):

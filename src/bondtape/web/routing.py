@@ -42,7 +42,7 @@ from starlette.routing import Route
 from bondtape.access import accounts, audit
 from bondtape.access.authz import ACTIONS, decide
 from bondtape.access.ca import check_client_certificate
-from bondtape.access.crypto import constant_equal, new_token
+from bondtape.access.crypto import constant_equal, new_token, verify_password
 from bondtape.access.model import AccessError, AuthenticatedUser
 from bondtape.web import sessions
 from bondtape.web.tls import client_certificate_der
@@ -190,7 +190,13 @@ def _recalled_user(ctx: Ctx, serial: str, creds: tuple[str, str]):
 
 
 def _certificate_actor(ctx: Ctx, r: GuardedRoute) -> tuple[AuthenticatedUser | None, Response | None]:
-    """Certificate AND login AND password: both must name the same active user."""
+    """Certificate AND login AND password: both must name the same active user.
+
+    A login other than the certificate's user is answered CERT_USER_MISMATCH without
+    looking it up: the answer (and its cost, one password hash) is the same whether that
+    login exists, is locked, or its password is right, and the failure counts against the
+    certificate's user, never the other one (a holder of one certificate can neither learn
+    of nor lock out other users)."""
     state = ctx.state
     if state.ca_cert is None:
         return None, _error_response(r, 503, "CA_NOT_CONFIGURED", "this service has no certificate authority configured")
@@ -213,6 +219,21 @@ def _certificate_actor(ctx: Ctx, r: GuardedRoute) -> tuple[AuthenticatedUser | N
         audit.record(ctx.conn, "api.login.failed", at_us=ctx.now_us, outcome="denied", actor_user_id=check.user_id,
                      target=f"cert:{check.serial}", source=ctx.source, detail={"reason": "no_password"})
         return None, _error_response(r, 401, "LOGIN_REQUIRED", "send your login and password (HTTP Basic) with the certificate")
+    if accounts.source_throttled(ctx.conn, ctx.source, now_us=ctx.now_us, lockout=state.settings.lockout):
+        audit.record(ctx.conn, "api.login.failed", at_us=ctx.now_us, outcome="denied", actor_user_id=check.user_id,
+                     target=f"cert:{check.serial}", source=ctx.source, detail={"reason": "source_throttled"})
+        return None, _error_response(r, 429, "THROTTLED", "too many failed logins from your address; try later")
+    cert_user = accounts.user_by_id(ctx.conn, check.user_id) if check.user_id is not None else None
+    if cert_user is None or creds[0].strip().lower() != cert_user.username:
+        verify_password(None, creds[1])  # the cost of a real check, whatever the login
+        audit.record(ctx.conn, "cert.user_mismatch", at_us=ctx.now_us, outcome="denied", actor_user_id=check.user_id,
+                     actor=cert_user and cert_user.username, org_id=cert_user and cert_user.org_id,
+                     target=f"cert:{check.serial}", source=ctx.source,
+                     detail={"login": creds[0][:64], "path": audited_path(ctx.request.url.path)})
+        if cert_user is not None:
+            accounts.register_failure(ctx.conn, cert_user, now_us=ctx.now_us, lockout=state.settings.lockout,
+                                      source=ctx.source, action="api.login.failed", reason="certificate_of_another_user")
+        return None, _error_response(r, 403, "CERT_USER_MISMATCH", "the client certificate belongs to another user")
     user = _recalled_user(ctx, check.serial, creds)
     if user is None:
         pw = accounts.password_step(ctx.conn, creds[0], creds[1], now_us=ctx.now_us, source=ctx.source,
@@ -227,9 +248,7 @@ def _certificate_actor(ctx: Ctx, r: GuardedRoute) -> tuple[AuthenticatedUser | N
         if user.id == check.user_id:
             state.credential_cache.remember(check.serial, creds[0], creds[1], user_id=user.id,
                                             password_hash=user.password_hash, now_us=ctx.now_us)
-    if user.id != check.user_id:
-        accounts.register_failure(ctx.conn, user, now_us=ctx.now_us, lockout=state.settings.lockout, source=ctx.source,
-                                  action="api.login.failed", reason="certificate_of_another_user")
+    if user.id != check.user_id:  # not reached: the login was the certificate user's (above)
         return None, _error_response(r, 403, "CERT_USER_MISMATCH", "the client certificate belongs to another user")
     accounts.register_success(ctx.conn, user.id)
     actor = accounts.authenticated(ctx.conn, user.id, "certificate+password")
