@@ -315,6 +315,34 @@ def test_a_request_whose_work_fails_is_recorded_500_and_an_unwritable_row_keeps_
     assert r.status_code == 200 and r.json()["control_number"], r.text  # journaled: said so, not a 5xx
 
 
+def test_throttled_answers_say_when_to_try_again(world):
+    """429 THROTTLED had no Retry-After: a client could only guess when its address would be
+    let in again. It is the seconds until the address's failures in the window fall below
+    the limit, and the address is let in then, not before."""
+    from bondtape.access import audit
+
+    lockout = world.settings.lockout
+    window = lockout.source_window_minutes * 60
+    start = world.clock.t - (window - 60) * 1_000_000   # 14 minutes ago, one failure a second
+    with world.db.begin() as conn:
+        for i in range(lockout.max_failures_per_source + 2):
+            audit.record(conn, "api.login.failed", at_us=start + i * 1_000_000, outcome="failed",
+                         actor="someone", source="testclient", detail={"reason": "unknown_user"})
+    # the 50th latest failure is the third (start + 2 s): out of the window after start + 2 s + 15 min
+    wait = 60 + 2 + 1  # seconds, rounded up past that microsecond
+    c = api_client(world, world.trader)
+    for login in (world.trader.username, "b-trader"):  # the same for any login
+        c.auth = (login, world.trader.password)
+        r = c.get("/api/v1/reports")
+        assert (r.status_code, r.json()["code"], r.headers.get("retry-after")) == (429, "THROTTLED", str(wait)), r.text
+    c.auth = (world.trader.username, world.trader.password)
+    world.clock.advance(wait - 1)
+    r = c.get("/api/v1/reports")
+    assert r.status_code == 429 and r.headers["retry-after"] == "1", r.text
+    world.clock.advance(1)
+    assert c.get("/api/v1/reports").status_code == 200
+
+
 def test_a_method_not_allowed_names_every_method_of_the_path(world):
     """GET and POST /api/v1/reports are two routes: OPTIONS or PUT answered 405 "allowed: POST"
     (Allow: POST), from the first route only, though GET works too."""

@@ -29,11 +29,13 @@ import base64
 import binascii
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 from urllib.parse import quote
 
+import sqlalchemy as sa
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -44,6 +46,8 @@ from bondtape.access.authz import ACTIONS, decide
 from bondtape.access.ca import check_client_certificate
 from bondtape.access.crypto import constant_equal, new_token, verify_password
 from bondtape.access.model import AccessError, AuthenticatedUser
+from bondtape.access.schema import audit_log
+from bondtape.access.settings import MINUTE_US
 from bondtape.web import sessions
 from bondtape.web.tls import client_certificate_der
 
@@ -189,6 +193,32 @@ def _recalled_user(ctx: Ctx, serial: str, creds: tuple[str, str]):
     return user
 
 
+def throttle_wait_seconds(conn, source: str, *, now_us: int, lockout) -> int:
+    """Whole seconds until an address throttled for failed logins may try again, counting
+    only the failures already recorded: accounts.source_throttled refuses it while
+    ``max_failures_per_source`` failures lie within the window, so it is let in once the
+    latest that many of them are out of the window (refusals while throttled are not
+    failures, and do not extend the wait)."""
+    window_us = lockout.source_window_minutes * MINUTE_US
+    nth_latest = conn.execute(
+        sa.select(audit_log.c.at_us)
+        .where(audit_log.c.source == source[:64], audit_log.c.at_us >= now_us - window_us,
+               audit_log.c.outcome == "failed")
+        .order_by(audit_log.c.at_us.desc()).offset(max(lockout.max_failures_per_source - 1, 0)).limit(1)
+    ).scalar()
+    if nth_latest is None:
+        return 1
+    # counted while at_us >= now - window: free from nth_latest + window + 1 microsecond
+    return max(1, math.ceil((nth_latest + window_us + 1 - now_us) / 1_000_000))
+
+
+def _throttled_response(ctx: Ctx, r: GuardedRoute) -> Response:
+    wait = throttle_wait_seconds(ctx.conn, ctx.source, now_us=ctx.now_us, lockout=ctx.settings.lockout)
+    response = _error_response(r, 429, "THROTTLED", f"too many failed logins from your address; try again in {wait} s")
+    response.headers["Retry-After"] = str(wait)
+    return response
+
+
 def _certificate_actor(ctx: Ctx, r: GuardedRoute) -> tuple[AuthenticatedUser | None, Response | None]:
     """Certificate AND login AND password: both must name the same active user.
 
@@ -222,7 +252,7 @@ def _certificate_actor(ctx: Ctx, r: GuardedRoute) -> tuple[AuthenticatedUser | N
     if accounts.source_throttled(ctx.conn, ctx.source, now_us=ctx.now_us, lockout=state.settings.lockout):
         audit.record(ctx.conn, "api.login.failed", at_us=ctx.now_us, outcome="denied", actor_user_id=check.user_id,
                      target=f"cert:{check.serial}", source=ctx.source, detail={"reason": "source_throttled"})
-        return None, _error_response(r, 429, "THROTTLED", "too many failed logins from your address; try later")
+        return None, _throttled_response(ctx, r)
     cert_user = accounts.user_by_id(ctx.conn, check.user_id) if check.user_id is not None else None
     if cert_user is None or creds[0].strip().lower() != cert_user.username:
         verify_password(None, creds[1])  # the cost of a real check, whatever the login
@@ -240,7 +270,7 @@ def _certificate_actor(ctx: Ctx, r: GuardedRoute) -> tuple[AuthenticatedUser | N
                                     lockout=state.settings.lockout, action="api.login")
         if pw.user is None:
             if pw.reason == "throttled":
-                return None, _error_response(r, 429, "THROTTLED", "too many failed logins from your address; try later")
+                return None, _throttled_response(ctx, r)
             code = "LOCKED" if pw.reason == "locked" else "LOGIN_FAILED"
             return None, _error_response(r, 401, code, "too many failed attempts; try later" if code == "LOCKED"
                                          else "login or password not accepted")
