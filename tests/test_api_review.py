@@ -343,6 +343,22 @@ def test_throttled_answers_say_when_to_try_again(world):
     assert c.get("/api/v1/reports").status_code == 200
 
 
+def test_the_website_sign_in_says_when_a_throttled_address_may_try_again(world):
+    """The sign-in page's 429 had no Retry-After and said only "try again later"; it gives the
+    same wait as the API (one rule: accounts.source_retry_after_s)."""
+    from bondtape.access import audit
+
+    lockout = world.settings.lockout
+    start = world.clock.t - (lockout.source_window_minutes * 60 - 60) * 1_000_000
+    with world.db.begin() as conn:
+        for i in range(lockout.max_failures_per_source + 2):
+            audit.record(conn, "login.failed", at_us=start + i * 1_000_000, outcome="failed",
+                         actor="someone", source="testclient", detail={"reason": "unknown_user"})
+    page = world.client().login(world.trader)
+    assert page.status_code == 429 and page.headers.get("retry-after") == "63", page.headers
+    assert "try again in 63 s" in page.text
+
+
 def test_a_method_not_allowed_names_every_method_of_the_path(world):
     """GET and POST /api/v1/reports are two routes: OPTIONS or PUT answered 405 "allowed: POST"
     (Allow: POST), from the first route only, though GET works too."""

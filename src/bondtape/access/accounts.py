@@ -299,15 +299,39 @@ def register_success(conn: Connection, user_id: int) -> None:
                  .values(failed_count=0, locked_until_us=None))
 
 
-def source_throttled(conn: Connection, source: str, *, now_us: int, lockout: LockoutPolicy) -> bool:
+def _source_failures(source: str, now_us: int, lockout: LockoutPolicy) -> tuple:
+    """The audit rows that count against an address: its failed logins within the window."""
     from bondtape.access.schema import audit_log
 
     since = now_us - lockout.source_window_minutes * MINUTE_US
-    failures = conn.execute(
-        sa.select(sa.func.count()).select_from(audit_log)
-        .where(audit_log.c.source == source[:64], audit_log.c.at_us >= since, audit_log.c.outcome == "failed")
-    ).scalar_one()
+    return audit_log.c.source == source[:64], audit_log.c.at_us >= since, audit_log.c.outcome == "failed"
+
+
+def source_throttled(conn: Connection, source: str, *, now_us: int, lockout: LockoutPolicy) -> bool:
+    from bondtape.access.schema import audit_log
+
+    failures = conn.execute(sa.select(sa.func.count()).select_from(audit_log)
+                            .where(*_source_failures(source, now_us, lockout))).scalar_one()
     return failures >= lockout.max_failures_per_source
+
+
+def source_retry_after_s(conn: Connection, source: str, *, now_us: int, lockout: LockoutPolicy) -> int:
+    """Whole seconds until a throttled address may try again (Retry-After), counting only
+    the failures already recorded: :func:`source_throttled` refuses it while
+    ``max_failures_per_source`` failures lie within the window, so it is let in once the
+    latest that many of them are out of it (refusals while throttled are not failures and
+    do not extend the wait)."""
+    from bondtape.access.schema import audit_log
+
+    nth_latest = conn.execute(
+        sa.select(audit_log.c.at_us).where(*_source_failures(source, now_us, lockout))
+        .order_by(audit_log.c.at_us.desc()).offset(max(lockout.max_failures_per_source - 1, 0)).limit(1)
+    ).scalar()
+    if nth_latest is None:
+        return 1
+    # counted while at_us >= now - window: free from nth_latest + window + 1 microsecond
+    window_us = lockout.source_window_minutes * MINUTE_US
+    return max(1, -(-(nth_latest + window_us + 1 - now_us) // 1_000_000))
 
 
 def password_step(conn: Connection, username: str, password: str, *, now_us: int, source: str | None,

@@ -54,7 +54,10 @@ def login(ctx: Ctx):
                                    action="login")
     if check.user is None:
         if check.reason == "throttled":
-            return fail("Too many failed sign-ins from your address: try again later.", 429)
+            wait = accounts.source_retry_after_s(ctx.conn, ctx.source, now_us=ctx.now_us, lockout=lockout)
+            page = fail(f"Too many failed sign-ins from your address: try again in {wait} s.", 429)
+            page.headers["Retry-After"] = str(wait)
+            return page
         if check.reason == "locked":
             return fail("Too many failed attempts: this user is locked for a while. Contact your administrator.", 423)
         return fail("Sign-in failed: check the user name, password and code.")

@@ -29,7 +29,6 @@ import base64
 import binascii
 import json
 import logging
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -193,27 +192,8 @@ def _recalled_user(ctx: Ctx, serial: str, creds: tuple[str, str]):
     return user
 
 
-def throttle_wait_seconds(conn, source: str, *, now_us: int, lockout) -> int:
-    """Whole seconds until an address throttled for failed logins may try again, counting
-    only the failures already recorded: accounts.source_throttled refuses it while
-    ``max_failures_per_source`` failures lie within the window, so it is let in once the
-    latest that many of them are out of the window (refusals while throttled are not
-    failures, and do not extend the wait)."""
-    window_us = lockout.source_window_minutes * MINUTE_US
-    nth_latest = conn.execute(
-        sa.select(audit_log.c.at_us)
-        .where(audit_log.c.source == source[:64], audit_log.c.at_us >= now_us - window_us,
-               audit_log.c.outcome == "failed")
-        .order_by(audit_log.c.at_us.desc()).offset(max(lockout.max_failures_per_source - 1, 0)).limit(1)
-    ).scalar()
-    if nth_latest is None:
-        return 1
-    # counted while at_us >= now - window: free from nth_latest + window + 1 microsecond
-    return max(1, math.ceil((nth_latest + window_us + 1 - now_us) / 1_000_000))
-
-
 def _throttled_response(ctx: Ctx, r: GuardedRoute) -> Response:
-    wait = throttle_wait_seconds(ctx.conn, ctx.source, now_us=ctx.now_us, lockout=ctx.settings.lockout)
+    wait = accounts.source_retry_after_s(ctx.conn, ctx.source, now_us=ctx.now_us, lockout=ctx.settings.lockout)
     response = _error_response(r, 429, "THROTTLED", f"too many failed logins from your address; try again in {wait} s")
     response.headers["Retry-After"] = str(wait)
     return response
