@@ -41,3 +41,16 @@ def api_client(w: World, user) -> TestClient:
                         follow_redirects=False)
     client.auth = (user.username, user.password)
     return client
+
+
+EXEC = "2026-06-01T09:58:00-04:00"  # the API tests' execution time (their clock: 2026-06-01 10:00 ET)
+
+
+def trade(**kw) -> dict:
+    """A report's JSON body (an investment-grade sale to a customer), with ``kw`` over it."""
+    from tests.conftest import IG
+
+    t = {"cusip": IG, "side": "S", "capacity": "P", "contra": "C", "quantity": "250000", "price": "101.25",
+         "execution_time": EXEC}
+    t.update(kw)
+    return t

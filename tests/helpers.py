@@ -37,3 +37,21 @@ def standard_sqlite(path):
         upsert_securities(conn, STANDARD_SECURITIES)
         upsert_firms(conn, STANDARD_FIRMS)
     return db
+
+
+def bulk_results(db, header: list[str], rows: list[dict]) -> dict[int, dict]:
+    """``rows`` as a bulk file (CSV with ``header``) through the engine, report times as
+    given: its results by line number."""
+    import csv
+    import io
+
+    from bondtape.engine import Engine
+    from bondtape.intake.bulk import run_bulk
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=header)
+    w.writeheader()
+    w.writerows(rows)
+    out = io.StringIO()
+    run_bulk(Engine(db), io.StringIO(buf.getvalue()), out, use_report_time=True)
+    return {int(r["line"]): r for r in csv.DictReader(io.StringIO(out.getvalue()))}

@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 
 from bondtape.reporting.codes import REJECT_CODES
-from tests.api_support import api_client, api_world, with_certificate
+from tests.api_support import EXEC, api_client, api_world, trade, with_certificate
 from tests.conftest import AGCY, HY, IG, et
 
 NOW = et(2026, 6, 1, 10, 0, 0)
-EXEC = "2026-06-01T09:58:00-04:00"
 
 
 @pytest.fixture
@@ -25,13 +24,6 @@ def world(market, tmp_path):
         with_certificate(w, u)
     yield w
     w.close()
-
-
-def trade(**kw):
-    t = {"cusip": IG, "side": "S", "capacity": "P", "contra": "C", "quantity": "250000", "price": "101.25",
-         "execution_time": EXEC}
-    t.update(kw)
-    return t
 
 
 def test_report_and_act_on_it(world):

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from tests.api_support import api_client, api_world, with_certificate
+from tests.api_support import api_client, api_world, trade, with_certificate
 from tests.conftest import IG, et
 
 NOW = et(2026, 6, 1, 10, 0, 0)
-EXEC = "2026-06-01T09:58:00-04:00"
 JSON = {"content-type": "application/json"}
 
 
@@ -20,16 +19,7 @@ def world(market, tmp_path):
     w.trader = w.user("a-trader", a, "trader")
     with_certificate(w, w.trader)
     yield w
-    svc = getattr(w.app.state, "services", None)
-    if svc is not None:
-        svc.close()
-
-
-def trade(**kw):
-    t = {"cusip": IG, "side": "S", "capacity": "P", "contra": "C", "quantity": "250000", "price": "101.25",
-         "execution_time": EXEC}
-    t.update(kw)
-    return t
+    w.close()
 
 
 def test_a_lone_surrogate_escape_is_json_invalid_not_a_server_error(world):

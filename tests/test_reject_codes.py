@@ -1,6 +1,4 @@
 """Every reject code is reachable from an input, through the bulk channel, and documented."""
-import csv
-import io
 import re
 from pathlib import Path
 
@@ -8,10 +6,10 @@ import pytest
 import sqlalchemy as sa
 
 from bondtape.engine import Engine
-from bondtape.intake.bulk import run_bulk
 from bondtape.journal.schema import CONTROL_BASE
 from bondtape.reporting.codes import REJECT_CODES
 from tests.conftest import HY, IG, make_cusip
+from tests.helpers import bulk_results
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = ["action", "client_ref", "reporting_mpid", "cusip", "side", "capacity", "contra", "quantity", "price",
@@ -84,13 +82,7 @@ def results(market):
              _row(client_ref="c1", action="CANCEL", original_control_number=second),
              _row(client_ref="c2", action="CANCEL", original_control_number=second)]
     expected[len(rows) + 1] = "REPORT_NOT_ACTIVE"
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=HEADER)
-    w.writeheader()
-    w.writerows(rows)
-    out = io.StringIO()
-    run_bulk(Engine(market), io.StringIO(buf.getvalue()), out, use_report_time=True)
-    got = {int(r["line"]): r for r in csv.DictReader(io.StringIO(out.getvalue()))}
+    got = bulk_results(market, HEADER, rows)
     return got, expected
 
 

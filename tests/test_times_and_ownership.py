@@ -11,8 +11,6 @@
 """
 from __future__ import annotations
 
-import csv
-import io
 from decimal import Decimal
 
 import pytest
@@ -20,12 +18,11 @@ import sqlalchemy as sa
 
 from bondtape.clock import to_us
 from bondtape.engine import Engine
-from bondtape.intake.bulk import run_bulk
 from bondtape.journal.schema import CONTROL_BASE, journal, trade_reports
 from bondtape.reporting.codes import REJECT_CODES, Rejected
 from bondtape.reporting.commands import parse_command
 from tests.conftest import IG, et
-from tests.helpers import act, new
+from tests.helpers import act, bulk_results, new
 
 import datetime as dt
 
@@ -119,13 +116,7 @@ def test_zeros_after_the_microsecond_change_nothing_and_are_accepted():
 def _bulk(db, rows: list[dict]) -> dict[int, dict]:
     header = ["action", "client_ref", "reporting_mpid", "cusip", "side", "capacity", "contra", "quantity", "price",
               "execution_time", "report_time", "original_control_number"]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=header)
-    w.writeheader()
-    w.writerows(rows)
-    out = io.StringIO()
-    run_bulk(Engine(db), io.StringIO(buf.getvalue()), out, use_report_time=True)
-    return {int(r["line"]): r for r in csv.DictReader(io.StringIO(out.getvalue()))}
+    return bulk_results(db, header, rows)
 
 
 def test_bulk_files_refuse_such_times_and_journal_nothing_of_them(market):
