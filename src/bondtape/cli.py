@@ -13,7 +13,7 @@ import sqlite3
 import sys
 import threading
 from pathlib import Path
-from typing import NoReturn
+from typing import Iterator, NoReturn
 
 import click
 import sqlalchemy as sa
@@ -141,6 +141,34 @@ def interrupt_status(exc: BaseException) -> int:
     return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
 
 
+def interrupt_in(exc: BaseException | None) -> KeyboardInterrupt | None:
+    """The Ctrl-C or SIGTERM (KeyboardInterrupt) that ``exc`` was raised while handling, if
+    any: a driver's cleanup can fail because the interrupt left its connection mid-query
+    (psycopg: "can't change 'autocommit' now: connection in transaction status ACTIVE"),
+    and that error then stands in the interrupt's place."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__context__
+    return None
+
+
+@contextlib.contextmanager
+def interrupts_kept() -> Iterator[None]:
+    """Inside: an error raised while an interrupt was being handled is raised as that
+    interrupt, so the command ends as interrupted (its own message, exit 130 or 143), not
+    with an internal error."""
+    try:
+        yield
+    except Exception as exc:
+        interrupt = interrupt_in(exc)
+        if interrupt is None:
+            raise
+        raise interrupt from None
+
+
 def interrupted(message: str, exc: BaseException) -> NoReturn:
     """End an interrupted command: one line ``interrupted: MESSAGE`` on stderr (saying what
     was left and how to go on), exit 130 (Ctrl-C) or 143 (SIGTERM); no "Aborted!"."""
@@ -154,6 +182,11 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except KeyboardInterrupt as exc:  # a command that says nothing of its own
             interrupted("the command stopped before it finished", exc)
+        except Exception as exc:  # raised while an interrupt was handled: still the interrupt
+            interrupt = interrupt_in(exc)
+            if interrupt is None:
+                raise
+            interrupted("the command stopped before it finished", interrupt)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -185,6 +218,9 @@ def main() -> None:
     except KeyboardInterrupt as exc:  # before or after a command ran (click turns the rest into Abort)
         sys.exit(interrupt_status(exc))
     except Exception as exc:  # a failure no command foresaw: one line, not a traceback
+        interrupt = interrupt_in(exc)
+        if interrupt is not None:  # raised while an interrupt was handled: still the interrupt
+            sys.exit(interrupt_status(interrupt))
         if os.environ.get(DEBUG_VAR):
             raise
         click.echo(f"Error: internal error ({type(exc).__name__}: {str(exc)[:300]}); nothing more was done. "

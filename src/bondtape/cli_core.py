@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from bondtape.cli import db_option, interrupted, open_db
+from bondtape.cli import db_option, interrupted, interrupts_kept, open_db
 from bondtape.db import reading
 
 console = Console(stderr=True, soft_wrap=True)  # long lines (URLs, commands) stay whole
@@ -177,7 +177,8 @@ def report(file: Path, results_path: Path | None, use_report_time: bool, batch_s
     except OSError as exc:
         raise click.ClickException(f"cannot write the results file {results_path}: {exc.strerror or exc}") from None
     try:
-        with open(file, newline="", encoding="utf-8-sig") as src, out_file as out, progress_bar() as bar:
+        with interrupts_kept(), open(file, newline="", encoding="utf-8-sig") as src, out_file as out, \
+                progress_bar() as bar:
             task = bar.add_task("reporting", total=total, rate="")
             summary = run_bulk(engine, src, out, use_report_time=use_report_time, batch_size=batch_size,
                                progress=lambda n: bar.update(task, advance=n), pipelined=True)
@@ -279,7 +280,7 @@ def simulate(start: dt.datetime, days: int, trades_per_day: int, seed: int, n_se
 
     db = open_db(db_url)
     try:
-        with progress_bar() as bar:
+        with interrupts_kept(), progress_bar() as bar:
             task = bar.add_task("simulating", total=days, rate="")
             summary = simulate_market(db, start.date(), days, trades_per_day, seed, n_securities=n_securities,
                                       progress=lambda day, n: bar.update(task, advance=1, rate=f"{day} {n} reports"))

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from bondtape.cli import db_option, interrupted, open_db
+from bondtape.cli import db_option, interrupted, interrupts_kept, open_db
 from bondtape.clock import now_us
 from bondtape.db import reading
 from bondtape.fees.schedule import FeeError
@@ -61,8 +61,9 @@ def invoice_cmd(month: str, out_dir: Path, formats: str, db_url: str | None) -> 
         raise click.ClickException(f"cannot use {out_dir}: {exc}") from None
     db = open_db(db_url, must_exist=True)
     try:
-        invoices, unbilled, schedule = build_invoices(db, month)
-        path = write_invoices(out_dir, month, schedule.name, invoices, unbilled, chosen)
+        with interrupts_kept():
+            invoices, unbilled, schedule = build_invoices(db, month)
+            path = write_invoices(out_dir, month, schedule.name, invoices, unbilled, chosen)
     except FeeError as exc:
         _fail(exc)
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the hidden folder was removed

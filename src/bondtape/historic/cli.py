@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from bondtape.cli import db_option, interrupted, open_db
+from bondtape.cli import db_option, interrupted, interrupts_kept, open_db
 
 
 @click.group()
@@ -50,7 +50,7 @@ def build(data_set: str, year: int, as_of: dt.datetime | None, out: Path, db_url
     db = open_db(db_url, must_exist=True)  # reads only: a mistyped path is not a new, empty database
     total = (last - first).days + 1
     try:
-        with progress_bar() as bar:  # SIGTERM arrives as KeyboardInterrupt (cli.main)
+        with interrupts_kept(), progress_bar() as bar:  # SIGTERM arrives as KeyboardInterrupt (cli.main)
             task = bar.add_task(f"{data_set.lower()} {year}", total=total, rate="")
             count = [0]
 
