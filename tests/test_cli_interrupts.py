@@ -62,6 +62,10 @@ def test_interrupt_in_follows_the_context_chain_and_stops_on_a_cycle():
     outer.__context__ = ValueError("inner")
     outer.__context__.__context__ = interrupt
     assert interrupt_in(outer) is interrupt
+    wrapped = RuntimeError("sqlalchemy's wrapper")
+    wrapped.__cause__ = RuntimeError("psycopg's error")
+    wrapped.__cause__.__context__ = interrupt
+    assert interrupt_in(wrapped) is interrupt
     a, b = RuntimeError("a"), RuntimeError("b")
     a.__context__, b.__context__ = b, a
     assert interrupt_in(a) is None and interrupt_in(None) is None

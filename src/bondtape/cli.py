@@ -147,11 +147,15 @@ def interrupt_in(exc: BaseException | None) -> KeyboardInterrupt | None:
     (psycopg: "can't change 'autocommit' now: connection in transaction status ACTIVE"),
     and that error then stands in the interrupt's place."""
     seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
+    todo = [exc]
+    while todo:  # the exceptions it was raised from or while handling (a library may wrap the driver's)
+        exc = todo.pop()
+        if exc is None or id(exc) in seen:
+            continue
         if isinstance(exc, KeyboardInterrupt):
             return exc
         seen.add(id(exc))
-        exc = exc.__context__
+        todo += [exc.__cause__, exc.__context__]
     return None
 
 
