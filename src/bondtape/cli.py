@@ -183,14 +183,10 @@ def interrupted(message: str, exc: BaseException) -> NoReturn:
 class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with interrupts_kept():
+                return super().invoke(ctx)
         except KeyboardInterrupt as exc:  # a command that says nothing of its own
             interrupted("the command stopped before it finished", exc)
-        except Exception as exc:  # raised while an interrupt was handled: still the interrupt
-            interrupt = interrupt_in(exc)
-            if interrupt is None:
-                raise
-            interrupted("the command stopped before it finished", interrupt)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -217,14 +213,11 @@ def main() -> None:
 
     configure_gc()
     try:
-        with terminate_as_interrupt():  # every finite command: SIGTERM cleans up as Ctrl-C does
+        with terminate_as_interrupt(), interrupts_kept():  # every finite command: SIGTERM cleans up as Ctrl-C does
             cli(standalone_mode=True)
     except KeyboardInterrupt as exc:  # before or after a command ran (click turns the rest into Abort)
         sys.exit(interrupt_status(exc))
     except Exception as exc:  # a failure no command foresaw: one line, not a traceback
-        interrupt = interrupt_in(exc)
-        if interrupt is not None:  # raised while an interrupt was handled: still the interrupt
-            sys.exit(interrupt_status(interrupt))
         if os.environ.get(DEBUG_VAR):
             raise
         click.echo(f"Error: internal error ({type(exc).__name__}: {str(exc)[:300]}); nothing more was done. "

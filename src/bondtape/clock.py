@@ -52,14 +52,6 @@ def market_date(us: int) -> dt.date:
 _DATE_OF_HOUR: dict[int, dt.date] = {}
 
 
-def parse_timestamp(text: str) -> dt.datetime:
-    """ISO 8601; a time without an offset is market time (America/New_York)."""
-    value = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=MARKET_TZ)
-    return value
-
-
 def iso_market(us: int) -> str:
     return market_time(us).isoformat()
 

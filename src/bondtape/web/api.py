@@ -82,7 +82,9 @@ def _decode(ctype: str, raw: bytes, *, required: bool) -> Any:
     if ctype not in ("application/json", ""):
         raise ApiError(415, "CONTENT_TYPE", f"send application/json, not {ctype}")
     try:
-        return json.loads(raw, parse_float=Decimal, parse_int=Decimal, object_pairs_hook=_no_repeats)
+        # a lone surrogate can only come from a \u escape (raw, it is not UTF-8): look for one only then
+        hook = _unicode_pairs if b"\\u" in raw else _no_repeats
+        return json.loads(raw, parse_float=Decimal, parse_int=Decimal, object_pairs_hook=hook)
     except _RepeatedKey as exc:
         raise ApiError(400, "FIELD_REPEATED", f"field {exc.key[:64]!r} appears twice in one object; send it once",
                        exc.key[:64]) from None
@@ -119,14 +121,18 @@ def _unicode_text(value: Any) -> bool:
     return True
 
 
-def _no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """json.loads keeps the last of repeated keys without a word: refuse them instead; and
-    refuse a lone surrogate in a key or a value (not Unicode text)."""
+def _unicode_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """:func:`_no_repeats`, after refusing a lone surrogate in a key or a value (not Unicode text)."""
     for key, value in pairs:
         if not _unicode_text(key):
             raise _LoneSurrogate(None)
         if not _unicode_text(value):
             raise _LoneSurrogate(key)
+    return _no_repeats(pairs)
+
+
+def _no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads keeps the last of repeated keys without a word: refuse them instead."""
     out = dict(pairs)
     if len(out) != len(pairs):
         seen: set[str] = set()

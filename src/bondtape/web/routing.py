@@ -229,23 +229,23 @@ def _certificate_actor(ctx: Ctx, r: GuardedRoute) -> tuple[AuthenticatedUser | N
         audit.record(ctx.conn, "api.login.failed", at_us=ctx.now_us, outcome="denied", actor_user_id=check.user_id,
                      target=f"cert:{check.serial}", source=ctx.source, detail={"reason": "no_password"})
         return None, _error_response(r, 401, "LOGIN_REQUIRED", "send your login and password (HTTP Basic) with the certificate")
-    if accounts.source_throttled(ctx.conn, ctx.source, now_us=ctx.now_us, lockout=state.settings.lockout):
-        audit.record(ctx.conn, "api.login.failed", at_us=ctx.now_us, outcome="denied", actor_user_id=check.user_id,
-                     target=f"cert:{check.serial}", source=ctx.source, detail={"reason": "source_throttled"})
-        return None, _throttled_response(ctx, r)
-    cert_user = accounts.user_by_id(ctx.conn, check.user_id) if check.user_id is not None else None
-    if cert_user is None or creds[0].strip().lower() != cert_user.username:
-        verify_password(None, creds[1])  # the cost of a real check, whatever the login
-        audit.record(ctx.conn, "cert.user_mismatch", at_us=ctx.now_us, outcome="denied", actor_user_id=check.user_id,
-                     actor=cert_user and cert_user.username, org_id=cert_user and cert_user.org_id,
-                     target=f"cert:{check.serial}", source=ctx.source,
-                     detail={"login": creds[0][:64], "path": audited_path(ctx.request.url.path)})
-        if cert_user is not None:
-            accounts.register_failure(ctx.conn, cert_user, now_us=ctx.now_us, lockout=state.settings.lockout,
-                                      source=ctx.source, action="api.login.failed", reason="certificate_of_another_user")
-        return None, _error_response(r, 403, "CERT_USER_MISMATCH", "the client certificate belongs to another user")
-    user = _recalled_user(ctx, check.serial, creds)
+    user = _recalled_user(ctx, check.serial, creds)  # this certificate's own login, seen before: no query
     if user is None:
+        if accounts.source_throttled(ctx.conn, ctx.source, now_us=ctx.now_us, lockout=state.settings.lockout):
+            audit.record(ctx.conn, "api.login.failed", at_us=ctx.now_us, outcome="denied", actor_user_id=check.user_id,
+                         target=f"cert:{check.serial}", source=ctx.source, detail={"reason": "source_throttled"})
+            return None, _throttled_response(ctx, r)
+        cert_user = accounts.user_by_id(ctx.conn, check.user_id) if check.user_id is not None else None
+        if cert_user is None or creds[0].strip().lower() != cert_user.username:
+            verify_password(None, creds[1])  # the cost of a real check, whatever the login
+            audit.record(ctx.conn, "cert.user_mismatch", at_us=ctx.now_us, outcome="denied", actor_user_id=check.user_id,
+                         actor=cert_user and cert_user.username, org_id=cert_user and cert_user.org_id,
+                         target=f"cert:{check.serial}", source=ctx.source,
+                         detail={"login": creds[0][:64], "path": audited_path(ctx.request.url.path)})
+            if cert_user is not None:
+                accounts.register_failure(ctx.conn, cert_user, now_us=ctx.now_us, lockout=state.settings.lockout,
+                                          source=ctx.source, action="api.login.failed", reason="certificate_of_another_user")
+            return None, _error_response(r, 403, "CERT_USER_MISMATCH", "the client certificate belongs to another user")
         pw = accounts.password_step(ctx.conn, creds[0], creds[1], now_us=ctx.now_us, source=ctx.source,
                                     lockout=state.settings.lockout, action="api.login")
         if pw.user is None:
